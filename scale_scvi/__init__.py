@@ -1,0 +1,13 @@
+"""scale_scvi: SCALE (a Gaussian-mixture-prior VAE for scATAC-seq) on scvi-tools."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from . import data
+from .model import SCALE
+
+try:
+    __version__ = version("scale-scvi")
+except PackageNotFoundError:  # pragma: no cover
+    __version__ = "0.0.0"
+
+__all__ = ["SCALE", "data", "__version__"]

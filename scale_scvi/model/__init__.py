@@ -1,0 +1,5 @@
+"""Models."""
+
+from ._scale import SCALE
+
+__all__ = ["SCALE"]

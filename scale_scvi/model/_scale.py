@@ -1,0 +1,452 @@
+"""The SCALE model: the user-facing class."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from anndata import AnnData
+from scvi import REGISTRY_KEYS, settings
+from scvi.data import AnnDataManager
+from scvi.data.fields import (
+    CategoricalJointObsField,
+    CategoricalObsField,
+    LayerField,
+    NumericalJointObsField,
+)
+from scvi.model.base import ArchesMixin, BaseModelClass, UnsupervisedTrainingMixin, VAEMixin
+from scvi.module._constants import MODULE_KEYS
+
+from scale_scvi.module import SCALEVAE
+from scale_scvi.train import GMMInitCallback
+
+from ._validation import (
+    get_matrix,
+    validate_accessibility_matrix,
+    validate_n_centroids,
+    validate_obs_keys,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class SCALE(ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
+    """SCALE: single-cell ATAC-seq analysis via latent feature extraction.
+
+    A variational autoencoder whose prior is a Gaussian mixture, so that its components
+    are cell clusters (Xiong et al., Nat. Commun. 2019), on scvi-tools.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`.
+    n_centroids
+        Number of mixture components (clusters) ``K``.
+    n_latent
+        Latent dimensionality.
+    n_hidden
+        Encoder hidden-layer widths.
+    n_hidden_decoder
+        Decoder hidden-layer widths; ``()`` (default) is SCALE's linear decoder.
+    dropout_rate
+        Dropout in the encoder.
+    objective
+        ``"elbo"``, ``"iwae"`` or ``"dreg"``; see :class:`~scale_scvi.module.SCALEVAE`.
+    n_particles
+        Importance samples per cell for ``"iwae"`` and ``"dreg"``.
+    **module_kwargs
+        Further arguments of :class:`~scale_scvi.module.SCALEVAE`.
+
+    Examples
+    --------
+    >>> SCALE.setup_anndata(adata)
+    >>> model = SCALE(adata, n_centroids=8)
+    >>> model.train()
+    >>> adata.obsm["X_scale"] = model.get_latent_representation()
+    >>> adata.obs["scale_cluster"] = model.get_cluster_assignments()
+    """
+
+    _module_cls = SCALEVAE
+
+    def __init__(
+        self,
+        adata: AnnData,
+        n_centroids: int = 30,
+        n_latent: int = 10,
+        n_hidden: Sequence[int] = (1024, 128),
+        n_hidden_decoder: Sequence[int] = (),
+        dropout_rate: float = 0.0,
+        objective: Literal["elbo", "iwae", "dreg"] = "elbo",
+        n_particles: int | None = None,
+        **module_kwargs,
+    ):
+        super().__init__(adata)
+        validate_n_centroids(n_centroids, self.summary_stats.n_cells)
+        if n_particles is None:
+            n_particles = 1 if objective == "elbo" else 8
+        n_cats_per_cov = (
+            self.adata_manager.get_state_registry(REGISTRY_KEYS.CAT_COVS_KEY).n_cats_per_key
+            if REGISTRY_KEYS.CAT_COVS_KEY in self.adata_manager.data_registry
+            else []
+        )
+        self.module = self._module_cls(
+            n_input=self.summary_stats.n_vars,
+            n_batch=self.summary_stats.n_batch,
+            n_centroids=n_centroids,
+            n_latent=n_latent,
+            n_hidden=tuple(n_hidden),
+            n_hidden_decoder=tuple(n_hidden_decoder),
+            n_continuous_cov=self.summary_stats.get("n_extra_continuous_covs", 0),
+            n_cats_per_cov=n_cats_per_cov,
+            dropout_rate=dropout_rate,
+            objective=objective,
+            n_particles=n_particles,
+            **module_kwargs,
+        )
+        self._model_summary_string = (
+            f"SCALE model with n_centroids: {n_centroids}, n_latent: {n_latent}, "
+            f"encoder: {tuple(n_hidden)}, decoder: {tuple(n_hidden_decoder) or 'linear'}, "
+            f"objective: {objective} (n_particles: {n_particles})"
+        )
+        self.init_params_ = self._get_init_params(locals())
+
+    # ------------------------------------------------------------------ setup
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        categorical_covariate_keys: list[str] | None = None,
+        continuous_covariate_keys: list[str] | None = None,
+        **kwargs,
+    ) -> None:
+        """Register an AnnData of cells x peaks with SCALE.
+
+        Counts or binary values are accepted; any value > 0 is read as accessible, and the
+        binarization happens inside the model (the matrix is not modified).
+
+        Parameters
+        ----------
+        adata
+            Cells x peaks AnnData (dense, CSR or CSC; in memory or backed).
+        layer
+            Layer holding the peak matrix; ``None`` for ``adata.X``.
+        batch_key
+            Column of ``adata.obs`` with the batch of each cell.
+        categorical_covariate_keys
+            Columns of ``adata.obs`` with further categorical covariates.
+        continuous_covariate_keys
+            Columns of ``adata.obs`` with continuous covariates.
+        """
+        if not isinstance(adata, AnnData):
+            raise TypeError(
+                f"setup_anndata takes an AnnData, got {type(adata).__name__}; for a MuData use "
+                "SCALE.setup_mudata."
+            )
+        matrix = get_matrix(adata, layer)
+        validate_accessibility_matrix(
+            matrix, "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+        )
+        validate_obs_keys(adata, [batch_key], "batch_key")
+        validate_obs_keys(adata, categorical_covariate_keys or [], "categorical_covariate_keys")
+        validate_obs_keys(adata, continuous_covariate_keys or [], "continuous_covariate_keys")
+        setup_method_args = cls._get_setup_method_args(**locals())
+        anndata_fields = [
+            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
+            CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
+            CategoricalJointObsField(REGISTRY_KEYS.CAT_COVS_KEY, categorical_covariate_keys),
+            NumericalJointObsField(REGISTRY_KEYS.CONT_COVS_KEY, continuous_covariate_keys),
+        ]
+        adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
+        adata_manager.register_fields(adata, **kwargs)
+        cls.register_manager(adata_manager)
+
+    # ------------------------------------------------------------------ training
+    def train(
+        self,
+        max_epochs: int | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 5e-4,
+        batch_size: int = 128,
+        eps: float = 1e-8,
+        gradient_clip_val: float | None = 10.0,
+        n_epochs_kl_warmup: int | None = None,
+        gmm_init_epoch: int | None = None,
+        train_size: float | None = 1.0,
+        validation_size: float | None = None,
+        early_stopping: bool = False,
+        load_sparse_tensor: bool = False,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        datasplitter_kwargs: dict | None = None,
+        plan_kwargs: dict | None = None,
+        **trainer_kwargs,
+    ):
+        """Train the model with scvi-tools' training plan and Lightning trainer.
+
+        The Gaussian mixture of the prior is fitted on the posterior means at the start of
+        epoch ``gmm_init_epoch`` by a callback; nothing needs to be done by hand.
+
+        Parameters
+        ----------
+        max_epochs
+            Passes through the data. Default: ``clip(60_000 / n_cells, 30, 400)``, about
+            60,000 cell updates in all.
+        lr
+            Learning rate of AdamW.
+        weight_decay
+            Weight decay of AdamW.
+        batch_size
+            Minibatch size.
+        eps
+            Adam's epsilon (scvi-tools' default of 0.01 is tuned for scVI, not for SCALE).
+        gradient_clip_val
+            Clip the gradient norm at this value (``None`` to disable).
+        n_epochs_kl_warmup
+            Epochs over which the KL weight rises from 0 to 1. Default: a quarter of
+            ``max_epochs``.
+        gmm_init_epoch
+            Epoch at whose start the prior's mixture is fitted to the posterior means.
+            Default: the end of the KL warm-up, so that the mixture is fitted on a trained
+            encoder.
+        train_size, validation_size
+            Fractions of cells for training and validation (default: all for training).
+        early_stopping
+            Stop when the validation ELBO stops improving (needs ``train_size < 1``).
+        load_sparse_tensor
+            Load minibatches as sparse tensors (pays off on a GPU with very sparse data).
+        accelerator, devices
+            Lightning accelerator and devices; ``strategy="ddp_find_unused_parameters_true"``
+            with ``devices > 1`` trains on several processes.
+        datasplitter_kwargs
+            Further arguments of :class:`~scvi.dataloaders.DataSplitter`.
+        plan_kwargs
+            Further arguments of :class:`~scvi.train.TrainingPlan`.
+        **trainer_kwargs
+            Further arguments of :class:`~scvi.train.Trainer`.
+        """
+        n_cells = self.adata.n_obs
+        if max_epochs is None:
+            max_epochs = int(np.clip(60_000 / n_cells, 30, 400))
+        if n_epochs_kl_warmup is None:
+            n_epochs_kl_warmup = max(1, max_epochs // 4)
+        if gmm_init_epoch is None:
+            gmm_init_epoch = min(n_epochs_kl_warmup, max_epochs - 1)
+        if not 0 <= gmm_init_epoch < max_epochs:
+            raise ValueError(
+                f"gmm_init_epoch={gmm_init_epoch} must be in [0, max_epochs={max_epochs})."
+            )
+        plan_kwargs = dict(plan_kwargs or {})
+        plan_kwargs.update(
+            {
+                "optimizer": "AdamW",
+                "lr": lr,
+                "weight_decay": weight_decay,
+                "eps": eps,
+                "n_epochs_kl_warmup": n_epochs_kl_warmup,
+                "n_steps_kl_warmup": None,
+            }
+        )
+        callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
+        callbacks.append(
+            GMMInitCallback(
+                latent_fn=self._gmm_latent_fn(batch_size),
+                n_components=self.module.n_centroids,
+                init_epoch=gmm_init_epoch,
+                seed=settings.seed,
+            )
+        )
+        if gradient_clip_val is not None:
+            trainer_kwargs.setdefault("gradient_clip_val", gradient_clip_val)
+        return super().train(
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            train_size=train_size,
+            validation_size=validation_size,
+            batch_size=batch_size,
+            early_stopping=early_stopping,
+            load_sparse_tensor=load_sparse_tensor,
+            datasplitter_kwargs=datasplitter_kwargs,
+            plan_kwargs=plan_kwargs,
+            callbacks=callbacks,
+            **trainer_kwargs,
+        )
+
+    def _gmm_latent_fn(self, batch_size: int):
+        def latent_fn(indices: np.ndarray | None) -> np.ndarray:
+            return self._posterior_means(self.adata, indices, batch_size)
+
+        return latent_fn
+
+    # ------------------------------------------------------------------ outputs
+    @torch.inference_mode()
+    def _posterior_means(self, adata, indices, batch_size) -> np.ndarray:
+        loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
+        means = [
+            self.module.inference(**self.module._get_inference_input(t))[MODULE_KEYS.QZM_KEY].cpu()
+            for t in loader
+        ]
+        return torch.cat(means).numpy()
+
+    @torch.inference_mode()
+    def get_cluster_probabilities(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """Posterior cluster probabilities ``p(c | z)`` at the posterior mean of each cell.
+
+        Returns
+        -------
+        Array of shape ``(n_cells, n_centroids)`` whose rows sum to one.
+        """
+        self._check_if_trained(warn=False)
+        adata = self._validate_anndata(adata)
+        loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
+        probs = []
+        for tensors in loader:
+            out = self.module.inference(**self.module._get_inference_input(tensors))
+            probs.append(self.module.cluster_probabilities(out[MODULE_KEYS.QZM_KEY]).cpu())
+        return torch.cat(probs).numpy()
+
+    def get_cluster_assignments(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+    ) -> pd.Categorical:
+        """The most probable mixture component of each cell.
+
+        Returns
+        -------
+        A :class:`pandas.Categorical` of component indices (as strings, ordered numerically),
+        ready for ``adata.obs["scale_cluster"]``.
+        """
+        labels = self.get_cluster_probabilities(adata, indices, batch_size).argmax(1)
+        used = np.unique(labels)
+        return pd.Categorical(labels.astype(str), categories=used.astype(str))
+
+    @torch.inference_mode()
+    def get_normalized_accessibility(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        threshold: float | None = None,
+        use_z_mean: bool = True,
+    ) -> np.ndarray | sp.csr_matrix:
+        """Imputed accessibility: the decoder's probability that each peak is open.
+
+        Parameters
+        ----------
+        adata, indices, batch_size
+            Cells to impute, as in scvi-tools.
+        threshold
+            If given, probabilities below it are set to zero and a :class:`scipy.sparse.csr_matrix`
+            is returned, built minibatch by minibatch (the dense matrix never exists).
+            ``threshold=0.5`` gives a binarized imputation's support with its probabilities.
+        use_z_mean
+            Decode the posterior mean (default) rather than a sample.
+
+        Returns
+        -------
+        Dense ``float32`` array of shape ``(n_cells, n_peaks)``, or CSR when ``threshold`` is set.
+        """
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold}.")
+        self._check_if_trained(warn=False)
+        adata = self._validate_anndata(adata)
+        loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
+        blocks = []
+        for tensors in loader:
+            inf = self.module.inference(**self.module._get_inference_input(tensors))
+            z = inf[MODULE_KEYS.QZM_KEY] if use_z_mean else inf[MODULE_KEYS.Z_KEY]
+            gen_in = self.module._get_generative_input(tensors, {MODULE_KEYS.Z_KEY: z})
+            p = torch.sigmoid(self.module.generative(**gen_in)[MODULE_KEYS.PX_KEY])
+            if threshold is None:
+                blocks.append(p.cpu().numpy())
+            else:
+                p = torch.where(p >= threshold, p, torch.zeros_like(p)).cpu().numpy()
+                blocks.append(sp.csr_matrix(p))
+        if threshold is None:
+            return np.concatenate(blocks, axis=0)
+        return sp.vstack(blocks, format="csr")
+
+    @torch.inference_mode()
+    def get_elbo(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        return_mean: bool = True,
+        **kwargs,
+    ) -> float | torch.Tensor:
+        """The ELBO of SCALE, with scvi-tools' sign convention.
+
+        Whatever the training objective, this is the closed-form ELBO of the GMM-prior model
+        (not the importance-weighted bound). For the estimate of ``log p(x)`` itself use
+        :meth:`get_marginal_ll`.
+
+        Parameters
+        ----------
+        adata, indices, batch_size
+            Cells to evaluate.
+        return_mean
+            Mean over cells (default) or one value per cell.
+        """
+        loss_kwargs = {"objective": "elbo", **kwargs.pop("loss_kwargs", {})}
+        return super().get_elbo(
+            adata=adata,
+            indices=indices,
+            batch_size=batch_size,
+            return_mean=return_mean,
+            loss_kwargs=loss_kwargs,
+            **kwargs,
+        )
+
+    @torch.inference_mode()
+    def get_marginal_ll(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        n_mc_samples: int = 100,
+        batch_size: int | None = None,
+        return_mean: bool = True,
+        n_mc_samples_per_pass: int | None = None,
+    ) -> float | np.ndarray:
+        """Importance-sampled estimate of the marginal log-likelihood ``log p(x)``.
+
+        Higher is better. It is a stochastic lower bound on ``log p(x)`` that is tighter than
+        the ELBO and tightens as ``n_mc_samples`` grows.
+
+        Parameters
+        ----------
+        adata, indices, batch_size
+            Cells to evaluate.
+        n_mc_samples
+            Importance samples per cell.
+        return_mean
+            Mean over cells (default) or an array with one value per cell.
+        n_mc_samples_per_pass
+            Samples decoded at a time, to bound memory.
+        """
+        self._check_if_trained(warn=False)
+        adata = self._validate_anndata(adata)
+        loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
+        values = torch.cat(
+            [
+                self.module.marginal_ll(
+                    t, n_mc_samples=n_mc_samples, n_mc_samples_per_pass=n_mc_samples_per_pass
+                ).cpu()
+                for t in loader
+            ]
+        ).numpy()
+        return float(values.mean()) if return_mean else values

@@ -1,0 +1,190 @@
+"""Encoder and decoder networks of SCALE, built from :class:`scvi.nn.FCLayers`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from scvi.nn import FCLayers
+from torch import nn
+
+
+def _covariate_list(
+    fc: FCLayers, x: torch.Tensor, cat_list: Sequence[torch.Tensor], cont: torch.Tensor | None
+) -> list[torch.Tensor]:
+    """One-hot categorical and continuous covariates in the order :class:`FCLayers` uses."""
+    covs = [cont] if cont is not None else []
+    for n_cat, cat in zip(fc.n_cat_list, cat_list, strict=False):
+        if n_cat > 1:
+            covs.append(nn.functional.one_hot(cat.squeeze(-1).long(), n_cat).to(x.dtype))
+    return covs
+
+
+def _first_layer(
+    fc: FCLayers, x: torch.Tensor, cat_list: Sequence[torch.Tensor], cont: torch.Tensor | None
+) -> torch.Tensor:
+    """Run a one-layer :class:`FCLayers` on an input that may be a sparse tensor.
+
+    The linear map of ``FCLayers`` acts on ``[x, covariates]``; here its weight is split so the
+    peak part is applied with a sparse matrix product and the minibatch is never densified.
+    The parameters (and so scArches' freezing hooks and query mapping) stay those of
+    ``FCLayers``.
+    """
+    block = fc.fc_layers[0]
+    linear: nn.Linear = block[0]
+    n_in = x.shape[-1]
+    weight = linear.weight
+    if x.layout == torch.strided:
+        h = x @ weight[:, :n_in].t()
+    else:
+        h = torch.sparse.mm(x, weight[:, :n_in].t())
+    covs = _covariate_list(fc, h, cat_list, cont)
+    if covs:
+        h = h + torch.cat(covs, dim=-1) @ weight[:, n_in:].t()
+    if linear.bias is not None:
+        h = h + linear.bias
+    for layer in list(block)[1:]:
+        if layer is not None:
+            h = layer(h)
+    return h
+
+
+class SCALEEncoder(nn.Module):
+    """MLP encoder ``x -> (mean, variance)`` of the diagonal Gaussian ``q(z|x)``.
+
+    The first layer takes sparse minibatches directly.
+
+    Parameters
+    ----------
+    n_input
+        Number of input features (peaks).
+    n_output
+        Latent dimensionality.
+    n_hidden
+        Widths of the hidden layers, e.g. ``(1024, 128)``.
+    n_cat_list
+        Number of categories of each categorical covariate (batch first).
+    n_cont
+        Number of continuous covariates.
+    dropout_rate, use_batch_norm, use_layer_norm
+        Passed to :class:`scvi.nn.FCLayers`.
+    deep_inject_covariates
+        Inject covariates into every hidden layer rather than only the first.
+    var_eps
+        Floor added to the posterior variance.
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_output: int,
+        n_hidden: Sequence[int] = (1024, 128),
+        n_cat_list: Iterable[int] | None = None,
+        n_cont: int = 0,
+        dropout_rate: float = 0.0,
+        use_batch_norm: bool = False,
+        use_layer_norm: bool = False,
+        deep_inject_covariates: bool = False,
+        var_eps: float = 1e-4,
+    ):
+        super().__init__()
+        if len(n_hidden) < 1:
+            raise ValueError("The encoder needs at least one hidden layer: n_hidden=(1024, 128).")
+        n_cat_list = list(n_cat_list or [])
+        self.var_eps = var_eps
+        dims = [n_input, *n_hidden]
+        self.layers = nn.ModuleList(
+            FCLayers(
+                n_in=d_in,
+                n_out=d_out,
+                n_cat_list=n_cat_list if (i == 0 or deep_inject_covariates) else None,
+                n_cont=n_cont if (i == 0 or deep_inject_covariates) else 0,
+                n_layers=1,
+                dropout_rate=dropout_rate,
+                use_batch_norm=use_batch_norm,
+                use_layer_norm=use_layer_norm,
+            )
+            for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=True))
+        )
+        self.mean_encoder = nn.Linear(dims[-1], n_output)
+        self.var_encoder = nn.Linear(dims[-1], n_output)
+
+    def forward(
+        self, x: torch.Tensor, *cat_list: torch.Tensor, cont: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the mean and variance of ``q(z|x)``."""
+        h = _first_layer(self.layers[0], x, cat_list, cont)
+        for layer in self.layers[1:]:
+            h = layer(h, *cat_list, cont=cont)
+        q_m = self.mean_encoder(h)
+        q_v = nn.functional.softplus(self.var_encoder(h)) + self.var_eps
+        return q_m, q_v
+
+
+class SCALEDecoder(nn.Module):
+    """Decoder ``z -> logits`` of the Bernoulli likelihood of every peak.
+
+    With no hidden layers (the default, as in the original SCALE) it is one linear map
+    (plus covariates), which keeps the latent interpretable and training fast.
+
+    Parameters
+    ----------
+    n_input
+        Latent dimensionality.
+    n_output
+        Number of peaks.
+    n_hidden
+        Widths of optional hidden layers; ``()`` for a linear decoder.
+    n_cat_list, n_cont
+        Covariates, as in :class:`SCALEEncoder`.
+    dropout_rate, use_batch_norm, use_layer_norm
+        For the hidden layers.
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_output: int,
+        n_hidden: Sequence[int] = (),
+        n_cat_list: Iterable[int] | None = None,
+        n_cont: int = 0,
+        dropout_rate: float = 0.0,
+        use_batch_norm: bool = False,
+        use_layer_norm: bool = False,
+    ):
+        super().__init__()
+        n_cat_list = list(n_cat_list or [])
+        dims = [n_input, *n_hidden]
+        self.hidden = nn.ModuleList(
+            FCLayers(
+                n_in=d_in,
+                n_out=d_out,
+                n_cat_list=n_cat_list,
+                n_cont=n_cont,
+                n_layers=1,
+                dropout_rate=dropout_rate,
+                use_batch_norm=use_batch_norm,
+                use_layer_norm=use_layer_norm,
+            )
+            for d_in, d_out in zip(dims[:-1], dims[1:], strict=True)
+        )
+        self.output = FCLayers(
+            n_in=dims[-1],
+            n_out=n_output,
+            n_cat_list=n_cat_list,
+            n_cont=n_cont,
+            n_layers=1,
+            dropout_rate=0.0,
+            use_batch_norm=False,
+            use_layer_norm=False,
+            use_activation=False,
+        )
+
+    def forward(
+        self, z: torch.Tensor, *cat_list: torch.Tensor, cont: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Bernoulli logits, shape ``z.shape[:-1] + (n_output,)``."""
+        h = z
+        for layer in self.hidden:
+            h = layer(h, *cat_list, cont=cont)
+        return self.output(h, *cat_list, cont=cont)

@@ -1,0 +1,315 @@
+"""SCALEVAE: the Gaussian-mixture-prior VAE of SCALE as an scvi-tools module."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Literal
+
+import torch
+from scvi import REGISTRY_KEYS
+from scvi.module._constants import MODULE_KEYS
+from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
+from torch.distributions import Normal
+
+from ._components import SCALEDecoder, SCALEEncoder
+from ._objectives import (
+    bernoulli_log_likelihood,
+    gmm_kl,
+    importance_log_weights,
+    iwae_bound,
+    log_mean_exp,
+)
+from ._prior import GaussianMixturePrior
+
+Objective = Literal["elbo", "iwae", "dreg"]
+OBJECTIVES = ("elbo", "iwae", "dreg")
+
+
+def binarize(x: torch.Tensor) -> torch.Tensor:
+    """``(x > 0)`` as float, keeping a sparse tensor sparse."""
+    if x.layout == torch.strided:
+        return (x > 0).to(torch.float32)
+    x = x.to_sparse_csr() if x.layout != torch.sparse_csr else x
+    values = (x.values() > 0).to(torch.float32)
+    return torch.sparse_csr_tensor(
+        x.crow_indices(), x.col_indices(), values, size=x.shape, device=x.device
+    )
+
+
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    return x if x.layout == torch.strided else x.to_dense()
+
+
+class SCALEVAE(BaseModuleClass):
+    """Variational autoencoder with a Gaussian-mixture prior for binarized scATAC-seq.
+
+    Generative model: ``c ~ Cat(pi)``, ``z | c ~ N(mu_c, diag(sigma2_c))``,
+    ``x_p | z ~ Bernoulli(sigmoid(f(z))_p)``; inference ``q(z|x) = N(m(x), diag(s2(x)))``
+    and ``q(c|x) = p(c|z)`` (the responsibilities).
+
+    Parameters
+    ----------
+    n_input
+        Number of peaks.
+    n_batch
+        Number of batches (0 or 1: none).
+    n_centroids
+        Number of mixture components ``K``.
+    n_latent
+        Latent dimensionality ``D``.
+    n_hidden
+        Hidden-layer widths of the encoder.
+    n_hidden_decoder
+        Hidden-layer widths of the decoder; ``()`` gives SCALE's linear decoder.
+    n_continuous_cov
+        Number of continuous covariates.
+    n_cats_per_cov
+        Number of categories of each extra categorical covariate.
+    dropout_rate
+        Dropout in the encoder.
+    use_batch_norm, use_layer_norm
+        Normalization in ``"encoder"``, ``"decoder"``, ``"both"`` or ``"none"``.
+    encode_covariates
+        Give the covariates to the encoder too (they always reach the decoder).
+    deeply_inject_covariates
+        Inject covariates into every hidden layer.
+    objective
+        ``"elbo"`` (closed-form SCALE ELBO), ``"iwae"`` or ``"dreg"`` (importance weighted,
+        ``n_particles`` samples; DReG uses the doubly-reparameterized gradient).
+    n_particles
+        Number of importance samples for ``"iwae"``/``"dreg"``.
+    particle_chunk_size
+        Particles decoded at a time in the importance-weighted objectives.
+    gamma_from
+        Evaluate the responsibilities ``q(c|x) = p(c|z)`` at the posterior ``"mean"`` or at
+        the ``"sample"`` used for the reconstruction.
+    min_var
+        Variance floor of the prior components.
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_batch: int = 0,
+        n_centroids: int = 30,
+        n_latent: int = 10,
+        n_hidden: Sequence[int] = (1024, 128),
+        n_hidden_decoder: Sequence[int] = (),
+        n_continuous_cov: int = 0,
+        n_cats_per_cov: Iterable[int] | None = None,
+        dropout_rate: float = 0.0,
+        use_batch_norm: Literal["encoder", "decoder", "none", "both"] = "none",
+        use_layer_norm: Literal["encoder", "decoder", "none", "both"] = "none",
+        encode_covariates: bool = True,
+        deeply_inject_covariates: bool = False,
+        objective: Objective = "elbo",
+        n_particles: int = 1,
+        particle_chunk_size: int | None = 16,
+        gamma_from: Literal["mean", "sample"] = "mean",
+        min_var: float = 1e-4,
+    ):
+        super().__init__()
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}.")
+        if n_particles < 1:
+            raise ValueError(f"n_particles must be >= 1, got {n_particles}.")
+        if gamma_from not in ("mean", "sample"):
+            raise ValueError(f"gamma_from must be 'mean' or 'sample', got {gamma_from!r}.")
+        self.n_input = n_input
+        self.n_batch = n_batch
+        self.n_centroids = n_centroids
+        self.n_latent = n_latent
+        self.objective = objective
+        self.n_particles = n_particles
+        self.particle_chunk_size = particle_chunk_size
+        self.gamma_from = gamma_from
+        self.encode_covariates = encode_covariates
+
+        cat_list = [n_batch] + list(n_cats_per_cov or [])
+        self.z_encoder = SCALEEncoder(
+            n_input=n_input,
+            n_output=n_latent,
+            n_hidden=tuple(n_hidden),
+            n_cat_list=cat_list if encode_covariates else None,
+            n_cont=n_continuous_cov if encode_covariates else 0,
+            dropout_rate=dropout_rate,
+            use_batch_norm=use_batch_norm in ("encoder", "both"),
+            use_layer_norm=use_layer_norm in ("encoder", "both"),
+            deep_inject_covariates=deeply_inject_covariates,
+        )
+        self.decoder = SCALEDecoder(
+            n_input=n_latent,
+            n_output=n_input,
+            n_hidden=tuple(n_hidden_decoder),
+            n_cat_list=cat_list,
+            n_cont=n_continuous_cov,
+            use_batch_norm=use_batch_norm in ("decoder", "both"),
+            use_layer_norm=use_layer_norm in ("decoder", "both"),
+        )
+        self.prior = GaussianMixturePrior(n_centroids, n_latent, min_var=min_var)
+
+    # ------------------------------------------------------------------ inputs
+    @staticmethod
+    def _covariates(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        return {
+            MODULE_KEYS.BATCH_INDEX_KEY: tensors.get(REGISTRY_KEYS.BATCH_KEY),
+            MODULE_KEYS.CONT_COVS_KEY: tensors.get(REGISTRY_KEYS.CONT_COVS_KEY),
+            MODULE_KEYS.CAT_COVS_KEY: tensors.get(REGISTRY_KEYS.CAT_COVS_KEY),
+        }
+
+    def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict:
+        return {MODULE_KEYS.X_KEY: tensors[REGISTRY_KEYS.X_KEY], **self._covariates(tensors)}
+
+    def _get_generative_input(
+        self, tensors: dict[str, torch.Tensor], inference_outputs: dict
+    ) -> dict:
+        return {MODULE_KEYS.Z_KEY: inference_outputs[MODULE_KEYS.Z_KEY], **self._covariates(tensors)}
+
+    @staticmethod
+    def _cat_list(batch_index, cat_covs) -> list[torch.Tensor]:
+        cats = [batch_index] if batch_index is not None else []
+        if cat_covs is not None:
+            cats += list(torch.split(cat_covs, 1, dim=1))
+        return cats
+
+    # ------------------------------------------------------------------ model
+    @auto_move_data
+    def inference(
+        self,
+        x: torch.Tensor,
+        batch_index: torch.Tensor | None = None,
+        cont_covs: torch.Tensor | None = None,
+        cat_covs: torch.Tensor | None = None,
+        n_samples: int = 1,
+    ) -> dict[str, torch.Tensor | Normal]:
+        """Encode the binarized peaks into ``q(z|x)`` and draw ``z``."""
+        x = binarize(x)
+        if self.encode_covariates:
+            cats, cont = self._cat_list(batch_index, cat_covs), cont_covs
+        else:
+            cats, cont = [], None
+        qz_m, qz_v = self.z_encoder(x, *cats, cont=cont)
+        qz = Normal(qz_m, qz_v.sqrt())
+        z = qz.rsample() if n_samples == 1 else qz.rsample((n_samples,))
+        return {
+            MODULE_KEYS.QZ_KEY: qz,
+            MODULE_KEYS.QZM_KEY: qz_m,
+            MODULE_KEYS.QZV_KEY: qz_v,
+            MODULE_KEYS.Z_KEY: z,
+        }
+
+    @auto_move_data
+    def generative(
+        self,
+        z: torch.Tensor,
+        batch_index: torch.Tensor | None = None,
+        cont_covs: torch.Tensor | None = None,
+        cat_covs: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Decode ``z`` into Bernoulli logits of every peak (key ``"px"``)."""
+        return {MODULE_KEYS.PX_KEY: self.decoder(z, *self._cat_list(batch_index, cat_covs), cont=cont_covs)}
+
+    def _log_likelihood_fn(self, x: torch.Tensor, tensors: dict[str, torch.Tensor]):
+        covs = self._covariates(tensors)
+        cats = self._cat_list(covs[MODULE_KEYS.BATCH_INDEX_KEY], covs[MODULE_KEYS.CAT_COVS_KEY])
+        cont = covs[MODULE_KEYS.CONT_COVS_KEY]
+
+        def log_likelihood(z: torch.Tensor) -> torch.Tensor:
+            return bernoulli_log_likelihood(self.decoder(z, *cats, cont=cont), x)
+
+        return log_likelihood
+
+    def cluster_probabilities(self, qz_m: torch.Tensor) -> torch.Tensor:
+        """``p(c | z)`` at the posterior mean, shape ``(B, K)``."""
+        return self.prior.responsibilities(qz_m)
+
+    def loss(
+        self,
+        tensors: dict[str, torch.Tensor],
+        inference_outputs: dict,
+        generative_outputs: dict,
+        kl_weight: float = 1.0,
+        objective: Objective | None = None,
+    ) -> LossOutput:
+        """The negative training objective, averaged over the minibatch.
+
+        ``reconstruction_loss`` and ``kl_local`` are per cell and sum to the negative
+        ELBO (``objective="elbo"``) or the negative importance-weighted bound.
+
+        Parameters
+        ----------
+        tensors, inference_outputs, generative_outputs
+            As produced by :meth:`forward`.
+        kl_weight
+            Weight of the KL term (KL warm-up).
+        objective
+            Override of the module's objective, e.g. ``"elbo"`` to evaluate the ELBO of a
+            model trained with ``"iwae"``.
+        """
+        objective = objective or self.objective
+        x = _dense(binarize(tensors[REGISTRY_KEYS.X_KEY].to(inference_outputs[MODULE_KEYS.QZM_KEY].device)))
+        qz_m = inference_outputs[MODULE_KEYS.QZM_KEY]
+        qz_v = inference_outputs[MODULE_KEYS.QZV_KEY]
+
+        if objective == "elbo":
+            z = inference_outputs[MODULE_KEYS.Z_KEY]
+            logits = generative_outputs[MODULE_KEYS.PX_KEY]
+            reconst = -bernoulli_log_likelihood(logits, x)
+            gamma = self.prior.responsibilities(qz_m if self.gamma_from == "mean" else z)
+            kl = gmm_kl(self.prior, qz_m, qz_v, gamma)
+            loss = (reconst + kl_weight * kl).mean()
+            return LossOutput(loss=loss, reconstruction_loss=reconst, kl_local=kl)
+
+        log_w, log_lik = importance_log_weights(
+            self._log_likelihood_fn(x, tensors),
+            self.prior,
+            qz_m,
+            qz_v,
+            n_particles=self.n_particles,
+            kl_weight=kl_weight,
+            dreg=objective == "dreg",
+            chunk_size=self.particle_chunk_size,
+        )
+        bound = iwae_bound(log_w)
+        reconst = -log_lik.mean(0)
+        kl = (-bound - reconst).detach() if kl_weight != 1.0 else -bound - reconst
+        return LossOutput(loss=-bound.mean(), reconstruction_loss=reconst, kl_local=kl)
+
+    @torch.inference_mode()
+    def marginal_ll(
+        self,
+        tensors: dict[str, torch.Tensor],
+        n_mc_samples: int = 100,
+        return_mean: bool = False,
+        n_mc_samples_per_pass: int | None = None,
+    ) -> torch.Tensor | float:
+        """Importance-sampled estimate of ``log p(x)`` (higher is better).
+
+        ``log p(x) ~= log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x)``, ``z_k ~ q(z|x)``, with the
+        exact mixture density ``p(z)``. It is a stochastic lower bound that tightens as
+        ``n_mc_samples`` grows.
+
+        Parameters
+        ----------
+        tensors
+            A minibatch from the model's data loader.
+        n_mc_samples
+            Number of importance samples ``K``.
+        return_mean
+            Return the mean over the minibatch instead of one value per cell.
+        n_mc_samples_per_pass
+            Samples decoded at a time (memory); defaults to ``particle_chunk_size``.
+        """
+        inference_outputs = self.inference(**self._get_inference_input(tensors))
+        qz_m = inference_outputs[MODULE_KEYS.QZM_KEY]
+        x = _dense(binarize(tensors[REGISTRY_KEYS.X_KEY].to(qz_m.device)))
+        log_w, _ = importance_log_weights(
+            self._log_likelihood_fn(x, tensors),
+            self.prior,
+            qz_m,
+            inference_outputs[MODULE_KEYS.QZV_KEY],
+            n_particles=n_mc_samples,
+            chunk_size=n_mc_samples_per_pass or self.particle_chunk_size,
+        )
+        log_px = log_mean_exp(log_w, dim=0)
+        return log_px.mean().item() if return_mean else log_px

@@ -1,0 +1,101 @@
+"""Initialization of the Gaussian-mixture prior inside the training loop."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from sklearn.mixture import GaussianMixture
+
+logger = logging.getLogger(__name__)
+
+
+def fit_gmm(
+    latent: np.ndarray, n_components: int, seed: int = 0, max_cells: int = 50_000
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fit a diagonal :class:`~sklearn.mixture.GaussianMixture` to posterior means.
+
+    Parameters
+    ----------
+    latent
+        Posterior means, shape ``(n_cells, n_latent)``.
+    n_components
+        Number of mixture components.
+    seed
+        Random state of the fit (and of the subsample).
+    max_cells
+        The fit uses a random subsample of at most this many cells.
+
+    Returns
+    -------
+    ``(weights, means, variances)`` of shapes ``(K,)``, ``(K, D)``, ``(K, D)``.
+    """
+    latent = np.asarray(latent, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    if latent.shape[0] > max_cells:
+        latent = latent[rng.choice(latent.shape[0], max_cells, replace=False)]
+    gmm = GaussianMixture(
+        n_components=n_components,
+        covariance_type="diag",
+        random_state=seed,
+        reg_covar=1e-4,
+        max_iter=200,
+    ).fit(latent)
+    return gmm.weights_, gmm.means_, gmm.covariances_
+
+
+class GMMInitCallback(Callback):
+    """Fit the prior's mixture on the posterior means of the training cells.
+
+    At the start of epoch ``init_epoch`` the encoder's posterior means of the training
+    cells are computed, a diagonal Gaussian mixture is fitted to them, and its weights,
+    means and variances are copied into the module's prior. Under a distributed strategy
+    the fit runs once, on rank 0, and the parameters are broadcast to every rank.
+
+    Parameters
+    ----------
+    latent_fn
+        Returns the posterior means of the cells at the given indices (all cells for
+        ``None``); called with the module in evaluation mode.
+    n_components
+        Number of mixture components.
+    init_epoch
+        Epoch at whose start the mixture is fitted (0: before any training, as the
+        original SCALE does).
+    seed
+        Random state of the mixture fit.
+    """
+
+    def __init__(
+        self,
+        latent_fn: Callable[[np.ndarray | None], np.ndarray],
+        n_components: int,
+        init_epoch: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.latent_fn = latent_fn
+        self.n_components = n_components
+        self.init_epoch = init_epoch
+        self.seed = seed
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch != self.init_epoch:
+            return
+        module = pl_module.module
+        params = None
+        if trainer.is_global_zero:
+            indices = getattr(trainer.datamodule, "train_idx", None)
+            was_training = module.training
+            module.eval()
+            try:
+                latent = self.latent_fn(indices)
+            finally:
+                module.train(was_training)
+            params = [torch.as_tensor(p) for p in fit_gmm(latent, self.n_components, self.seed)]
+            logger.info("Initialized the GMM prior on %d posterior means.", latent.shape[0])
+        params = trainer.strategy.broadcast(params, src=0)
+        module.prior.set_parameters(*params)
