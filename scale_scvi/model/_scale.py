@@ -23,7 +23,7 @@ from scvi.model.base import ArchesMixin, BaseModelClass, UnsupervisedTrainingMix
 from scvi.module._constants import MODULE_KEYS
 
 from scale_scvi.module import SCALEVAE
-from scale_scvi.train import GMMInitCallback
+from scale_scvi.train import FiniteLossGuard, GMMInitCallback
 
 from ._validation import (
     get_matrix,
@@ -262,6 +262,7 @@ class SCALE(ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
                 seed=settings.seed,
             )
         )
+        callbacks.append(FiniteLossGuard())
         if gradient_clip_val is not None:
             trainer_kwargs.setdefault("gradient_clip_val", gradient_clip_val)
         return super().train(
