@@ -189,7 +189,9 @@ class SCALEVAE(BaseModuleClass):
         else:
             cats, cont = [], None
         qz_m, qz_v = self.z_encoder(x, *cats, cont=cont)
-        qz = Normal(qz_m, qz_v.sqrt())
+        # No argument validation: a diverging run must reach the loss, where training stops
+        # with an error that names the epoch (FiniteLossGuard), not fail inside Normal.
+        qz = Normal(qz_m, qz_v.sqrt(), validate_args=False)
         z = qz.rsample() if n_samples == 1 else qz.rsample((n_samples,))
         return {
             MODULE_KEYS.QZ_KEY: qz,
