@@ -1,0 +1,506 @@
+"""MultiSCALEVAE: multimodal SCALE with a mixture-of-experts posterior and a shared GMM prior."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Literal
+
+import torch
+from scvi import REGISTRY_KEYS
+from scvi.distributions import NegativeBinomial
+from scvi.module._constants import MODULE_KEYS
+from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
+from torch import nn
+from torch.distributions import Normal
+
+from ._components import SCALEDecoder, SCALEEncoder
+from ._objectives import (
+    bernoulli_log_likelihood,
+    moe_elbo_bound,
+    moe_importance_log_weights,
+    moe_iwae_bound,
+)
+from ._prior import GaussianMixturePrior
+from ._scalevae import OBJECTIVES, Objective, binarize
+
+ATAC = "atac"
+RNA = "rna"
+MODALITIES = (ATAC, RNA)
+Modality = Literal["joint", "atac", "rna"]
+
+#: Registry key of the per-cell modality flag (a categorical ``obs`` column).
+MODALITY_FLAG_KEY = "modality_flag"
+#: Registry keys of the two data matrices: RNA in ``X`` and ATAC beside it, as in MultiVI.
+RNA_KEY = REGISTRY_KEYS.X_KEY
+ATAC_KEY = REGISTRY_KEYS.ATAC_X_KEY
+
+X_ATAC_KEY = "x_atac"
+X_RNA_KEY = "x_rna"
+LIBRARY_KEY = MODULE_KEYS.LIBRARY_KEY
+FLAG_KEY = "modality_flag"
+MASK_KEY = "modality_mask"
+QZM_EXPERTS_KEY = "qzm_experts"
+QZV_EXPERTS_KEY = "qzv_experts"
+PX_RNA_KEY = "px_rna"
+PX_RNA_SCALE_KEY = "px_rna_scale"
+
+
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    return x if x.layout == torch.strided else x.to_dense()
+
+
+def _row_has_data(x: torch.Tensor) -> torch.Tensor:
+    """``True`` for rows with at least one non-zero value (sparse or dense input)."""
+    if x.layout == torch.strided:
+        return (x != 0).any(-1)
+    x = x.to_sparse_csr() if x.layout != torch.sparse_csr else x
+    counts = x.crow_indices().diff()
+    rows = torch.repeat_interleave(torch.arange(x.shape[0], device=x.device), counts)
+    nonzero = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    return nonzero.index_put_((rows,), x.values() != 0, accumulate=True)
+
+
+class MultiSCALEVAE(BaseModuleClass):
+    """SCALE for paired single-cell RNA and ATAC: a mixture-of-experts VAE with a GMM prior.
+
+    Generative model, shared by the modalities: ``c ~ Cat(pi)``,
+    ``z | c ~ N(mu_c, diag(sigma2_c))``; then ``x_atac,p | z ~ Bernoulli(sigmoid(f(z))_p)``
+    on binarized peaks and ``x_rna,g | z ~ NB(l * softmax(h(z))_g, theta_g)`` with the
+    observed library size ``l`` and gene-wise dispersion ``theta``.
+
+    Inference, in the manner of MMVAE (Shi et al., NeurIPS 2019): one Gaussian encoder
+    ``q(z|x_m)`` per modality and the mixture of experts
+    ``q(z|x_1..M) = 1/M sum_m q(z|x_m)``. The objective draws ``K`` particles from every
+    expert (stratified sampling), weights each by
+    ``log p(x_1..M|z) + log p(z) - log q(z|x_1..M)`` with the exact mixture densities, and
+    combines them by their mean (``"elbo"``) or their log-mean-exp (``"iwae"``, ``"dreg"``).
+
+    A cell that lacks a modality (all zeros in it, or flagged through ``modality_flags``) is
+    modelled by the modalities it has: its mixture and its likelihood leave the missing one
+    out.
+
+    With a single modality the mixture has one expert and the model is a GMM-prior VAE of
+    that modality.
+
+    Parameters
+    ----------
+    n_input_atac
+        Number of peaks (0: no ATAC modality).
+    n_input_rna
+        Number of genes (0: no RNA modality).
+    n_batch
+        Number of batches.
+    n_centroids
+        Number of mixture components ``K`` of the prior.
+    n_latent
+        Latent dimensionality.
+    n_hidden
+        Hidden-layer widths of each encoder.
+    n_hidden_decoder
+        Hidden-layer widths of each decoder; ``()`` gives linear decoders, as in SCALE.
+    n_continuous_cov
+        Number of continuous covariates.
+    n_cats_per_cov
+        Number of categories of each extra categorical covariate.
+    dropout_rate
+        Dropout in the encoders.
+    use_batch_norm, use_layer_norm
+        Normalization in ``"encoder"``, ``"decoder"``, ``"both"`` or ``"none"``.
+    encode_covariates
+        Give the covariates to the encoders too (they always reach the decoders).
+    deeply_inject_covariates
+        Inject covariates into every hidden layer of the encoders.
+    objective
+        ``"elbo"`` (stratified ELBO), ``"iwae"`` (stratified importance-weighted bound) or
+        ``"dreg"`` (the same bound with doubly-reparameterized gradients).
+    n_particles
+        Particles per expert ``K``.
+    particle_chunk_size
+        Particles decoded at a time.
+    likelihood_scale
+        Weight of each modality's log-likelihood in the training objective, e.g.
+        ``{"atac": 5.0}`` to let ATAC count more against RNA's larger likelihood. Omitted
+        modalities weigh 1. The marginal likelihood is always that of the unweighted model.
+    modality_flags
+        One row per category of the registered modality flag: which of ``(atac, rna)``
+        a cell of that category has. ``None`` when no flag is registered.
+    min_var
+        Variance floor of the prior components.
+    """
+
+    def __init__(
+        self,
+        n_input_atac: int = 0,
+        n_input_rna: int = 0,
+        n_batch: int = 0,
+        n_centroids: int = 30,
+        n_latent: int = 10,
+        n_hidden: Sequence[int] = (1024, 128),
+        n_hidden_decoder: Sequence[int] = (),
+        n_continuous_cov: int = 0,
+        n_cats_per_cov: Iterable[int] | None = None,
+        dropout_rate: float = 0.0,
+        use_batch_norm: Literal["encoder", "decoder", "none", "both"] = "none",
+        use_layer_norm: Literal["encoder", "decoder", "none", "both"] = "none",
+        encode_covariates: bool = True,
+        deeply_inject_covariates: bool = False,
+        objective: Objective = "elbo",
+        n_particles: int = 1,
+        particle_chunk_size: int | None = 16,
+        likelihood_scale: Mapping[str, float] | None = None,
+        modality_flags: Sequence[Sequence[bool]] | None = None,
+        min_var: float = 1e-4,
+    ):
+        super().__init__()
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}.")
+        if n_particles < 1:
+            raise ValueError(f"n_particles must be >= 1, got {n_particles}.")
+        if n_input_atac < 0 or n_input_rna < 0 or n_input_atac + n_input_rna == 0:
+            raise ValueError(
+                "MultiSCALEVAE needs at least one modality: set n_input_atac and/or n_input_rna "
+                f"to the number of features (got {n_input_atac} and {n_input_rna})."
+            )
+        likelihood_scale = dict(likelihood_scale or {})
+        unknown = set(likelihood_scale) - set(MODALITIES)
+        if unknown:
+            raise ValueError(
+                f"likelihood_scale has unknown modalities {sorted(unknown)}; use keys "
+                f"{MODALITIES}."
+            )
+        if any(float(v) <= 0 for v in likelihood_scale.values()):
+            raise ValueError(f"likelihood_scale values must be positive, got {likelihood_scale}.")
+
+        self.n_input_atac = n_input_atac
+        self.n_input_rna = n_input_rna
+        self.modalities = tuple(
+            m for m, n in zip(MODALITIES, (n_input_atac, n_input_rna), strict=True) if n > 0
+        )
+        self.n_batch = n_batch
+        self.n_centroids = n_centroids
+        self.n_latent = n_latent
+        self.objective = objective
+        self.n_particles = n_particles
+        self.particle_chunk_size = particle_chunk_size
+        self.encode_covariates = encode_covariates
+        self.likelihood_scale = {m: float(likelihood_scale.get(m, 1.0)) for m in self.modalities}
+
+        if modality_flags is None:
+            flags = torch.ones((1, len(MODALITIES)), dtype=torch.bool)
+        else:
+            flags = torch.as_tensor(modality_flags, dtype=torch.bool).reshape(-1, len(MODALITIES))
+        self.register_buffer("modality_flags", flags)
+
+        cat_list = [n_batch] + list(n_cats_per_cov or [])
+        enc_kwargs = {
+            "n_output": n_latent,
+            "n_hidden": tuple(n_hidden),
+            "n_cat_list": cat_list if encode_covariates else None,
+            "n_cont": n_continuous_cov if encode_covariates else 0,
+            "dropout_rate": dropout_rate,
+            "use_batch_norm": use_batch_norm in ("encoder", "both"),
+            "use_layer_norm": use_layer_norm in ("encoder", "both"),
+            "deep_inject_covariates": deeply_inject_covariates,
+        }
+        dec_kwargs = {
+            "n_input": n_latent,
+            "n_hidden": tuple(n_hidden_decoder),
+            "n_cat_list": cat_list,
+            "n_cont": n_continuous_cov,
+            "use_batch_norm": use_batch_norm in ("decoder", "both"),
+            "use_layer_norm": use_layer_norm in ("decoder", "both"),
+        }
+        self.encoders = nn.ModuleDict()
+        self.decoders = nn.ModuleDict()
+        if n_input_atac > 0:
+            self.encoders[ATAC] = SCALEEncoder(n_input=n_input_atac, **enc_kwargs)
+            self.decoders[ATAC] = SCALEDecoder(n_output=n_input_atac, **dec_kwargs)
+        if n_input_rna > 0:
+            self.encoders[RNA] = SCALEEncoder(n_input=n_input_rna, **enc_kwargs)
+            self.decoders[RNA] = SCALEDecoder(n_output=n_input_rna, **dec_kwargs)
+            self.px_r = nn.Parameter(torch.randn(n_input_rna))
+        self.prior = GaussianMixturePrior(n_centroids, n_latent, min_var=min_var)
+
+    # ------------------------------------------------------------------ inputs
+    @staticmethod
+    def _covariates(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        return {
+            MODULE_KEYS.BATCH_INDEX_KEY: tensors.get(REGISTRY_KEYS.BATCH_KEY),
+            MODULE_KEYS.CONT_COVS_KEY: tensors.get(REGISTRY_KEYS.CONT_COVS_KEY),
+            MODULE_KEYS.CAT_COVS_KEY: tensors.get(REGISTRY_KEYS.CAT_COVS_KEY),
+        }
+
+    def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict:
+        return {
+            X_ATAC_KEY: tensors.get(ATAC_KEY) if ATAC in self.modalities else None,
+            X_RNA_KEY: tensors.get(RNA_KEY) if RNA in self.modalities else None,
+            FLAG_KEY: tensors.get(MODALITY_FLAG_KEY),
+            **self._covariates(tensors),
+        }
+
+    def _get_generative_input(
+        self, tensors: dict[str, torch.Tensor], inference_outputs: dict
+    ) -> dict:
+        library = inference_outputs.get(LIBRARY_KEY)
+        if library is None and RNA in self.modalities:
+            library = _dense(tensors[RNA_KEY]).sum(-1, keepdim=True)
+        return {
+            MODULE_KEYS.Z_KEY: inference_outputs[MODULE_KEYS.Z_KEY],
+            LIBRARY_KEY: library,
+            **self._covariates(tensors),
+        }
+
+    @staticmethod
+    def _cat_list(batch_index, cat_covs) -> list[torch.Tensor]:
+        cats = [batch_index] if batch_index is not None else []
+        if cat_covs is not None:
+            cats += list(torch.split(cat_covs, 1, dim=1))
+        return cats
+
+    def modality_mask(
+        self,
+        x_atac: torch.Tensor | None,
+        x_rna: torch.Tensor | None,
+        modality_flag: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Which registered modalities each cell has, shape ``(M, B)``.
+
+        A modality is present when the cell's row in it is not all zeros and the flag (if
+        registered) does not mark it missing. A cell with no modality at all keeps every
+        modality (the all-zero observation is then its data).
+        """
+        rows = []
+        for m, x in zip(MODALITIES, (x_atac, x_rna), strict=True):
+            if m not in self.modalities:
+                continue
+            has = _row_has_data(x)
+            if modality_flag is not None:
+                col = MODALITIES.index(m)
+                has = has & self.modality_flags[modality_flag.reshape(-1).long(), col]
+            rows.append(has)
+        mask = torch.stack(rows)
+        return torch.where(mask.any(0, keepdim=True), mask, torch.ones_like(mask))
+
+    # ------------------------------------------------------------------ model
+    @auto_move_data
+    def inference(
+        self,
+        x_atac: torch.Tensor | None = None,
+        x_rna: torch.Tensor | None = None,
+        modality_flag: torch.Tensor | None = None,
+        batch_index: torch.Tensor | None = None,
+        cont_covs: torch.Tensor | None = None,
+        cat_covs: torch.Tensor | None = None,
+        n_samples: int = 1,
+    ) -> dict[str, torch.Tensor | Normal]:
+        """Encode every modality and form the mixture-of-experts posterior.
+
+        Returns the unimodal means and variances (``"qzm_atac"``, ``"qzv_rna"``, ... and
+        stacked as ``"qzm_experts"``/``"qzv_experts"``, shape ``(M, B, D)``), the modality
+        mask, the mean and variance of the mixture (``qz_m``, ``qz_v``; ``qz`` is the Gaussian
+        with those moments) and a sample ``z`` of the mixture.
+        """
+        if self.encode_covariates:
+            cats, cont = self._cat_list(batch_index, cat_covs), cont_covs
+        else:
+            cats, cont = [], None
+        outputs: dict[str, torch.Tensor | Normal] = {}
+        means, variances = [], []
+        for m, x in zip(MODALITIES, (x_atac, x_rna), strict=True):
+            if m not in self.modalities:
+                continue
+            if x is None:
+                raise ValueError(f"The {m} matrix is missing from the minibatch.")
+            h = binarize(x) if m == ATAC else torch.log1p(_dense(x))
+            qz_m, qz_v = self.encoders[m](h, *cats, cont=cont)
+            outputs[f"qzm_{m}"], outputs[f"qzv_{m}"] = qz_m, qz_v
+            means.append(qz_m)
+            variances.append(qz_v)
+        qz_ms, qz_vs = torch.stack(means), torch.stack(variances)
+        mask = self.modality_mask(x_atac, x_rna, modality_flag)
+        weights = mask.to(qz_ms.dtype) / mask.sum(0).to(qz_ms.dtype)  # (M, B)
+        w = weights.unsqueeze(-1)
+        joint_m = (w * qz_ms).sum(0)
+        joint_v = (w * (qz_vs + qz_ms.pow(2))).sum(0) - joint_m.pow(2)
+        joint_v = joint_v.clamp_min(torch.finfo(joint_v.dtype).tiny)
+
+        # a sample of the mixture: pick an expert per cell among those it has
+        shape = (n_samples,) if n_samples > 1 else ()
+        expert = torch.distributions.Categorical(probs=weights.t()).sample(shape)  # (*S, B)
+        eps = torch.randn((*shape, *qz_ms.shape), dtype=qz_ms.dtype, device=qz_ms.device)
+        z_all = qz_ms + qz_vs.sqrt() * eps  # (*S, M, B, D)
+        pick = nn.functional.one_hot(expert, qz_ms.shape[0]).movedim(-1, -2).to(qz_ms.dtype)
+        z = (pick.unsqueeze(-1) * z_all).sum(-3)
+
+        outputs.update(
+            {
+                QZM_EXPERTS_KEY: qz_ms,
+                QZV_EXPERTS_KEY: qz_vs,
+                MASK_KEY: mask,
+                MODULE_KEYS.QZ_KEY: Normal(joint_m, joint_v.sqrt()),
+                MODULE_KEYS.QZM_KEY: joint_m,
+                MODULE_KEYS.QZV_KEY: joint_v,
+                MODULE_KEYS.Z_KEY: z,
+            }
+        )
+        if x_rna is not None and RNA in self.modalities:
+            outputs[LIBRARY_KEY] = _dense(x_rna).sum(-1, keepdim=True)
+        return outputs
+
+    def latent_mean(self, inference_outputs: dict, modality: Modality = "joint") -> torch.Tensor:
+        """Posterior mean of the mixture (``"joint"``) or of one modality's expert."""
+        if modality == "joint":
+            return inference_outputs[MODULE_KEYS.QZM_KEY]
+        if modality not in self.modalities:
+            raise ValueError(
+                f"modality={modality!r} is not registered; use 'joint' or one of "
+                f"{self.modalities}."
+            )
+        return inference_outputs[f"qzm_{modality}"]
+
+    @auto_move_data
+    def generative(
+        self,
+        z: torch.Tensor,
+        library: torch.Tensor | None = None,
+        batch_index: torch.Tensor | None = None,
+        cont_covs: torch.Tensor | None = None,
+        cat_covs: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor | NegativeBinomial]:
+        """Decode ``z``: ATAC logits under ``"px"``; RNA proportions and NB under ``"px_rna*"``."""
+        cats = self._cat_list(batch_index, cat_covs)
+        outputs: dict[str, torch.Tensor | NegativeBinomial] = {}
+        if ATAC in self.modalities:
+            outputs[MODULE_KEYS.PX_KEY] = self.decoders[ATAC](z, *cats, cont=cont_covs)
+        if RNA in self.modalities:
+            scale = torch.softmax(self.decoders[RNA](z, *cats, cont=cont_covs), dim=-1)
+            outputs[PX_RNA_SCALE_KEY] = scale
+            if library is not None:
+                outputs[PX_RNA_KEY] = NegativeBinomial(mu=library * scale, theta=self.px_r.exp())
+        return outputs
+
+    # ------------------------------------------------------------------ objective
+    def _log_likelihood_fn(
+        self,
+        tensors: dict[str, torch.Tensor],
+        mask: torch.Tensor,
+        device: torch.device,
+        scaled: bool,
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``z (N, B, D) -> sum_m scale_m log p(x_m|z)`` over the modalities each cell has."""
+        covs = self._covariates(tensors)
+        cats = self._cat_list(covs[MODULE_KEYS.BATCH_INDEX_KEY], covs[MODULE_KEYS.CAT_COVS_KEY])
+        cats = [c.to(device) for c in cats]
+        cont = covs[MODULE_KEYS.CONT_COVS_KEY]
+        cont = cont.to(device) if cont is not None else None
+        data = {}
+        if ATAC in self.modalities:
+            data[ATAC] = _dense(binarize(tensors[ATAC_KEY].to(device)))
+        if RNA in self.modalities:
+            data[RNA] = _dense(tensors[RNA_KEY].to(device))
+        present = dict(zip(self.modalities, mask.bool(), strict=True))
+        scales = {m: (self.likelihood_scale[m] if scaled else 1.0) for m in self.modalities}
+
+        def log_likelihood(z: torch.Tensor) -> torch.Tensor:
+            total = torch.zeros(z.shape[:-1], dtype=z.dtype, device=z.device)
+            if ATAC in self.modalities:
+                ll = bernoulli_log_likelihood(self.decoders[ATAC](z, *cats, cont=cont), data[ATAC])
+                total = total + scales[ATAC] * torch.where(present[ATAC], ll, 0.0)
+            if RNA in self.modalities:
+                x = data[RNA]
+                scale = torch.softmax(self.decoders[RNA](z, *cats, cont=cont), dim=-1)
+                mu = x.sum(-1, keepdim=True) * scale
+                ll = NegativeBinomial(mu=mu, theta=self.px_r.exp()).log_prob(x).sum(-1)
+                total = total + scales[RNA] * torch.where(present[RNA], ll, 0.0)
+            return total
+
+        return log_likelihood
+
+    def cluster_probabilities(self, qz_m: torch.Tensor) -> torch.Tensor:
+        """``p(c | z)`` at a posterior mean, shape ``(B, K)``."""
+        return self.prior.responsibilities(qz_m)
+
+    def loss(
+        self,
+        tensors: dict[str, torch.Tensor],
+        inference_outputs: dict,
+        generative_outputs: dict,
+        kl_weight: float = 1.0,
+        objective: Objective | None = None,
+    ) -> LossOutput:
+        """The negative stratified bound, averaged over the minibatch.
+
+        ``reconstruction_loss`` (the mean weighted negative log-likelihood of the particles)
+        and ``kl_local`` are per cell and sum to the negative bound.
+
+        Parameters
+        ----------
+        tensors, inference_outputs, generative_outputs
+            As produced by :meth:`forward`.
+        kl_weight
+            Weight of ``log p(z) - log q(z|x)`` (KL warm-up).
+        objective
+            Override of the module's objective.
+        """
+        objective = objective or self.objective
+        qz_ms = inference_outputs[QZM_EXPERTS_KEY]
+        mask = inference_outputs[MASK_KEY]
+        log_w, log_lik = moe_importance_log_weights(
+            self._log_likelihood_fn(tensors, mask, qz_ms.device, scaled=True),
+            self.prior,
+            qz_ms,
+            inference_outputs[QZV_EXPERTS_KEY],
+            mask,
+            n_particles=self.n_particles,
+            kl_weight=kl_weight,
+            dreg=objective == "dreg",
+            chunk_size=self.particle_chunk_size,
+        )
+        bound = moe_elbo_bound(log_w, mask) if objective == "elbo" else moe_iwae_bound(log_w, mask)
+        reconst = -moe_elbo_bound(log_lik, mask)
+        kl = -bound - reconst
+        if kl_weight != 1.0:
+            kl = kl.detach()
+        return LossOutput(loss=-bound.mean(), reconstruction_loss=reconst, kl_local=kl)
+
+    @torch.inference_mode()
+    def marginal_ll(
+        self,
+        tensors: dict[str, torch.Tensor],
+        n_mc_samples: int = 100,
+        return_mean: bool = False,
+        n_mc_samples_per_pass: int | None = None,
+    ) -> torch.Tensor | float:
+        """Stratified importance-sampled estimate of ``log p(x_1..M)`` (higher is better).
+
+        ``n_mc_samples`` particles are drawn from each expert of the mixture the cell has;
+        the likelihood is that of the unweighted model (``likelihood_scale`` is ignored).
+
+        Parameters
+        ----------
+        tensors
+            A minibatch from the model's data loader.
+        n_mc_samples
+            Particles per expert.
+        return_mean
+            Return the mean over the minibatch instead of one value per cell.
+        n_mc_samples_per_pass
+            Particles decoded at a time (memory); defaults to ``particle_chunk_size``.
+        """
+        inference_outputs = self.inference(**self._get_inference_input(tensors))
+        qz_ms = inference_outputs[QZM_EXPERTS_KEY]
+        mask = inference_outputs[MASK_KEY]
+        log_w, _ = moe_importance_log_weights(
+            self._log_likelihood_fn(tensors, mask, qz_ms.device, scaled=False),
+            self.prior,
+            qz_ms,
+            inference_outputs[QZV_EXPERTS_KEY],
+            mask,
+            n_particles=n_mc_samples,
+            chunk_size=n_mc_samples_per_pass or self.particle_chunk_size,
+        )
+        log_px = moe_iwae_bound(log_w, mask)
+        return log_px.mean().item() if return_mean else log_px
+
+
+__all__ = ["MultiSCALEVAE", "MODALITY_FLAG_KEY"]
