@@ -2,26 +2,28 @@
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 import scipy.sparse as sp
+import torch
 from anndata import AnnData
+from scvi import settings
 
 _CHUNK = 10_000
 
 
-def _row_chunks(matrix) -> Iterator[np.ndarray]:
-    """Values of ``matrix`` chunk by chunk of rows, without densifying it whole."""
+def _row_blocks(matrix) -> Iterator[np.ndarray | sp.spmatrix]:
+    """``matrix`` block by block of rows (scipy sparse or dense), never densified whole.
+
+    Works for in-memory arrays and for the datasets of a backed AnnData.
+    """
     n = matrix.shape[0]
     for start in range(0, n, _CHUNK):
         block = matrix[start : start + _CHUNK]
-        if sp.issparse(block):
-            yield np.asarray(block.data)
-        elif hasattr(block, "data") and hasattr(block, "indptr"):  # backed sparse dataset
-            yield np.asarray(block.data)
-        else:
-            yield np.asarray(block)
+        yield block if sp.issparse(block) else np.asarray(block)
 
 
 def get_matrix(adata: AnnData, layer: str | None):
@@ -38,20 +40,41 @@ def get_matrix(adata: AnnData, layer: str | None):
     return adata.layers[layer]
 
 
-def validate_accessibility_matrix(matrix, what: str = "adata.X") -> None:
-    """Raise a ``ValueError`` for an empty matrix or negative, NaN or infinite values."""
+def validate_accessibility_matrix(matrix, what: str = "adata.X", warn_empty: bool = False) -> None:
+    """Check a cells x peaks matrix without modifying or densifying it.
+
+    Raises a ``ValueError`` for an empty matrix or negative, NaN or infinite values and a
+    ``TypeError`` for a non-numeric dtype. Any other numeric matrix is accepted: dense, CSR
+    or CSC, integer, boolean or float, counts or non-integer values (the model reads any
+    value > 0 as accessible).
+
+    Parameters
+    ----------
+    matrix
+        The matrix (in memory or a backed dataset).
+    what
+        How the error messages name the matrix.
+    warn_empty
+        Warn about cells without any accessible peak and peaks accessible in no cell. They
+        are handled correctly (they carry no signal), but usually point to missed
+        quality control.
+    """
     if matrix.shape[0] == 0 or matrix.shape[1] == 0:
         raise ValueError(
             f"{what} is empty (shape {tuple(matrix.shape)}): SCALE needs at least one cell and "
             "one peak."
         )
-    dtype = getattr(matrix, "dtype", None)
-    if dtype is not None and not (np.issubdtype(dtype, np.number) or dtype == bool):
-        raise TypeError(f"{what} has dtype {dtype}; SCALE needs a numeric (counts) matrix.")
-    for values in _row_chunks(matrix):
-        if values.size == 0:
-            continue
-        if np.issubdtype(values.dtype, np.floating):
+    dtype = np.dtype(getattr(matrix, "dtype", np.float32))
+    if dtype.kind not in "iufb":
+        raise TypeError(
+            f"{what} has dtype {dtype}; SCALE needs a numeric matrix of counts or of 0/1 "
+            "accessibility (integer, boolean or float)."
+        )
+    n_empty_cells = 0
+    peak_open = np.zeros(matrix.shape[1], dtype=bool)
+    for block in _row_blocks(matrix):
+        values = block.data if sp.issparse(block) else block
+        if values.size and np.issubdtype(values.dtype, np.floating):
             if np.isnan(values).any():
                 raise ValueError(
                     f"{what} contains NaN values; remove or fill them (e.g. with 0) before "
@@ -62,11 +85,41 @@ def validate_accessibility_matrix(matrix, what: str = "adata.X") -> None:
                     f"{what} contains infinite values; replace them with counts before "
                     "setup_anndata."
                 )
-        if (values < 0).any():
+        if values.size and values.dtype.kind in "if" and (values < 0).any():
             raise ValueError(
                 f"{what} contains negative values; SCALE needs counts or a binary "
                 "accessibility matrix (any value > 0 is read as accessible)."
             )
+        if warn_empty:
+            positive = block > 0
+            n_empty_cells += int((np.asarray(positive.sum(axis=1)).ravel() == 0).sum())
+            peak_open |= np.asarray(positive.sum(axis=0)).ravel() > 0
+    if not warn_empty:
+        return
+    n_empty_peaks = int((~peak_open).sum())
+    for n, kind, other, fix in (
+        (n_empty_cells, "cells", "peak", "scanpy.pp.filter_cells(adata, min_genes=1)"),
+        (n_empty_peaks, "peaks", "cell", "scanpy.pp.filter_genes(adata, min_cells=1)"),
+    ):
+        if n:
+            warnings.warn(
+                f"{n} {kind} of {what} have no accessible {other}; they carry no signal. "
+                f"Consider filtering them out first, e.g. with {fix}.",
+                UserWarning,
+                stacklevel=settings.warnings_stacklevel + 1,
+            )
+
+
+def validate_unique_var_names(adata: AnnData) -> None:
+    """Raise a ``ValueError`` if peak names repeat: outputs indexed by peak would be ambiguous."""
+    if adata.var_names.is_unique:
+        return
+    duplicated = adata.var_names[adata.var_names.duplicated()].unique()
+    raise ValueError(
+        f"adata.var_names has {len(duplicated)} duplicated peak names (e.g. "
+        f"{list(duplicated[:3])}); make them unique with adata.var_names_make_unique(), or "
+        "drop the repeated peaks, before setup_anndata."
+    )
 
 
 def validate_obs_keys(adata: AnnData, keys: Iterable[str | None], argument: str) -> None:
@@ -87,4 +140,60 @@ def validate_n_centroids(n_centroids: int, n_obs: int) -> None:
         raise ValueError(
             f"n_centroids={n_centroids} is out of range: it must be between 1 and the number "
             f"of cells ({n_obs})."
+        )
+
+
+def validate_saved_var_names(dir_path: str, adata, prefix: str | None = None) -> None:
+    """Raise a ``ValueError`` if ``adata``'s features differ from those of a saved model.
+
+    The saved file is memory-mapped, so the check reads the feature names, not the weights.
+    Nothing is checked when the file is not there (``load`` then reports it, or downloads it
+    from its backup URL).
+
+    Parameters
+    ----------
+    dir_path
+        Folder of the saved model.
+    adata
+        AnnData (or MuData) the model is being loaded with.
+    prefix
+        Prefix of the saved file names.
+    """
+    path = os.path.join(dir_path, f"{prefix or ''}model.pt")
+    if not os.path.isfile(path):
+        return
+    saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("var_names")
+    if saved is None:
+        return
+    if isinstance(saved, dict):
+        mods = getattr(adata, "mod", {})
+        pairs = [
+            (f"mdata[{m!r}]", np.asarray(names), mods[m].var_names if m in mods else None)
+            for m, names in saved.items()
+        ]
+    else:
+        pairs = [("adata", np.asarray(saved), adata.var_names)]
+    for what, source, target in pairs:
+        if target is None:
+            raise ValueError(
+                f"The model in {dir_path!r} was trained with a modality that {what} lacks; "
+                f"load it with data that has it (modalities: {list(getattr(adata, 'mod', {}))})."
+            )
+        target = np.asarray(target)
+        if source.shape == target.shape and np.array_equal(source, target):
+            continue
+        if source.shape == target.shape:
+            differ = np.flatnonzero(source != target)
+            detail = (
+                f"{differ.size} of its {source.size} peaks differ or are in another order "
+                f"(first at position {differ[0]}: model {source[differ[0]]!r}, "
+                f"{what} {target[differ[0]]!r})"
+            )
+        else:
+            detail = f"the model has {source.size} peaks and {what} has {target.size}"
+        raise ValueError(
+            f"{what} does not have the peaks of the model in {dir_path!r}: {detail}. Load it "
+            "with data on the same peaks in the same order (e.g. adata[:, model_peaks]), or "
+            "map new data onto the model with SCALE.prepare_query_anndata(adata, dir_path) and "
+            "SCALE.load_query_data."
         )
