@@ -30,6 +30,8 @@ from ._validation import (
     validate_accessibility_matrix,
     validate_n_centroids,
     validate_obs_keys,
+    validate_saved_var_names,
+    validate_unique_var_names,
 )
 
 logger = logging.getLogger(__name__)
@@ -151,8 +153,11 @@ class SCALE(ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             )
         matrix = get_matrix(adata, layer)
         validate_accessibility_matrix(
-            matrix, "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+            matrix,
+            "adata.X" if layer is None else f"adata.layers[{layer!r}]",
+            warn_empty="source_registry" not in kwargs,
         )
+        validate_unique_var_names(adata)
         validate_obs_keys(adata, [batch_key], "batch_key")
         validate_obs_keys(adata, categorical_covariate_keys or [], "categorical_covariate_keys")
         validate_obs_keys(adata, continuous_covariate_keys or [], "continuous_covariate_keys")
@@ -166,6 +171,46 @@ class SCALE(ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
         adata_manager.register_fields(adata, **kwargs)
         cls.register_manager(adata_manager)
+
+    @classmethod
+    def load(
+        cls,
+        dir_path: str,
+        adata: AnnData | None = None,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+        prefix: str | None = None,
+        backup_url: str | None = None,
+        **kwargs,
+    ):
+        """Load a saved model, optionally onto new data of the same peaks.
+
+        As :meth:`scvi.model.base.BaseModelClass.load`, except that data whose peaks differ
+        from the model's (other names, another order or another number) raise a
+        ``ValueError`` instead of a warning: such a model would silently read the wrong
+        peaks. New data on other peaks are mapped with :meth:`prepare_query_anndata` and
+        :meth:`load_query_data`.
+
+        Parameters
+        ----------
+        dir_path
+            Folder of the saved model.
+        adata
+            Data to attach (default: the AnnData saved with the model, if any).
+        accelerator, device, prefix, backup_url, **kwargs
+            As in :meth:`scvi.model.base.BaseModelClass.load`.
+        """
+        if adata is not None:
+            validate_saved_var_names(dir_path, adata, prefix)
+        return super().load(
+            dir_path,
+            adata=adata,
+            accelerator=accelerator,
+            device=device,
+            prefix=prefix,
+            backup_url=backup_url,
+            **kwargs,
+        )
 
     # ------------------------------------------------------------------ training
     def train(
