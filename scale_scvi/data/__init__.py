@@ -1,5 +1,6 @@
-"""Datasets: a simulated scATAC-seq set for the demo and tests, and the labeled sets' paths."""
+"""Datasets: a 10x-folder reader, a simulated scATAC-seq set, and the labeled sets' paths."""
 
+from ._read import read_10x_folder
 from ._shared import (
     CELL_LINES,
     FOREBRAIN,
@@ -11,6 +12,7 @@ from ._shared import (
 from ._simulate import simulate_scatac
 
 __all__ = [
+    "read_10x_folder",
     "simulate_scatac",
     "shared_data_dir",
     "shared_data_path",

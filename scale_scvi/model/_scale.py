@@ -25,6 +25,7 @@ from scvi.module._constants import MODULE_KEYS
 from scale_scvi.module import SCALEVAE
 from scale_scvi.train import FiniteLossGuard, GMMInitCallback
 
+from . import _peaks
 from ._validation import (
     get_matrix,
     validate_accessibility_matrix,
@@ -379,6 +380,88 @@ class SCALE(ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         labels = self.get_cluster_probabilities(adata, indices, batch_size).argmax(1)
         used = np.unique(labels)
         return pd.Categorical(labels.astype(str), categories=used.astype(str))
+
+    def get_cluster_specific_peaks(
+        self,
+        n_top: int | None = 100,
+        components: Sequence[int] | None = None,
+        rest: Literal["mean", "max"] = "mean",
+        batch: str | None = None,
+        adata: AnnData | None = None,
+        batch_size: int | None = None,
+    ) -> pd.DataFrame:
+        """Peaks that characterize each mixture component, read from the decoder.
+
+        The mean ``mu_c`` of each component is decoded into peak probabilities
+        ``sigmoid(f(mu_c))``, and peaks are ranked by ``p_c - p_rest``, their probability in
+        the component minus that in the other components.
+
+        Parameters
+        ----------
+        n_top
+            Peaks returned per component (``None``: all).
+        components
+            Components to compare. Default: those that are the most probable component of at
+            least one cell of ``adata`` (the clusters of :meth:`get_cluster_assignments`).
+        rest
+            ``"mean"`` compares with the mean of the other components; ``"max"`` with the most
+            open of them (only peaks open in this component alone score high).
+        batch
+            Batch category at which to decode, for a model with ``batch_key`` (default: the
+            first). Other categorical covariates take their first category, continuous ones
+            their mean.
+        adata, batch_size
+            Cells that define the default ``components``.
+
+        Returns
+        -------
+        :class:`pandas.DataFrame` with columns ``component`` (as in ``obs["scale_cluster"]``),
+        ``peak``, ``rank``, ``p_component``, ``p_rest``, ``score`` and ``log2_fold_change``.
+        """
+        self._check_if_trained(warn=False)
+        if components is None:
+            components = _peaks.used_components(self, adata, batch_size)
+        components = [int(c) for c in components]
+        bad = [c for c in components if not 0 <= c < self.module.n_centroids]
+        if bad:
+            raise ValueError(
+                f"components {bad} are out of range: the model has {self.module.n_centroids}."
+            )
+        probs = _peaks.component_accessibility(self, components, batch=batch)
+        peak_names = self._validate_anndata(adata).var_names
+        return _peaks.rank_specific_peaks(probs, components, peak_names, n_top=n_top, rest=rest)
+
+    def differential_accessibility(
+        self,
+        groupby: str,
+        group1: str,
+        group2: str | None = None,
+        adata: AnnData | None = None,
+        batch_size: int = 128,
+    ) -> pd.DataFrame:
+        """Compare the imputed accessibility of two groups of cells, peak by peak.
+
+        Parameters
+        ----------
+        groupby
+            Column of ``adata.obs`` with the groups, e.g. ``"scale_cluster"`` or ``"leiden"``.
+        group1
+            The group of interest.
+        group2
+            The group to compare with (default: all other cells).
+        adata, batch_size
+            Cells to use; the imputation is computed ``batch_size`` cells at a time.
+
+        Returns
+        -------
+        :class:`pandas.DataFrame` indexed by peak with the mean imputed probabilities ``p1``
+        and ``p2``, ``difference`` and ``log2_fold_change``, sorted by decreasing
+        ``difference``.
+        """
+        self._check_if_trained(warn=False)
+        return _peaks.differential_accessibility(
+            self, adata, groupby, group1, group2, batch_size=batch_size
+        )
 
     @torch.inference_mode()
     def get_normalized_accessibility(

@@ -1,0 +1,139 @@
+"""Reader for 10x-style peak-matrix folders (Market Matrix + peaks + barcodes)."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.io
+import scipy.sparse as sp
+from anndata import AnnData
+
+_MATRIX_NAMES = ("matrix.mtx.gz", "matrix.mtx")
+_FEATURE_NAMES = (
+    "peaks.bed.gz",
+    "peaks.bed",
+    "features.tsv.gz",
+    "features.tsv",
+    "genes.tsv.gz",
+    "genes.tsv",
+)
+_BARCODE_NAMES = ("barcodes.tsv.gz", "barcodes.tsv")
+
+
+def _find(folder: Path, names: tuple[str, ...], what: str) -> Path:
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(
+        f"{folder} has no {what} file (looked for {', '.join(names)}); a 10x-style folder "
+        "needs matrix.mtx[.gz], peaks.bed[.gz] or features.tsv[.gz], and barcodes.tsv[.gz]."
+    )
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as handle:
+        table = pd.read_csv(handle, sep="\t", header=None, dtype=str, comment="#")
+    return table
+
+
+def _features(path: Path) -> pd.DataFrame:
+    table = _read_table(path)
+    stem = path.name.removesuffix(".gz")
+    if stem.endswith(".bed"):
+        if table.shape[1] < 3:
+            raise ValueError(
+                f"{path} should have at least three tab-separated columns (chrom, start, end); "
+                f"it has {table.shape[1]}."
+            )
+        var = pd.DataFrame(
+            {
+                "chrom": table[0].to_numpy(),
+                "start": pd.to_numeric(table[1]).to_numpy(),
+                "end": pd.to_numeric(table[2]).to_numpy(),
+            }
+        )
+        var.index = table[0] + ":" + table[1] + "-" + table[2]
+        return var
+    # features.tsv: id, name[, feature type, chrom, start, end] as written by Cell Ranger.
+    var = pd.DataFrame(index=pd.Index(table[0].to_numpy()))
+    if table.shape[1] > 1:
+        var["name"] = table[1].to_numpy()
+    if table.shape[1] > 2:
+        var["feature_types"] = table[2].to_numpy()
+    if table.shape[1] > 5:
+        var["chrom"] = table[3].to_numpy()
+        var["start"] = pd.to_numeric(table[4], errors="coerce").to_numpy()
+        var["end"] = pd.to_numeric(table[5], errors="coerce").to_numpy()
+    return var
+
+
+def read_10x_folder(path: str | Path, feature_type: str | None = None) -> AnnData:
+    """Read a 10x-style folder of a peak (or feature) matrix into a cells x features AnnData.
+
+    The folder holds ``matrix.mtx[.gz]`` (features x cells, Market Matrix format, as written by
+    Cell Ranger ATAC / ARC), the features as ``peaks.bed[.gz]`` (chrom, start, end) or
+    ``features.tsv[.gz]`` (id, name, type, ...), and ``barcodes.tsv[.gz]``.
+
+    Parameters
+    ----------
+    path
+        The folder.
+    feature_type
+        Keep only the features whose type (third column of ``features.tsv``) is this, e.g.
+        ``"Peaks"`` for the ATAC part of a Cell Ranger ARC (multiome) folder. ``None`` keeps
+        every feature.
+
+    Returns
+    -------
+    AnnData with a float32 CSR ``X`` (cells x features), ``obs_names`` from the barcodes and
+    ``var_names`` ``chrom:start-end`` (from ``peaks.bed``) or the feature ids; the peak
+    coordinates, names and types are kept as columns of ``var``.
+
+    Examples
+    --------
+    >>> adata = scale_scvi.data.read_10x_folder("filtered_peak_bc_matrix/")
+    """
+    folder = Path(path)
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder} does not exist.")
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder; read_10x_folder takes a 10x-style folder.")
+    matrix_path = _find(folder, _MATRIX_NAMES, "matrix")
+    feature_path = _find(folder, _FEATURE_NAMES, "peaks/features")
+    barcode_path = _find(folder, _BARCODE_NAMES, "barcodes")
+
+    try:
+        matrix = scipy.io.mmread(matrix_path)
+    except (ValueError, OSError, IndexError, EOFError) as err:
+        raise ValueError(
+            f"{matrix_path} could not be read as a Market Matrix file ({err})."
+        ) from err
+    matrix = sp.csr_matrix(matrix.T, dtype=np.float32)
+    var = _features(feature_path)
+    barcodes = _read_table(barcode_path)[0].to_numpy()
+    if matrix.shape != (len(barcodes), len(var)):
+        raise ValueError(
+            f"{matrix_path} is {matrix.shape[1]} features x {matrix.shape[0]} cells, but "
+            f"{feature_path.name} lists {len(var)} features and {barcode_path.name} "
+            f"{len(barcodes)} barcodes; the three files must come from the same matrix."
+        )
+    adata = AnnData(X=matrix, obs=pd.DataFrame(index=pd.Index(barcodes)), var=var)
+    if feature_type is not None:
+        if "feature_types" not in adata.var:
+            raise ValueError(
+                f"feature_type={feature_type!r} was given, but {feature_path.name} has no "
+                "feature-type column; pass feature_type=None."
+            )
+        keep = (adata.var["feature_types"] == feature_type).to_numpy()
+        if not keep.any():
+            raise ValueError(
+                f"No feature of type {feature_type!r} in {feature_path.name} (types: "
+                f"{sorted(adata.var['feature_types'].unique())})."
+            )
+        adata = adata[:, keep].copy()
+    adata.var_names_make_unique()
+    return adata

@@ -1,0 +1,197 @@
+"""Cluster-specific peaks: decoded mixture components and differential accessibility."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from scvi import REGISTRY_KEYS
+from scvi.module._constants import MODULE_KEYS
+
+if TYPE_CHECKING:
+    from ._scale import SCALE
+
+_EPS = 1e-6
+
+
+def _decoder_covariates(model: SCALE, n: int, batch: str | None) -> dict[str, torch.Tensor | None]:
+    """Covariates at which the component means are decoded.
+
+    The batch is ``batch`` (default: the first category); further categorical covariates take
+    their first category and continuous covariates their mean over the registered cells.
+    """
+    manager = model.adata_manager
+    registry = manager.data_registry
+    device = model.device
+    covs: dict[str, torch.Tensor | None] = {
+        MODULE_KEYS.BATCH_INDEX_KEY: None,
+        MODULE_KEYS.CONT_COVS_KEY: None,
+        MODULE_KEYS.CAT_COVS_KEY: None,
+    }
+    mapping = list(manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY).categorical_mapping)
+    if batch is not None and batch not in mapping:
+        raise ValueError(f"batch={batch!r} is not one of the model's batches {mapping}.")
+    code = 0 if batch is None else mapping.index(batch)
+    covs[MODULE_KEYS.BATCH_INDEX_KEY] = torch.full((n, 1), code, device=device)
+    if REGISTRY_KEYS.CAT_COVS_KEY in registry:
+        n_keys = len(manager.get_state_registry(REGISTRY_KEYS.CAT_COVS_KEY).field_keys)
+        covs[MODULE_KEYS.CAT_COVS_KEY] = torch.zeros((n, n_keys), dtype=torch.long, device=device)
+    if REGISTRY_KEYS.CONT_COVS_KEY in registry:
+        values = np.asarray(manager.get_from_registry(REGISTRY_KEYS.CONT_COVS_KEY), dtype=float)
+        mean = torch.as_tensor(values.mean(0), dtype=torch.float32, device=device)
+        covs[MODULE_KEYS.CONT_COVS_KEY] = mean.expand(n, -1)
+    return covs
+
+
+def used_components(model: SCALE, adata: AnnData | None, batch_size: int | None) -> list[int]:
+    """Components that are the most probable one of at least one cell."""
+    probs = model.get_cluster_probabilities(adata, batch_size=batch_size)
+    return sorted(np.unique(probs.argmax(1)).tolist())
+
+
+@torch.inference_mode()
+def component_accessibility(
+    model: SCALE,
+    components: Sequence[int],
+    batch: str | None = None,
+) -> np.ndarray:
+    """Decoder probabilities of every peak at the mean of each mixture component.
+
+    Returns
+    -------
+    Array of shape ``(len(components), n_peaks)``.
+    """
+    module = model.module
+    means = module.prior.means[torch.as_tensor(list(components), device=model.device)]
+    covs = _decoder_covariates(model, len(components), batch)
+    logits = module.generative(z=means, **covs)[MODULE_KEYS.PX_KEY]
+    return torch.sigmoid(logits).cpu().numpy()
+
+
+def rank_specific_peaks(
+    probs: np.ndarray,
+    components: Sequence[int],
+    peak_names: Sequence[str],
+    n_top: int | None = 100,
+    rest: Literal["mean", "max"] = "mean",
+) -> pd.DataFrame:
+    """Rank peaks by their accessibility in one component against the others.
+
+    Parameters
+    ----------
+    probs
+        Probabilities, shape ``(n_components, n_peaks)``.
+    components
+        Component index of each row of ``probs``.
+    peak_names
+        Names of the peaks (columns).
+    n_top
+        Peaks kept per component (``None``: all).
+    rest
+        Compare with the ``"mean"`` of the other components or with their ``"max"`` (stricter:
+        the peak must be more open in this component than in every other one).
+
+    Returns
+    -------
+    Long table with columns ``component`` (str), ``peak``, ``rank`` (1 = most specific),
+    ``p_component``, ``p_rest``, ``score = p_component - p_rest`` and ``log2_fold_change``.
+    """
+    if rest not in ("mean", "max"):
+        raise ValueError(f"rest must be 'mean' or 'max', got {rest!r}.")
+    if n_top is not None and n_top < 1:
+        raise ValueError(f"n_top must be a positive integer or None, got {n_top}.")
+    probs = np.asarray(probs, dtype=np.float64)
+    n_comp, n_peaks = probs.shape
+    if n_comp < 2:
+        raise ValueError(
+            "Cluster-specific peaks need at least two components to compare; only one "
+            "component is in use."
+        )
+    names = np.asarray(peak_names)
+    k = n_peaks if n_top is None else min(n_top, n_peaks)
+    tables = []
+    for row, comp in enumerate(components):
+        others = np.delete(probs, row, axis=0)
+        p_rest = others.mean(0) if rest == "mean" else others.max(0)
+        score = probs[row] - p_rest
+        top = np.argsort(-score, kind="stable")[:k]
+        tables.append(
+            pd.DataFrame(
+                {
+                    "component": str(comp),
+                    "peak": names[top],
+                    "rank": np.arange(1, k + 1),
+                    "p_component": probs[row, top],
+                    "p_rest": p_rest[top],
+                    "score": score[top],
+                    "log2_fold_change": np.log2((probs[row, top] + _EPS) / (p_rest[top] + _EPS)),
+                }
+            )
+        )
+    return pd.concat(tables, ignore_index=True)
+
+
+def mean_accessibility(
+    model: SCALE,
+    adata: AnnData | None,
+    indices: np.ndarray,
+    batch_size: int,
+) -> np.ndarray:
+    """Mean imputed accessibility of the cells ``indices``, computed a block of cells at a time."""
+    total = None
+    for start in range(0, len(indices), batch_size):
+        block = model.get_normalized_accessibility(
+            adata, indices=indices[start : start + batch_size], batch_size=batch_size
+        )
+        part = np.asarray(block, dtype=np.float64).sum(0)
+        total = part if total is None else total + part
+    return total / len(indices)
+
+
+def differential_accessibility(
+    model: SCALE,
+    adata: AnnData | None,
+    groupby: str,
+    group1: str,
+    group2: str | None,
+    batch_size: int,
+) -> pd.DataFrame:
+    """Mean imputed accessibility of two groups of cells, peak by peak.
+
+    Returns
+    -------
+    Table indexed by peak with ``p1``, ``p2``, ``difference = p1 - p2`` and
+    ``log2_fold_change``, sorted by decreasing ``difference``.
+    """
+    adata = model._validate_anndata(adata)
+    if groupby not in adata.obs:
+        raise ValueError(
+            f"groupby={groupby!r} is not a column of adata.obs (columns: "
+            f"{list(adata.obs.columns)}); e.g. store model.get_cluster_assignments() in "
+            "adata.obs['scale_cluster'] first."
+        )
+    labels = adata.obs[groupby].astype(str).to_numpy()
+    available = sorted(set(labels))
+    for name, group in (("group1", group1), ("group2", group2)):
+        if group is not None and str(group) not in available:
+            raise ValueError(f"{name}={group!r} is not a value of obs[{groupby!r}]: {available}.")
+    in1 = labels == str(group1)
+    in2 = ~in1 if group2 is None else labels == str(group2)
+    if not in2.any():
+        raise ValueError(f"No cells outside group {group1!r} to compare with.")
+    p1 = mean_accessibility(model, adata, np.flatnonzero(in1), batch_size)
+    p2 = mean_accessibility(model, adata, np.flatnonzero(in2), batch_size)
+    table = pd.DataFrame(
+        {
+            "p1": p1,
+            "p2": p2,
+            "difference": p1 - p2,
+            "log2_fold_change": np.log2((p1 + _EPS) / (p2 + _EPS)),
+        },
+        index=adata.var_names.copy(),
+    )
+    return table.sort_values("difference", ascending=False, kind="stable")

@@ -1,0 +1,159 @@
+"""Cluster-specific peaks: decoded component means and differential accessibility."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scvi
+import torch
+from sklearn.cluster import KMeans
+
+from scale_scvi import SCALE
+from scale_scvi.data import simulate_scatac
+from scale_scvi.model._peaks import rank_specific_peaks
+
+N_TYPES = 4
+BLOCK = 20  # peaks 20*c .. 20*c+19 are made specific to component c
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """A linear-decoder model whose components open known blocks of peaks.
+
+    The prior means are put at k-means centres of the (untrained) posterior means, and the
+    decoder is solved so that decoding centre ``c`` gives logit +4 on block ``c`` and -3
+    elsewhere: the answer of every method below is known.
+    """
+    scvi.settings.seed = 0
+    adata = simulate_scatac(n_cells=120, n_peaks=200, n_types=N_TYPES, seed=3)
+    SCALE.setup_anndata(adata)
+    model = SCALE(adata, n_centroids=N_TYPES, n_hidden=(32,))
+    model.is_trained_ = True
+    z = model.get_latent_representation()
+    km = KMeans(N_TYPES, n_init=10, random_state=0).fit(z)
+    centres = km.cluster_centers_
+    model.module.prior.set_parameters(
+        torch.full((N_TYPES,), 1.0 / N_TYPES),
+        torch.as_tensor(centres, dtype=torch.float32),
+        torch.full(centres.shape, float(z.var(0).mean()) * 0.05),
+    )
+    target = np.full((N_TYPES, adata.n_vars), -3.0)
+    for c in range(N_TYPES):
+        target[c, c * BLOCK : (c + 1) * BLOCK] = 4.0
+    # logits = centres @ W.T + b with b = 0: least squares for W (exact: K <= D).
+    weight = np.linalg.lstsq(centres, target, rcond=None)[0].T
+    linear = model.module.decoder.output.fc_layers[0][0]
+    with torch.no_grad():
+        linear.weight.copy_(torch.as_tensor(weight, dtype=torch.float32))
+        linear.bias.zero_()
+    adata.obs["scale_cluster"] = model.get_cluster_assignments()
+    return model, adata, km.labels_
+
+
+def test_components_decode_to_their_planted_blocks(planted):
+    model, adata, _ = planted
+    table = model.get_cluster_specific_peaks(n_top=BLOCK, components=range(N_TYPES))
+    assert list(table.columns) == [
+        "component",
+        "peak",
+        "rank",
+        "p_component",
+        "p_rest",
+        "score",
+        "log2_fold_change",
+    ]
+    assert len(table) == N_TYPES * BLOCK
+    for c in range(N_TYPES):
+        rows = table[table["component"] == str(c)]
+        expected = set(adata.var_names[c * BLOCK : (c + 1) * BLOCK])
+        assert set(rows["peak"]) == expected
+        assert rows["rank"].tolist() == list(range(1, BLOCK + 1))
+        np.testing.assert_allclose(rows["p_component"], 1 / (1 + np.exp(-4.0)), rtol=1e-4)
+        np.testing.assert_allclose(rows["p_rest"], 1 / (1 + np.exp(3.0)), rtol=1e-4)
+    assert (table["score"] > 0.9).all()
+
+
+def test_default_components_are_the_clusters_in_use(planted):
+    model, adata, kmeans_labels = planted
+    # Equal weights and variances: the most probable component is the nearest centre.
+    assert (adata.obs["scale_cluster"].astype(int).to_numpy() == kmeans_labels).all()
+    table = model.get_cluster_specific_peaks(n_top=3)
+    assert set(table["component"]) == set(adata.obs["scale_cluster"].cat.categories)
+
+
+def test_rest_max_is_stricter_than_mean():
+    # Peak "a" is open in components 0 and 1, peak "b" in component 0 alone.
+    probs = np.array([[0.9, 0.5], [0.9, 0.1], [0.0, 0.1]])
+    mean = rank_specific_peaks(probs, [0, 1, 2], ["a", "b"], n_top=None, rest="mean")
+    strict = rank_specific_peaks(probs, [0, 1, 2], ["a", "b"], n_top=None, rest="max")
+    first = mean[mean["component"] == "0"].set_index("peak")
+    assert first.loc["a", "score"] == pytest.approx(0.9 - 0.45)
+    assert first.loc["b", "score"] == pytest.approx(0.5 - 0.1)
+    assert first.index[0] == "a"
+    first_strict = strict[strict["component"] == "0"].set_index("peak")
+    assert first_strict.loc["a", "score"] == pytest.approx(0.0)
+    assert first_strict.index[0] == "b"
+    assert first_strict.loc["b", "log2_fold_change"] == pytest.approx(np.log2(5.0), rel=1e-4)
+
+
+def test_differential_accessibility_is_the_group_mean_of_the_imputation(planted):
+    model, adata, _ = planted
+    group = adata.obs["scale_cluster"].cat.categories[0]
+    table = model.differential_accessibility("scale_cluster", group, batch_size=16)
+    imputed = model.get_normalized_accessibility()
+    in_group = (adata.obs["scale_cluster"] == group).to_numpy()
+    table = table.loc[adata.var_names]
+    np.testing.assert_allclose(table["p1"], imputed[in_group].mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(table["p2"], imputed[~in_group].mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(table["difference"], table["p1"] - table["p2"])
+    c = int(group)
+    top = model.differential_accessibility("scale_cluster", group).index[:BLOCK]
+    overlap = len(set(top) & set(adata.var_names[c * BLOCK : (c + 1) * BLOCK]))
+    assert overlap >= BLOCK // 2
+
+
+def test_differential_accessibility_between_two_groups(planted):
+    model, adata, _ = planted
+    g1, g2 = adata.obs["scale_cluster"].cat.categories[:2]
+    table = model.differential_accessibility("scale_cluster", g1, g2)
+    swapped = model.differential_accessibility("scale_cluster", g2, g1).loc[table.index]
+    np.testing.assert_allclose(table["difference"], -swapped["difference"], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"n_top": 0}, "n_top"),
+        ({"rest": "median", "components": [0, 1]}, "rest"),
+        ({"components": [0, 9]}, "out of range"),
+        ({"components": [1]}, "at least two components"),
+        ({"components": [0, 1], "batch": "nope"}, "batch"),
+    ],
+)
+def test_cluster_specific_peaks_bad_arguments(planted, kwargs, message):
+    model, _, _ = planted
+    kwargs.setdefault("components", [0, 1])
+    with pytest.raises(ValueError, match=message):
+        model.get_cluster_specific_peaks(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("cell_kind", "0"), "not a column"),
+        (("scale_cluster", "99"), "group1"),
+        (("scale_cluster", "0", "99"), "group2"),
+    ],
+)
+def test_differential_accessibility_bad_arguments(planted, args, message):
+    model, _, _ = planted
+    with pytest.raises(ValueError, match=message):
+        model.differential_accessibility(*args)
+
+
+def test_untrained_model_is_refused():
+    adata = simulate_scatac(n_cells=40, n_peaks=50, n_types=2, seed=0)
+    SCALE.setup_anndata(adata)
+    model = SCALE(adata, n_centroids=2, n_hidden=(8,))
+    with pytest.raises(RuntimeError, match="train"):
+        model.get_cluster_specific_peaks()
