@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import data
+from . import data, pl
 from .model import SCALE
 
 try:
@@ -10,4 +10,4 @@ try:
 except PackageNotFoundError:  # pragma: no cover
     __version__ = "0.0.0"
 
-__all__ = ["SCALE", "data", "__version__"]
+__all__ = ["SCALE", "data", "pl", "__version__"]
