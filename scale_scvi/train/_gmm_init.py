@@ -14,9 +14,19 @@ logger = logging.getLogger(__name__)
 
 
 def fit_gmm(
-    latent: np.ndarray, n_components: int, seed: int = 0, max_cells: int = 50_000
+    latent: np.ndarray,
+    n_components: int,
+    seed: int = 0,
+    max_cells: int = 50_000,
+    posterior_var: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fit a diagonal :class:`~sklearn.mixture.GaussianMixture` to posterior means.
+
+    A mixture fitted to the means alone ignores the spread of each ``q(z|x)``; when
+    ``posterior_var`` is given, each component's variance is increased by the
+    responsibility-weighted mean posterior variance of its cells, so that the mixture
+    matches the first two moments of the aggregate posterior ``(1/N) sum_n q(z|x_n)``
+    (otherwise the KL term jumps by orders of magnitude at initialization).
 
     Parameters
     ----------
@@ -28,6 +38,8 @@ def fit_gmm(
         Random state of the fit (and of the subsample).
     max_cells
         The fit uses a random subsample of at most this many cells.
+    posterior_var
+        Posterior variances, shape ``(n_cells, n_latent)``, or ``None``.
 
     Returns
     -------
@@ -36,7 +48,9 @@ def fit_gmm(
     latent = np.asarray(latent, dtype=np.float64)
     rng = np.random.default_rng(seed)
     if latent.shape[0] > max_cells:
-        latent = latent[rng.choice(latent.shape[0], max_cells, replace=False)]
+        keep = rng.choice(latent.shape[0], max_cells, replace=False)
+        latent = latent[keep]
+        posterior_var = None if posterior_var is None else posterior_var[keep]
     gmm = GaussianMixture(
         n_components=n_components,
         covariance_type="diag",
@@ -44,7 +58,12 @@ def fit_gmm(
         reg_covar=1e-4,
         max_iter=200,
     ).fit(latent)
-    return gmm.weights_, gmm.means_, gmm.covariances_
+    variances = gmm.covariances_
+    if posterior_var is not None:
+        resp = gmm.predict_proba(latent)  # (N, K)
+        weight = resp / np.maximum(resp.sum(0, keepdims=True), 1e-12)
+        variances = variances + weight.T @ np.asarray(posterior_var, dtype=np.float64)
+    return gmm.weights_, gmm.means_, variances
 
 
 class GMMInitCallback(Callback):
@@ -71,7 +90,7 @@ class GMMInitCallback(Callback):
 
     def __init__(
         self,
-        latent_fn: Callable[[np.ndarray | None], np.ndarray],
+        latent_fn: Callable[[np.ndarray | None], np.ndarray | tuple[np.ndarray, np.ndarray]],
         n_components: int,
         init_epoch: int = 0,
         seed: int = 0,
@@ -95,7 +114,9 @@ class GMMInitCallback(Callback):
                 latent = self.latent_fn(indices)
             finally:
                 module.train(was_training)
-            params = [torch.as_tensor(p) for p in fit_gmm(latent, self.n_components, self.seed)]
+            latent, posterior_var = latent if isinstance(latent, tuple) else (latent, None)
+            fitted = fit_gmm(latent, self.n_components, self.seed, posterior_var=posterior_var)
+            params = [torch.as_tensor(p) for p in fitted]
             logger.info("Initialized the GMM prior on %d posterior means.", latent.shape[0])
         params = trainer.strategy.broadcast(params, src=0)
         module.prior.set_parameters(*params)

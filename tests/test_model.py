@@ -1,0 +1,179 @@
+"""The SCALE model through its public API."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import scvi
+import torch
+from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+from scale_scvi import SCALE
+from scale_scvi.data import FOREBRAIN
+
+from .conftest import load_shared
+
+
+def _train(adata, epochs=15, **kwargs):
+    SCALE.setup_anndata(adata)
+    model = SCALE(adata, n_centroids=4, n_hidden=(64, 32), **kwargs)
+    model.train(max_epochs=epochs, enable_progress_bar=False)
+    return model
+
+
+def test_outputs_shapes_and_types(small_adata):
+    model = _train(small_adata, epochs=3)
+    n, p = small_adata.shape
+    z = model.get_latent_representation()
+    assert z.shape == (n, 10)
+    probs = model.get_cluster_probabilities()
+    assert probs.shape == (n, 4)
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+    labels = model.get_cluster_assignments()
+    assert isinstance(labels, pd.Categorical) and len(labels) == n
+    np.testing.assert_array_equal(labels.astype(int), probs.argmax(1))
+    dense = model.get_normalized_accessibility()
+    assert dense.shape == (n, p) and dense.dtype == np.float32
+    assert ((dense > 0) & (dense < 1)).all()
+    idx = np.arange(10, 30)
+    sub = model.get_normalized_accessibility(indices=idx, batch_size=7)
+    np.testing.assert_allclose(sub, dense[idx], rtol=1e-5, atol=1e-6)
+    assert model.get_cluster_probabilities(indices=idx).shape == (20, 4)
+
+
+def test_thresholded_imputation_is_csr_and_matches_dense(small_adata):
+    model = _train(small_adata, epochs=3)
+    dense = model.get_normalized_accessibility()
+    thr = float(np.quantile(dense, 0.9))
+    imputed = model.get_normalized_accessibility(threshold=thr, batch_size=32)
+    assert sp.isspmatrix_csr(imputed)
+    expected = np.where(dense >= thr, dense, 0)
+    np.testing.assert_allclose(imputed.toarray(), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="threshold"):
+        model.get_normalized_accessibility(threshold=1.5)
+
+
+def test_loss_decreases(small_adata):
+    model = _train(small_adata, epochs=20)
+    elbo = model.history["elbo_train"].to_numpy(dtype=float).ravel()
+    assert elbo[-5:].mean() < elbo[:3].mean() - 10  # nats per cell
+    assert np.isfinite(elbo).all()
+
+
+def test_gmm_is_initialized_from_posterior_means(small_adata):
+    SCALE.setup_anndata(small_adata)
+    model = SCALE(small_adata, n_centroids=4, n_hidden=(64, 32))
+    before = model.module.prior.means.detach().clone()
+    model.train(max_epochs=2, gmm_init_epoch=0, enable_progress_bar=False, lr=1e-12)
+    after = model.module.prior.means.detach()
+    assert not torch.allclose(before, after)
+    # with a frozen encoder the prior means are those of a GMM on the posterior means
+    z = model.get_latent_representation()
+    assert after.min() >= z.min() - 1e-3 and after.max() <= z.max() + 1e-3
+
+
+def test_same_seed_same_latent(small_adata):
+    scvi.settings.seed = 3
+    z1 = _train(small_adata.copy(), epochs=4).get_latent_representation()
+    scvi.settings.seed = 3
+    z2 = _train(small_adata.copy(), epochs=4).get_latent_representation()
+    np.testing.assert_array_equal(z1, z2)
+
+
+def test_counts_are_binarized_without_touching_the_input(small_adata):
+    counts = small_adata.copy()
+    counts.X = counts.X * 3.0  # counts > 1 carry the same accessibility
+    original = counts.X.copy()
+    scvi.settings.seed = 0
+    z_bin = _train(small_adata.copy(), epochs=3).get_latent_representation()
+    scvi.settings.seed = 0
+    z_cnt = _train(counts, epochs=3).get_latent_representation()
+    np.testing.assert_allclose(z_bin, z_cnt, rtol=1e-5, atol=1e-5)
+    assert (counts.X != original).nnz == 0
+
+
+def test_dense_and_sparse_input_agree(small_adata):
+    dense = small_adata.copy()
+    dense.X = dense.X.toarray()
+    scvi.settings.seed = 0
+    z_sparse = _train(small_adata.copy(), epochs=3).get_latent_representation()
+    scvi.settings.seed = 0
+    z_dense = _train(dense, epochs=3).get_latent_representation()
+    np.testing.assert_allclose(z_sparse, z_dense, rtol=1e-4, atol=1e-4)
+
+
+def test_sparse_minibatches_agree_with_dense(small_adata):
+    scvi.settings.seed = 0
+    SCALE.setup_anndata(small_adata)
+    m1 = SCALE(small_adata, n_centroids=4, n_hidden=(64, 32))
+    m1.train(max_epochs=3, enable_progress_bar=False)
+    scvi.settings.seed = 0
+    m2 = SCALE(small_adata, n_centroids=4, n_hidden=(64, 32))
+    m2.train(max_epochs=3, enable_progress_bar=False, load_sparse_tensor=True)
+    np.testing.assert_allclose(
+        m1.get_latent_representation(), m2.get_latent_representation(), rtol=1e-4, atol=1e-4
+    )
+
+
+def test_save_load_round_trip_is_exact(small_adata, tmp_path):
+    model = _train(small_adata, epochs=3)
+    model.save(tmp_path / "m", overwrite=True)
+    loaded = SCALE.load(tmp_path / "m", adata=small_adata)
+    np.testing.assert_array_equal(
+        model.get_latent_representation(), loaded.get_latent_representation()
+    )
+    np.testing.assert_array_equal(
+        model.get_cluster_probabilities(), loaded.get_cluster_probabilities()
+    )
+    for (k1, v1), (k2, v2) in zip(
+        model.module.state_dict().items(), loaded.module.state_dict().items(), strict=True
+    ):
+        assert k1 == k2
+        torch.testing.assert_close(v1, v2, rtol=0, atol=0)
+
+
+def test_elbo_and_marginal_ll(small_adata):
+    model = _train(small_adata, epochs=10)
+    elbo = model.get_elbo()
+    per_cell = model.get_elbo(return_mean=False)
+    assert per_cell.shape == (small_adata.n_obs,)
+    assert np.isclose(float(elbo), float(per_cell.mean()), rtol=0.02)  # one z sample per call
+    ll = model.get_marginal_ll(n_mc_samples=50)
+    ll_cells = model.get_marginal_ll(n_mc_samples=50, return_mean=False)
+    assert ll_cells.shape == (small_adata.n_obs,) and np.isfinite(ll_cells).all()
+    # log p(x) is bounded below by the ELBO (up to Monte Carlo noise); both are log-densities
+    # of binary data, so negative.
+    assert ll < 0 and float(elbo) < 0
+    assert ll > float(elbo) - 1.0
+
+
+def test_batch_covariate(small_adata):
+    small_adata.obs["batch"] = np.where(np.arange(small_adata.n_obs) % 2, "a", "b")
+    SCALE.setup_anndata(small_adata, batch_key="batch")
+    model = SCALE(small_adata, n_centroids=4, n_hidden=(64, 32))
+    model.train(max_epochs=2, enable_progress_bar=False)
+    assert model.summary_stats.n_batch == 2
+    assert np.isfinite(model.get_latent_representation()).all()
+
+
+@pytest.mark.shared_data
+def test_forebrain_clustering():
+    """Real data: adult mouse forebrain snATAC-seq, 8 cell types."""
+    adata = load_shared(FOREBRAIN)
+    open_in = np.asarray((adata.X > 0).sum(0)).ravel()
+    adata = adata[:, open_in >= 0.02 * adata.n_obs].copy()
+    scvi.settings.seed = 0
+    SCALE.setup_anndata(adata)
+    model = SCALE(adata, n_centroids=8)
+    model.train(enable_progress_bar=False)
+    z = model.get_latent_representation()
+    truth = adata.obs["cell_type"].cat.codes
+    km = KMeans(8, n_init=20, random_state=0).fit_predict(z)
+    ari = adjusted_rand_score(truth, km)
+    print(
+        f"forebrain ARI k-means {ari:.3f}, ARI argmax "
+        f"{adjusted_rand_score(truth, model.get_cluster_assignments()):.3f}, "
+        f"NMI {normalized_mutual_info_score(truth, km):.3f}"
+    )
+    assert ari >= 0.65
