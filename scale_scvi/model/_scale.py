@@ -26,6 +26,7 @@ from scale_scvi.module import SCALEVAE
 from scale_scvi.train import FiniteLossGuard, GMMInitCallback
 
 from . import _peaks
+from ._multimodal import MultimodalMixin
 from ._validation import (
     get_matrix,
     validate_accessibility_matrix,
@@ -38,7 +39,7 @@ from ._validation import (
 logger = logging.getLogger(__name__)
 
 
-class SCALE(ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
+class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
     """SCALE: single-cell ATAC-seq analysis via latent feature extraction.
 
     A variational autoencoder whose prior is a Gaussian mixture, so that its components
@@ -97,8 +98,12 @@ class SCALE(ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             if REGISTRY_KEYS.CAT_COVS_KEY in self.adata_manager.data_registry
             else []
         )
-        self.module = self._module_cls(
-            n_input=self.summary_stats.n_vars,
+        if self._registered_modalities() != ("atac",):
+            module_cls, n_input = self._multimodal_module, {}
+        else:
+            module_cls, n_input = self._module_cls, {"n_input": self.summary_stats.n_vars}
+        self.module = module_cls(
+            **n_input,
             n_batch=self.summary_stats.n_batch,
             n_centroids=n_centroids,
             n_latent=n_latent,
@@ -114,7 +119,8 @@ class SCALE(ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         self._model_summary_string = (
             f"SCALE model with n_centroids: {n_centroids}, n_latent: {n_latent}, "
             f"encoder: {tuple(n_hidden)}, decoder: {tuple(n_hidden_decoder) or 'linear'}, "
-            f"objective: {objective} (n_particles: {n_particles})"
+            f"objective: {objective} (n_particles: {n_particles}), "
+            f"modalities: {self._registered_modalities()}"
         )
         self.init_params_ = self._get_init_params(locals())
 
@@ -327,20 +333,22 @@ class SCALE(ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         )
 
     def _gmm_latent_fn(self, batch_size: int):
-        def latent_fn(indices: np.ndarray | None) -> np.ndarray:
-            return self._posterior_means(self.adata, indices, batch_size)
+        def latent_fn(indices: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+            return self._posterior_moments(self.adata, indices, batch_size)
 
         return latent_fn
 
     # ------------------------------------------------------------------ outputs
     @torch.inference_mode()
-    def _posterior_means(self, adata, indices, batch_size) -> np.ndarray:
+    def _posterior_moments(self, adata, indices, batch_size) -> tuple[np.ndarray, np.ndarray]:
+        """Means and variances of ``q(z|x)`` of the given cells."""
         loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
-        means = [
-            self.module.inference(**self.module._get_inference_input(t))[MODULE_KEYS.QZM_KEY].cpu()
-            for t in loader
-        ]
-        return torch.cat(means).numpy()
+        means, variances = [], []
+        for tensors in loader:
+            out = self.module.inference(**self.module._get_inference_input(tensors))
+            means.append(out[MODULE_KEYS.QZM_KEY].cpu())
+            variances.append(out[MODULE_KEYS.QZV_KEY].cpu())
+        return torch.cat(means).numpy(), torch.cat(variances).numpy()
 
     @torch.inference_mode()
     def get_cluster_probabilities(
@@ -348,8 +356,12 @@ class SCALE(ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         adata: AnnData | None = None,
         indices: Sequence[int] | None = None,
         batch_size: int | None = None,
+        modality: Literal["joint", "atac", "rna"] = "joint",
     ) -> np.ndarray:
         """Posterior cluster probabilities ``p(c | z)`` at the posterior mean of each cell.
+
+        ``modality`` picks the posterior of a multimodal model (see
+        :meth:`get_latent_representation`).
 
         Returns
         -------
@@ -361,7 +373,7 @@ class SCALE(ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         probs = []
         for tensors in loader:
             out = self.module.inference(**self.module._get_inference_input(tensors))
-            probs.append(self.module.cluster_probabilities(out[MODULE_KEYS.QZM_KEY]).cpu())
+            probs.append(self.module.cluster_probabilities(self._latent_mean(out, modality)).cpu())
         return torch.cat(probs).numpy()
 
     def get_cluster_assignments(
@@ -427,9 +439,9 @@ class SCALE(ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             raise ValueError(
                 f"components {bad} are out of range: the model has {self.module.n_centroids}."
             )
+        names = _peaks.peak_names(self, adata)
         probs = _peaks.component_accessibility(self, components, batch=batch)
-        peak_names = self._validate_anndata(adata).var_names
-        return _peaks.rank_specific_peaks(probs, components, peak_names, n_top=n_top, rest=rest)
+        return _peaks.rank_specific_peaks(probs, components, names, n_top=n_top, rest=rest)
 
     def differential_accessibility(
         self,
@@ -471,6 +483,7 @@ class SCALE(ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         batch_size: int | None = None,
         threshold: float | None = None,
         use_z_mean: bool = True,
+        modality: Literal["joint", "atac", "rna"] = "joint",
     ) -> np.ndarray | sp.csr_matrix:
         """Imputed accessibility: the decoder's probability that each peak is open.
 
@@ -484,6 +497,9 @@ class SCALE(ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             ``threshold=0.5`` gives a binarized imputation's support with its probabilities.
         use_z_mean
             Decode the posterior mean (default) rather than a sample.
+        modality
+            For a multimodal model, the posterior to decode: ``"joint"``, ``"atac"``, or
+            ``"rna"`` (accessibility predicted from expression alone).
 
         Returns
         -------
@@ -491,13 +507,14 @@ class SCALE(ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         """
         if threshold is not None and not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}.")
+        self._check_has_atac()
         self._check_if_trained(warn=False)
         adata = self._validate_anndata(adata)
         loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
         blocks = []
         for tensors in loader:
             inf = self.module.inference(**self.module._get_inference_input(tensors))
-            z = inf[MODULE_KEYS.QZM_KEY] if use_z_mean else inf[MODULE_KEYS.Z_KEY]
+            z = self._latent_point(inf, modality, use_z_mean)
             gen_in = self.module._get_generative_input(tensors, {MODULE_KEYS.Z_KEY: z})
             p = torch.sigmoid(self.module.generative(**gen_in)[MODULE_KEYS.PX_KEY])
             if threshold is None:
