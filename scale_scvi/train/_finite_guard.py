@@ -20,9 +20,8 @@ class FiniteLossGuard(Callback):
 
     The error names the epoch and step, and suggests a lower learning rate: a non-finite
     loss in SCALE almost always follows a learning rate too large for the data. If training
-    fails for another reason while the parameters are no longer finite (e.g. a
-    distribution that rejects NaN arguments), the same advice is attached to that error as
-    a note.
+    fails elsewhere because the model diverged (non-finite parameters, or a distribution
+    that rejects the NaN it is given), the same advice is attached to that error as a note.
     """
 
     @staticmethod
@@ -54,8 +53,13 @@ class FiniteLossGuard(Callback):
             return
         params = [p for p in pl_module.parameters() if p.numel()]
         if all(bool(torch.isfinite(p.detach()).all()) for p in params):
-            return
+            # Finite but huge parameters overflow in the forward pass instead; a
+            # distribution then rejects the NaN it is given.
+            if not (isinstance(exception, ValueError) and "invalid values" in str(exception)):
+                return
+            what = "produced NaN or infinite values"
+        else:
+            what = "became non-finite"
         exception.add_note(
-            f"The model parameters became non-finite {self._where(trainer)}: training "
-            f"diverged. {self._advice(trainer)}"
+            f"The model {what} {self._where(trainer)}: training diverged. {self._advice(trainer)}"
         )

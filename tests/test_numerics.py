@@ -1,0 +1,182 @@
+"""Numerical safety: extreme data, collapsing mixture components, and diverging training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import scvi
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from scale_scvi import SCALE
+from scale_scvi.data import simulate_scatac
+from scale_scvi.module import SCALEVAE
+from scale_scvi.module._components import SCALEEncoder
+from scale_scvi.module._objectives import bernoulli_log_likelihood, gmm_kl
+from scale_scvi.module._prior import GaussianMixturePrior
+from scale_scvi.train import NonFiniteLossError, fit_gmm
+
+TRAIN = {"batch_size": 32, "enable_progress_bar": False}
+
+
+def extreme_adata():
+    """Two real types, plus cells with no open peak and cells with nearly every peak open."""
+    adata = simulate_scatac(n_cells=96, n_peaks=120, n_types=2, seed=5)
+    X = adata.X.toarray()
+    X[:8] = 0.0  # no open peak
+    rng = np.random.default_rng(0)
+    X[8:16] = (rng.random((8, X.shape[1])) < 0.99).astype(np.float32)  # ~99% open
+    X[16:18] = 1.0  # every peak open
+    X[:, :3] = 0.0  # peaks open in no cell
+    adata.X = sp.csr_matrix(X)
+    return adata
+
+
+def assert_finite_outputs(model: SCALE) -> None:
+    for key, values in model.history.items():
+        assert np.isfinite(values.to_numpy(dtype=float)).all(), key
+    latent = model.get_latent_representation()
+    assert np.isfinite(latent).all()
+    probs = model.get_cluster_probabilities()
+    assert np.isfinite(probs).all()
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+    imputed = model.get_normalized_accessibility()
+    assert np.isfinite(imputed).all() and (imputed >= 0).all() and (imputed <= 1).all()
+    assert np.isfinite(model.get_elbo())
+    assert np.isfinite(model.get_marginal_ll(n_mc_samples=8, return_mean=False)).all()
+
+
+@pytest.mark.parametrize("objective", ["elbo", "dreg"])
+def test_extreme_cells_and_too_many_components(objective: str) -> None:
+    """Empty and saturated cells, K = 12 components for 2 types: everything stays finite."""
+    adata = extreme_adata()
+    with pytest.warns(UserWarning, match="have no accessible"):
+        SCALE.setup_anndata(adata)
+    model = SCALE(adata, n_centroids=12, n_hidden=(32,), n_latent=4, objective=objective)
+    model.train(max_epochs=6, gmm_init_epoch=1, **TRAIN)
+    assert_finite_outputs(model)
+    weights = model.module.prior.weights.detach()
+    assert torch.isfinite(weights).all() and (weights > 0).all()
+
+
+def test_prior_with_collapsed_components_stays_finite() -> None:
+    """Zero variances, zero weights and coinciding means are floored, and gradients stay finite."""
+    prior = GaussianMixturePrior(n_components=4, n_latent=3, min_var=1e-4)
+    prior.set_parameters(
+        weights=torch.tensor([1.0, 0.0, 0.0, 0.0]),
+        means=torch.zeros(4, 3),  # all components on one point
+        variances=torch.zeros(4, 3),
+    )
+    assert (prior.variances >= prior.min_var).all()
+    assert torch.isfinite(prior.log_weights).all()
+    with torch.no_grad():
+        prior.log_vars[1] = -1e4  # exp underflows to 0: the floor keeps the variance positive
+    assert (prior.variances >= prior.min_var).all()
+
+    qz_m = torch.tensor([[0.0, 0.0, 0.0], [1e3, -1e3, 50.0]], requires_grad=True)
+    qz_v = torch.full((2, 3), 1e-4)
+    gamma = prior.responsibilities(qz_m)
+    assert torch.isfinite(gamma).all()
+    torch.testing.assert_close(gamma.sum(-1), torch.ones(2))
+    kl = gmm_kl(prior, qz_m, qz_v, gamma)
+    assert torch.isfinite(kl).all()
+    assert torch.isfinite(prior.log_prob(qz_m)).all()
+    kl.sum().backward()
+    assert torch.isfinite(qz_m.grad).all()
+    for p in prior.parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all()
+
+
+def test_responsibilities_are_computed_in_log_space() -> None:
+    """Far from every component each density underflows to 0, the responsibilities do not."""
+    prior = GaussianMixturePrior(n_components=2, n_latent=2)
+    prior.set_parameters(
+        torch.tensor([0.5, 0.5]), torch.tensor([[0.0, 0.0], [1.0, 0.0]]), torch.ones(2, 2)
+    )
+    z = torch.tensor([[60.0, 0.0]])  # N(z; mu, 1) ~ exp(-1800): 0 in float32
+    assert (prior.component_log_prob(z).exp() == 0).all()
+    gamma = prior.responsibilities(z)
+    assert torch.isfinite(gamma).all()
+    assert gamma[0, 1] > 0.99  # the nearer component takes it, as exp(log-ratio) says
+
+
+def test_likelihood_and_encoder_variance_are_safe_at_extremes() -> None:
+    logits = torch.tensor([[-1e4, 1e4, 0.0, 80.0]])
+    x = torch.tensor([[1.0, 0.0, 1.0, 1.0]])
+    ll = bernoulli_log_likelihood(logits, x)
+    assert torch.isfinite(ll).all()
+    expected = torch.tensor([-2e4 - np.log(2.0)], dtype=torch.float32)
+    torch.testing.assert_close(ll, expected, rtol=1e-6, atol=0)
+
+    encoder = SCALEEncoder(n_input=5, n_output=2, n_hidden=(4,), var_eps=1e-4)
+    with torch.no_grad():
+        encoder.var_encoder.bias.fill_(-1e4)  # softplus underflows to 0
+    _, qz_v = encoder(torch.ones(3, 5))
+    assert (qz_v >= 1e-4).all()
+
+
+def test_fit_gmm_on_collapsed_latent() -> None:
+    """A latent collapsed onto one point still gives a valid, finite mixture."""
+    latent = np.zeros((40, 3))
+    latent[:2] += 1e-3
+    weights, means, variances = fit_gmm(latent, n_components=5, seed=0)
+    assert np.isfinite(weights).all() and np.isfinite(means).all()
+    assert (variances > 0).all()
+    module = SCALEVAE(n_input=10, n_centroids=5, n_latent=3, n_hidden=(4,))
+    module.prior.set_parameters(
+        torch.as_tensor(weights), torch.as_tensor(means), torch.as_tensor(variances)
+    )
+    assert torch.isfinite(module.prior.log_prob(torch.zeros(1, 3))).all()
+
+
+class PoisonAt(Callback):
+    """Put a NaN into a decoder weight at the start of a given epoch."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            with torch.no_grad():
+                next(pl_module.module.decoder.parameters()).view(-1)[0] = float("nan")
+
+
+def _small_model(**kwargs) -> SCALE:
+    adata = simulate_scatac(n_cells=64, n_peaks=60, n_types=2, seed=2)
+    SCALE.setup_anndata(adata)
+    return SCALE(adata, n_centroids=2, n_hidden=(16,), n_latent=3, **kwargs)
+
+
+def _full_message(error: BaseException) -> str:
+    return " ".join([str(error), *getattr(error, "__notes__", [])])
+
+
+def test_non_finite_loss_stops_training_naming_the_epoch() -> None:
+    model = _small_model()
+    with pytest.raises(NonFiniteLossError) as info:
+        model.train(max_epochs=5, lr=2e-3, callbacks=[PoisonAt(epoch=2)], **TRAIN)
+    message = str(info.value)
+    assert "at epoch 2" in message
+    assert "Lower the learning rate (now 0.002)" in message
+    assert "lr=0.0002" in message
+    assert not model.is_trained
+
+
+@pytest.mark.parametrize("objective", ["elbo", "iwae"])
+def test_absurd_learning_rate_stops_with_advice(objective: str) -> None:
+    """A diverging run stops with the epoch and a lower learning rate, whatever the path."""
+    model = _small_model(objective=objective, n_particles=2)
+    with pytest.raises((NonFiniteLossError, ValueError)) as info:
+        model.train(max_epochs=5, lr=1e30, gmm_init_epoch=0, **TRAIN)
+    message = _full_message(info.value)
+    assert "at epoch 0" in message
+    assert "Lower the learning rate (now 1e+30)" in message
+
+
+def test_guard_lets_finite_training_through() -> None:
+    scvi.settings.seed = 0
+    model = _small_model()
+    model.train(max_epochs=2, **TRAIN)
+    assert model.is_trained
+    assert np.isfinite(model.history["train_loss"].to_numpy(dtype=float)).all()
