@@ -157,3 +157,19 @@ def test_untrained_model_is_refused():
     model = SCALE(adata, n_centroids=2, n_hidden=(8,))
     with pytest.raises(RuntimeError, match="train"):
         model.get_cluster_specific_peaks()
+
+
+def test_multimodal_model_ranks_the_atac_peaks():
+    from scale_scvi.data import simulate_multiome
+
+    mdata = simulate_multiome(n_cells=120, n_peaks=150, n_genes=80, n_types=3, seed=0)
+    SCALE.setup_mudata(mdata)
+    model = SCALE(mdata, n_centroids=3, n_hidden=(16,))
+    model.train(max_epochs=2, enable_progress_bar=False)
+    table = model.get_cluster_specific_peaks(n_top=None, components=[0, 1, 2])
+    atac_peaks = mdata.mod["atac"].var_names
+    for c in "012":
+        assert sorted(table.loc[table["component"] == c, "peak"]) == sorted(atac_peaks)
+    group = mdata.obs["cell_type"].astype(str).iloc[0]
+    diff = model.differential_accessibility("cell_type", group)
+    assert sorted(diff.index) == sorted(atac_peaks)

@@ -47,6 +47,21 @@ def _decoder_covariates(model: SCALE, n: int, batch: str | None) -> dict[str, to
     return covs
 
 
+def peak_names(model: SCALE, adata=None) -> pd.Index:
+    """Names of the peaks: ``var_names`` of the AnnData, or of the ATAC modality of a MuData."""
+    data = model._validate_anndata(adata)
+    registry = model.adata_manager.registry
+    if registry.get("setup_method_name") != "setup_mudata":
+        return data.var_names
+    mod = (registry["setup_args"].get("modalities") or {}).get("atac_layer")
+    if mod is None:
+        raise ValueError(
+            "This model has no ATAC modality, so no peaks: set it up with SCALE.setup_mudata "
+            "and an 'atac_layer' modality."
+        )
+    return data.mod[mod].var_names
+
+
 def used_components(model: SCALE, adata: AnnData | None, batch_size: int | None) -> list[int]:
     """Components that are the most probable one of at least one cell."""
     probs = model.get_cluster_probabilities(adata, batch_size=batch_size)
@@ -192,6 +207,6 @@ def differential_accessibility(
             "difference": p1 - p2,
             "log2_fold_change": np.log2((p1 + _EPS) / (p2 + _EPS)),
         },
-        index=adata.var_names.copy(),
+        index=peak_names(model, adata).copy(),
     )
     return table.sort_values("difference", ascending=False, kind="stable")
