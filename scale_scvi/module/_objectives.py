@@ -9,7 +9,9 @@ import math
 from collections.abc import Callable
 
 import torch
+from torch.distributions import Normal
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ._prior import _LOG_2PI, GaussianMixturePrior
 
@@ -63,6 +65,56 @@ def gmm_kl(
     return -cross - gaussian_entropy(qz_v)
 
 
+def mean_field_responsibilities(
+    prior: GaussianMixturePrior, qz_m: torch.Tensor, qz_v: torch.Tensor
+) -> torch.Tensor:
+    """The ``q(c|x)`` that maximizes the mean-field ELBO for a given ``q(z|x)``.
+
+    ``q*(c|x) = softmax_c(log pi_c + E_q(z|x)[log N(z; mu_c, sigma2_c)])``, in closed form.
+    It differs from ``p(c | z = E[z])`` by the term ``-0.5 sum_d s2_d / sigma2_cd`` inside
+    the softmax; with it, the KL of :func:`gmm_kl` reduces to
+    ``-E_q[log q(z|x)] - logsumexp_c(log pi_c + E_q[log N(z; mu_c, sigma2_c)])``.
+
+    Returns
+    -------
+    Tensor of shape ``(B, K)`` whose rows sum to one.
+    """
+    return torch.softmax(prior.expected_component_log_prob(qz_m, qz_v) + prior.log_weights, -1)
+
+
+def chunked_log_likelihood(
+    log_likelihood: Callable[[torch.Tensor], torch.Tensor],
+    z: torch.Tensor,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """``log p(x|z)`` of particles ``z`` of shape ``(K, B, D)``, decoded in chunks.
+
+    Without gradients each chunk's decoder output is freed before the next is decoded. With
+    gradients (and more than one chunk) every chunk is checkpointed: only its particles are
+    kept for the backward pass, which decodes the chunk again. Peak memory therefore grows
+    with ``chunk_size * B * P``, not with ``K * B * P``, in both cases.
+
+    Returns
+    -------
+    Tensor of shape ``(K, B)``.
+    """
+    n_particles = z.shape[0]
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}.")
+    chunk_size = min(chunk_size or n_particles, n_particles)
+    if chunk_size == n_particles:
+        return log_likelihood(z)
+    checkpointed = torch.is_grad_enabled() and z.requires_grad
+    pieces = []
+    for start in range(0, n_particles, chunk_size):
+        z_chunk = z[start : start + chunk_size]
+        if checkpointed:
+            pieces.append(checkpoint(log_likelihood, z_chunk, use_reentrant=False))
+        else:
+            pieces.append(log_likelihood(z_chunk))
+    return torch.cat(pieces, dim=0)
+
+
 def importance_log_weights(
     log_likelihood: Callable[[torch.Tensor], torch.Tensor],
     prior: GaussianMixturePrior,
@@ -72,8 +124,12 @@ def importance_log_weights(
     kl_weight: float = 1.0,
     dreg: bool = False,
     chunk_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_log_ratio: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Log importance weights ``log p(x|z_k) + log p(z_k) - log q(z_k|x)``, ``z_k ~ q(z|x)``.
+
+    ``log p(z)`` is the exact mixture density
+    ``logsumexp_c(log pi_c + log N(z; mu_c, sigma2_c))``.
 
     Parameters
     ----------
@@ -86,44 +142,44 @@ def importance_log_weights(
     n_particles
         Number of particles ``K``.
     kl_weight
-        Weight on ``log p(z) - log q(z|x)`` (KL warm-up); 1 gives the true weights.
+        Weight ``beta`` on ``log p(z) - log q(z|x)`` (KL warm-up); 1 gives the true weights.
     dreg
-        Doubly-reparameterized gradients: ``q``'s parameters are detached inside
-        ``log q`` and the gradient reaching the particles is multiplied by the normalized
-        weights, so the encoder sees squared normalized weights while the decoder and the
-        prior keep the IWAE gradient. Use with :func:`iwae_bound`.
+        Doubly-reparameterized gradients (Tucker et al., 2019), for use with
+        :func:`iwae_bound`. ``q``'s parameters are detached inside ``log q`` (its score
+        term is dropped), and the gradient reaching particle ``k`` is multiplied by
+        ``1 - beta + beta * w~_k`` (``w~`` the normalized weights), so the encoder receives
+        ``sum_k w~_k^2 d log w_k / d z_k * d z_k / d phi`` at ``beta = 1``, an unbiased
+        estimate of the IWAE gradient for any ``beta``. The decoder and the prior keep the
+        plain IWAE gradient.
     chunk_size
-        Particles decoded at a time; with gradients each chunk is checkpointed, so memory
-        grows with the chunk, not with ``K``.
+        Particles decoded at a time (see :func:`chunked_log_likelihood`).
+    return_log_ratio
+        Also return ``log p(z_k) - log q(z_k|x)`` (unweighted), so that the true bound can
+        be reported while training with ``kl_weight < 1``.
 
     Returns
     -------
-    ``(log_w, log_lik)``, both of shape ``(K, B)``.
+    ``(log_w, log_lik)``, or ``(log_w, log_lik, log_ratio)``, each of shape ``(K, B)``.
     """
+    if n_particles < 1:
+        raise ValueError(f"n_particles must be >= 1, got {n_particles}.")
     qz_s = qz_v.sqrt()
     eps = torch.randn((n_particles, *qz_m.shape), dtype=qz_m.dtype, device=qz_m.device)
     z = qz_m + qz_s * eps
     q_m, q_s = (qz_m.detach(), qz_s.detach()) if dreg else (qz_m, qz_s)
-    log_q = torch.distributions.Normal(q_m, q_s).log_prob(z).sum(-1)
-    log_p = prior.log_prob(z)
+    log_q = Normal(q_m, q_s).log_prob(z).sum(-1)
+    log_ratio = prior.log_prob(z) - log_q
+    log_lik = chunked_log_likelihood(log_likelihood, z, chunk_size)
+    log_w = log_lik + kl_weight * log_ratio
 
-    chunk_size = chunk_size or n_particles
-    grad = torch.is_grad_enabled() and z.requires_grad
-    pieces = []
-    for start in range(0, n_particles, chunk_size):
-        z_chunk = z[start : start + chunk_size]
-        if grad and chunk_size < n_particles:
-            from torch.utils.checkpoint import checkpoint
-
-            pieces.append(checkpoint(log_likelihood, z_chunk, use_reentrant=False))
-        else:
-            pieces.append(log_likelihood(z_chunk))
-    log_lik = torch.cat(pieces, dim=0)
-    log_w = log_lik + kl_weight * (log_p - log_q)
-
-    if dreg and grad:
-        weights = torch.softmax(log_w.detach(), dim=0)
-        z.register_hook(lambda g: g * weights.unsqueeze(-1))
+    if dreg and torch.is_grad_enabled() and z.requires_grad:
+        # d iwae / d z_k = w~_k d log w_k / d z_k; the hook turns w~_k into
+        # w~_k (1 - beta (1 - w~_k)): the dropped score term -beta E[w~_k d log q / d phi]
+        # rewritten by reparameterization as -beta E[d w~_k / d z_k * d z_k / d phi].
+        factor = 1.0 - kl_weight + kl_weight * torch.softmax(log_w.detach(), dim=0)
+        z.register_hook(lambda g: g * factor.unsqueeze(-1))
+    if return_log_ratio:
+        return log_w, log_lik, log_ratio
     return log_w, log_lik
 
 

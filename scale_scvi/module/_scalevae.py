@@ -18,6 +18,7 @@ from ._objectives import (
     importance_log_weights,
     iwae_bound,
     log_mean_exp,
+    mean_field_responsibilities,
 )
 from ._prior import GaussianMixturePrior
 
@@ -81,8 +82,10 @@ class SCALEVAE(BaseModuleClass):
     particle_chunk_size
         Particles decoded at a time in the importance-weighted objectives.
     gamma_from
-        Evaluate the responsibilities ``q(c|x) = p(c|z)`` at the posterior ``"mean"`` or at
-        the ``"sample"`` used for the reconstruction.
+        ``q(c|x)`` in the closed-form ELBO: the responsibilities ``p(c|z)`` at the posterior
+        ``"mean"`` or at the ``"sample"`` used for the reconstruction (as the original
+        SCALE), or ``"expected"``: the exact optimum ``softmax_c(log pi_c +
+        E_q(z|x)[log N(z; mu_c, sigma2_c)])`` of the mean-field ELBO.
     min_var
         Variance floor of the prior components.
     """
@@ -105,7 +108,7 @@ class SCALEVAE(BaseModuleClass):
         objective: Objective = "elbo",
         n_particles: int = 1,
         particle_chunk_size: int | None = 16,
-        gamma_from: Literal["mean", "sample"] = "mean",
+        gamma_from: Literal["mean", "sample", "expected"] = "mean",
         min_var: float = 1e-4,
     ):
         super().__init__()
@@ -113,8 +116,14 @@ class SCALEVAE(BaseModuleClass):
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}.")
         if n_particles < 1:
             raise ValueError(f"n_particles must be >= 1, got {n_particles}.")
-        if gamma_from not in ("mean", "sample"):
-            raise ValueError(f"gamma_from must be 'mean' or 'sample', got {gamma_from!r}.")
+        if gamma_from not in ("mean", "sample", "expected"):
+            raise ValueError(
+                f"gamma_from must be 'mean', 'sample' or 'expected', got {gamma_from!r}."
+            )
+        if particle_chunk_size is not None and particle_chunk_size < 1:
+            raise ValueError(
+                f"particle_chunk_size must be >= 1 or None, got {particle_chunk_size}."
+            )
         self.n_input = n_input
         self.n_batch = n_batch
         self.n_centroids = n_centroids
@@ -163,7 +172,10 @@ class SCALEVAE(BaseModuleClass):
     def _get_generative_input(
         self, tensors: dict[str, torch.Tensor], inference_outputs: dict
     ) -> dict:
-        return {MODULE_KEYS.Z_KEY: inference_outputs[MODULE_KEYS.Z_KEY], **self._covariates(tensors)}
+        return {
+            MODULE_KEYS.Z_KEY: inference_outputs[MODULE_KEYS.Z_KEY],
+            **self._covariates(tensors),
+        }
 
     @staticmethod
     def _cat_list(batch_index, cat_covs) -> list[torch.Tensor]:
@@ -209,7 +221,11 @@ class SCALEVAE(BaseModuleClass):
         cat_covs: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Decode ``z`` into Bernoulli logits of every peak (key ``"px"``)."""
-        return {MODULE_KEYS.PX_KEY: self.decoder(z, *self._cat_list(batch_index, cat_covs), cont=cont_covs)}
+        return {
+            MODULE_KEYS.PX_KEY: self.decoder(
+                z, *self._cat_list(batch_index, cat_covs), cont=cont_covs
+            )
+        }
 
     def _log_likelihood_fn(self, x: torch.Tensor, tensors: dict[str, torch.Tensor]):
         covs = self._covariates(tensors)
@@ -235,34 +251,43 @@ class SCALEVAE(BaseModuleClass):
     ) -> LossOutput:
         """The negative training objective, averaged over the minibatch.
 
-        ``reconstruction_loss`` and ``kl_local`` are per cell and sum to the negative
-        ELBO (``objective="elbo"``) or the negative importance-weighted bound.
+        ``reconstruction_loss`` and ``kl_local`` are per cell and sum to the negative ELBO
+        (``objective="elbo"``) or to the negative importance-weighted bound (``"iwae"``,
+        ``"dreg"``; there ``reconstruction_loss`` is ``-log p(x|z_k)`` averaged over the
+        particles and ``kl_local`` the rest). Both are the true, unweighted quantities even
+        while ``kl_weight < 1``; only ``loss`` uses ``kl_weight``.
 
         Parameters
         ----------
         tensors, inference_outputs, generative_outputs
             As produced by :meth:`forward`.
         kl_weight
-            Weight of the KL term (KL warm-up).
+            KL warm-up weight ``beta``: the ELBO's KL term, or ``log p(z) - log q(z|x)`` in
+            the importance weights, is multiplied by it.
         objective
             Override of the module's objective, e.g. ``"elbo"`` to evaluate the ELBO of a
             model trained with ``"iwae"``.
         """
         objective = objective or self.objective
-        x = _dense(binarize(tensors[REGISTRY_KEYS.X_KEY].to(inference_outputs[MODULE_KEYS.QZM_KEY].device)))
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}.")
         qz_m = inference_outputs[MODULE_KEYS.QZM_KEY]
         qz_v = inference_outputs[MODULE_KEYS.QZV_KEY]
+        x = _dense(binarize(tensors[REGISTRY_KEYS.X_KEY].to(qz_m.device)))
 
         if objective == "elbo":
             z = inference_outputs[MODULE_KEYS.Z_KEY]
             logits = generative_outputs[MODULE_KEYS.PX_KEY]
             reconst = -bernoulli_log_likelihood(logits, x)
-            gamma = self.prior.responsibilities(qz_m if self.gamma_from == "mean" else z)
+            if self.gamma_from == "expected":
+                gamma = mean_field_responsibilities(self.prior, qz_m, qz_v)
+            else:
+                gamma = self.prior.responsibilities(qz_m if self.gamma_from == "mean" else z)
             kl = gmm_kl(self.prior, qz_m, qz_v, gamma)
             loss = (reconst + kl_weight * kl).mean()
             return LossOutput(loss=loss, reconstruction_loss=reconst, kl_local=kl)
 
-        log_w, log_lik = importance_log_weights(
+        log_w, log_lik, log_ratio = importance_log_weights(
             self._log_likelihood_fn(x, tensors),
             self.prior,
             qz_m,
@@ -271,10 +296,12 @@ class SCALEVAE(BaseModuleClass):
             kl_weight=kl_weight,
             dreg=objective == "dreg",
             chunk_size=self.particle_chunk_size,
+            return_log_ratio=True,
         )
         bound = iwae_bound(log_w)
-        reconst = -log_lik.mean(0)
-        kl = (-bound - reconst).detach() if kl_weight != 1.0 else -bound - reconst
+        true_bound = bound if kl_weight == 1.0 else iwae_bound(log_lik + log_ratio)
+        reconst = -log_lik.detach().mean(0)
+        kl = -true_bound.detach() - reconst
         return LossOutput(loss=-bound.mean(), reconstruction_loss=reconst, kl_local=kl)
 
     @torch.inference_mode()
@@ -288,8 +315,10 @@ class SCALEVAE(BaseModuleClass):
         """Importance-sampled estimate of ``log p(x)`` (higher is better).
 
         ``log p(x) ~= log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x)``, ``z_k ~ q(z|x)``, with the
-        exact mixture density ``p(z)``. It is a stochastic lower bound that tightens as
-        ``n_mc_samples`` grows.
+        exact mixture density ``p(z)``: the IWAE bound with ``K = n_mc_samples``. Its
+        expectation is a lower bound on ``log p(x)`` that never decreases with ``K`` and
+        converges to ``log p(x)``; with ``K = 1`` it is a one-sample ELBO. Decoding runs
+        ``n_mc_samples_per_pass`` particles at a time, so memory does not grow with ``K``.
 
         Parameters
         ----------
@@ -301,6 +330,10 @@ class SCALEVAE(BaseModuleClass):
             Return the mean over the minibatch instead of one value per cell.
         n_mc_samples_per_pass
             Samples decoded at a time (memory); defaults to ``particle_chunk_size``.
+
+        Returns
+        -------
+        ``log p(x)`` estimates of shape ``(B,)``, or their mean as a float.
         """
         inference_outputs = self.inference(**self._get_inference_input(tensors))
         qz_m = inference_outputs[MODULE_KEYS.QZM_KEY]
