@@ -535,11 +535,14 @@ class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, B
         return_mean: bool = True,
         **kwargs,
     ) -> float | torch.Tensor:
-        """The ELBO of SCALE, with scvi-tools' sign convention.
+        """The ELBO of SCALE, with scvi-tools' sign convention: the bound itself, higher is better.
 
         Whatever the training objective, this is the closed-form ELBO of the GMM-prior model
-        (not the importance-weighted bound). For the estimate of ``log p(x)`` itself use
-        :meth:`get_marginal_ll`.
+        with the module's ``q(c|x)`` (``gamma_from``), its reconstruction term estimated with
+        one sample of ``q(z|x)``; not the importance-weighted bound. It is a lower bound on
+        ``log p(x)`` and, in expectation, at most :meth:`get_marginal_ll`, which estimates
+        ``log p(x)`` itself. (The ``elbo_train``/``elbo_validation`` columns of ``history`` are
+        the opposite: losses, lower is better.) See the math page of the documentation.
 
         Parameters
         ----------
@@ -547,6 +550,10 @@ class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, B
             Cells to evaluate.
         return_mean
             Mean over cells (default) or one value per cell.
+
+        Returns
+        -------
+        The mean ELBO as a float, or a tensor with one value per cell (nats, summed over peaks).
         """
         loss_kwargs = {"objective": "elbo", **kwargs.pop("loss_kwargs", {})}
         return super().get_elbo(
@@ -570,8 +577,11 @@ class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, B
     ) -> float | np.ndarray:
         """Importance-sampled estimate of the marginal log-likelihood ``log p(x)``.
 
-        Higher is better. It is a stochastic lower bound on ``log p(x)`` that is tighter than
-        the ELBO and tightens as ``n_mc_samples`` grows.
+        The log-likelihood itself (not its negative): higher is better. Per cell,
+        ``log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x)`` with ``K = n_mc_samples`` particles
+        ``z_k ~ q(z|x)`` and the exact Gaussian-mixture density ``p(z)``, whatever the
+        training objective. Its expectation is the IWAE bound: at least the ELBO of
+        :meth:`get_elbo`, never decreasing in ``K``, and converging to ``log p(x)``.
 
         Parameters
         ----------
@@ -582,7 +592,12 @@ class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, B
         return_mean
             Mean over cells (default) or an array with one value per cell.
         n_mc_samples_per_pass
-            Samples decoded at a time, to bound memory.
+            Samples decoded at a time, to bound memory (default: the module's
+            ``particle_chunk_size``).
+
+        Returns
+        -------
+        The mean as a float, or an array with one value per cell (nats, summed over peaks).
         """
         self._check_if_trained(warn=False)
         adata = self._validate_anndata(adata)
