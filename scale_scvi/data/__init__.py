@@ -10,10 +10,12 @@ from ._shared import (
     shared_data_path,
 )
 from ._simulate import simulate_scatac
+from ._simulate_multiome import simulate_multiome
 
 __all__ = [
     "read_10x_folder",
     "simulate_scatac",
+    "simulate_multiome",
     "shared_data_dir",
     "shared_data_path",
     "FOREBRAIN",

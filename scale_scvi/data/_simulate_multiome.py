@@ -80,8 +80,14 @@ def simulate_multiome(
 
     n_no_atac = int(round(missing_atac * n_cells))
     n_no_rna = int(round(missing_rna * n_cells))
-    chosen = rng.permutation(n_cells)
-    no_atac, no_rna = chosen[:n_no_atac], chosen[n_no_atac : n_no_atac + n_no_rna]
+    # cells that lose their RNA keep some ATAC signal, so every cell has data
+    has_peaks = np.diff(atac.X.indptr) > 0
+    chosen = rng.permutation(np.flatnonzero(has_peaks))
+    if n_no_rna > chosen.size:
+        raise ValueError(f"missing_rna={missing_rna} exceeds the cells with open peaks.")
+    no_rna = chosen[:n_no_rna]
+    rest = np.setdiff1d(np.arange(n_cells), no_rna)
+    no_atac = rng.choice(rest, size=n_no_atac, replace=False)
     modality = np.full(n_cells, "paired", dtype=object)
     modality[no_atac] = "rna"
     modality[no_rna] = "atac"

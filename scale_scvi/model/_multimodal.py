@@ -179,7 +179,7 @@ class MultimodalMixin:
         has_any = np.zeros(mdata.n_obs, dtype=bool)
         for m, matrix in matrices.items():
             has_any |= _rows_with_data(matrix) & flags[:, MODALITIES.index(m)]
-        if not has_any.all():
+        if len(matrices) > 1 and not has_any.all():
             bad = mdata.obs_names[~has_any]
             raise ValueError(
                 f"{len(bad)} cells have no data in any registered modality (e.g. "

@@ -186,3 +186,143 @@ def importance_log_weights(
 def iwae_bound(log_w: torch.Tensor) -> torch.Tensor:
     """The importance-weighted bound ``log (1/K) sum_k w_k`` per cell (``K`` along dim 0)."""
     return log_mean_exp(log_w, dim=0)
+
+
+# ---------------------------------------------------------------------------------------
+# Mixture-of-experts objectives (multimodal SCALE, in the manner of MMVAE)
+# ---------------------------------------------------------------------------------------
+
+
+def moe_log_prob(
+    z: torch.Tensor,
+    qz_m: torch.Tensor,
+    qz_v: torch.Tensor,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """Log-density of the mixture-of-experts posterior ``q(z|x_1..M) = 1/M_i sum_m q(z|x_m)``.
+
+    Only the modalities a cell has enter its mixture: ``M_i`` is the number of them.
+
+    Parameters
+    ----------
+    z
+        Points, shape ``(S, B, D)``.
+    qz_m, qz_v
+        Means and variances of the unimodal posteriors, shape ``(M, B, D)``.
+    mask
+        ``(M, B)`` boolean (or 0/1) tensor: which modalities each cell has. Every cell
+        needs at least one.
+
+    Returns
+    -------
+    ``log q(z|x_1..M)``, shape ``(S, B)``.
+    """
+    mask = mask.bool()
+    # (M, S, B): log q(z_s | x_m) of every point under every expert
+    log_q = torch.distributions.Normal(qz_m.unsqueeze(1), qz_v.sqrt().unsqueeze(1))
+    log_q = log_q.log_prob(z.unsqueeze(0)).sum(-1)
+    log_q = log_q.masked_fill(~mask.unsqueeze(1), float("-inf"))
+    n_experts = mask.sum(0).clamp_min(1).to(z.dtype)
+    return torch.logsumexp(log_q, dim=0) - n_experts.log()
+
+
+def moe_importance_log_weights(
+    log_likelihood: Callable[[torch.Tensor], torch.Tensor],
+    prior: GaussianMixturePrior,
+    qz_m: torch.Tensor,
+    qz_v: torch.Tensor,
+    mask: torch.Tensor,
+    n_particles: int,
+    kl_weight: float = 1.0,
+    dreg: bool = False,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stratified importance weights of the mixture-of-experts posterior.
+
+    ``K`` particles are drawn from every unimodal posterior ``q(z|x_m)`` (stratified
+    sampling of the mixture) and weighted by
+    ``log p(x_1..M | z) + log p(z) - log q(z|x_1..M)``, with the mixture density
+    :func:`moe_log_prob` and the exact Gaussian-mixture prior.
+
+    Parameters
+    ----------
+    log_likelihood
+        Maps particles ``(N, B, D)`` to the joint ``log p(x_1..M|z)`` of the modalities each
+        cell has, shape ``(N, B)``.
+    prior
+        The Gaussian-mixture prior shared by all modalities.
+    qz_m, qz_v
+        Unimodal posterior means and variances, shape ``(M, B, D)``.
+    mask
+        ``(M, B)``: which modalities each cell has; weights of particles drawn from a
+        missing modality's expert are ``-inf``.
+    n_particles
+        Particles ``K`` per expert.
+    kl_weight
+        Weight of ``log p(z) - log q(z|x)`` (KL warm-up).
+    dreg
+        Doubly-reparameterized gradients, as in MMVAE's stratified DReG and
+        :func:`importance_log_weights`: the experts' parameters are detached inside
+        ``log q`` and the gradient reaching every particle is multiplied by
+        ``1 - beta + beta * w~`` with ``w~`` its weight normalized over all ``M * K``
+        particles and ``beta`` the ``kl_weight``.
+    chunk_size
+        Particles (over experts and ``K``) decoded at a time; checkpointed under gradients.
+
+    Returns
+    -------
+    ``(log_w, log_lik)``, both of shape ``(M, K, B)``.
+    """
+    n_mod, n_cells, n_latent = qz_m.shape
+    mask = mask.bool()
+    qz_s = qz_v.sqrt()
+    shape = (n_mod, n_particles, n_cells, n_latent)
+    eps = torch.randn(shape, dtype=qz_m.dtype, device=qz_m.device)
+    z = qz_m.unsqueeze(1) + qz_s.unsqueeze(1) * eps  # (M, K, B, D)
+    q_m, q_v = (qz_m.detach(), qz_v.detach()) if dreg else (qz_m, qz_v)
+    flat = z.reshape(n_mod * n_particles, n_cells, n_latent)
+    log_q = moe_log_prob(flat, q_m, q_v, mask)
+    log_p = prior.log_prob(flat)
+
+    log_lik = chunked_log_likelihood(log_likelihood, flat, chunk_size)
+    log_lik = log_lik.reshape(n_mod, n_particles, n_cells)
+    log_w = log_lik + kl_weight * (log_p - log_q).reshape(n_mod, n_particles, n_cells)
+    log_w = log_w.masked_fill(~mask.unsqueeze(1), float("-inf"))
+
+    if dreg and torch.is_grad_enabled() and z.requires_grad:
+        weights = torch.softmax(log_w.detach().reshape(n_mod * n_particles, n_cells), dim=0)
+        weights = weights.reshape(n_mod, n_particles, n_cells, 1)
+        factor = 1.0 - kl_weight + kl_weight * weights
+        z.register_hook(lambda g: g * factor)
+    return log_w, log_lik
+
+
+def moe_iwae_bound(log_w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Stratified importance-weighted bound per cell.
+
+    ``log (1 / (M_i K)) sum_{m, k} w_{m,k}`` over the ``M_i`` modalities the cell has:
+    the log-mean-exp of every particle's weight, whatever expert drew it.
+
+    Parameters
+    ----------
+    log_w
+        ``(M, K, B)`` log weights from :func:`moe_importance_log_weights` (``-inf`` for
+        missing modalities).
+    mask
+        ``(M, B)``: which modalities each cell has.
+    """
+    n_mod, n_particles, n_cells = log_w.shape
+    n_valid = mask.bool().sum(0).clamp_min(1).to(log_w.dtype) * n_particles
+    return torch.logsumexp(log_w.reshape(n_mod * n_particles, n_cells), dim=0) - n_valid.log()
+
+
+def moe_elbo_bound(log_w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Stratified ELBO per cell: the mean log weight over experts and particles.
+
+    ``(1 / M_i) sum_m E_q(z|x_m)[log w(z)]``, each expectation estimated with ``K`` particles,
+    over the ``M_i`` modalities the cell has (MMVAE's stratified ELBO).
+    """
+    mask = mask.bool()
+    valid = mask.unsqueeze(1).expand_as(log_w)
+    total = torch.where(valid, log_w, torch.zeros_like(log_w)).sum((0, 1))
+    return total / valid.sum((0, 1)).clamp_min(1).to(log_w.dtype)

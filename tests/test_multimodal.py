@@ -1,0 +1,321 @@
+"""Multimodal SCALE on MuData: mixture-of-experts posterior, shared GMM prior."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from scvi import REGISTRY_KEYS
+
+from scale_scvi import SCALE
+from scale_scvi.data import simulate_multiome
+from scale_scvi.module import SCALEVAE, MultiSCALEVAE
+from scale_scvi.module._objectives import (
+    moe_elbo_bound,
+    moe_importance_log_weights,
+    moe_iwae_bound,
+    moe_log_prob,
+)
+from scale_scvi.module._prior import GaussianMixturePrior
+
+SMALL = {"n_hidden": (32, 16), "n_latent": 4}
+
+
+@pytest.fixture
+def mdata():
+    """60 cells x (120 peaks, 80 genes), 3 types; 3 cells lack ATAC, 3 lack RNA."""
+    return simulate_multiome(
+        n_cells=60, n_peaks=120, n_genes=80, n_types=3, missing_atac=0.05, missing_rna=0.05, seed=2
+    )
+
+
+@pytest.fixture
+def trained(mdata):
+    SCALE.setup_mudata(mdata, modality_key="modality")
+    model = SCALE(mdata, n_centroids=3, **SMALL)
+    model.train(max_epochs=3, batch_size=32, enable_progress_bar=False)
+    return model
+
+
+# ---------------------------------------------------------------------- objectives
+def test_moe_log_prob_matches_explicit_mixture():
+    torch.manual_seed(0)
+    qz_m, qz_v = torch.randn(2, 5, 3), torch.rand(2, 5, 3) + 0.1
+    z = torch.randn(4, 5, 3)
+    mask = torch.tensor([[1, 1, 0, 1, 1], [1, 0, 1, 1, 1]], dtype=torch.bool)
+    got = moe_log_prob(z, qz_m, qz_v, mask)
+    for b in range(5):
+        experts = [
+            torch.distributions.Normal(qz_m[m, b], qz_v[m, b].sqrt()).log_prob(z[:, b]).sum(-1)
+            for m in range(2)
+            if mask[m, b]
+        ]
+        expected = torch.logsumexp(torch.stack(experts), 0) - math.log(len(experts))
+        torch.testing.assert_close(got[:, b], expected)
+
+
+def test_stratified_bounds_exact_for_the_true_posterior():
+    """With q = p(z|x) every importance weight is p(x): both bounds equal log p(x)."""
+    prior = GaussianMixturePrior(1, 2, min_var=0.0)
+    with torch.no_grad():
+        prior.means.zero_()
+        prior.log_vars.zero_()
+    # x | z ~ N(z, I) in 2-D, observed x; posterior N(x/2, I/2); log p(x) = log N(x; 0, 2I)
+    x = torch.tensor([[0.3, -1.0], [2.0, 0.5]])
+    post_m = (x / 2).expand(2, -1, -1)  # both experts are the exact posterior
+    post_v = torch.full_like(post_m, 0.5)
+    mask = torch.ones(2, 2, dtype=torch.bool)
+
+    def log_lik(z):
+        return torch.distributions.Normal(z, 1.0).log_prob(x).sum(-1)
+
+    log_w, _ = moe_importance_log_weights(log_lik, prior, post_m, post_v, mask, n_particles=3)
+    expected = torch.distributions.Normal(0.0, math.sqrt(2.0)).log_prob(x).sum(-1)
+    torch.testing.assert_close(moe_iwae_bound(log_w, mask), expected)
+    torch.testing.assert_close(moe_elbo_bound(log_w, mask), expected)
+
+
+def test_missing_modality_particles_do_not_count():
+    log_w = torch.tensor([[[0.0, 1.0]], [[float("-inf"), 3.0]]])  # (M=2, K=1, B=2)
+    mask = torch.tensor([[True, True], [False, True]])
+    torch.testing.assert_close(moe_iwae_bound(log_w, mask)[0], torch.tensor(0.0))
+    torch.testing.assert_close(moe_elbo_bound(log_w, mask), torch.tensor([0.0, 2.0]))
+    expected = torch.logsumexp(torch.tensor([1.0, 3.0]), 0) - math.log(2)
+    torch.testing.assert_close(moe_iwae_bound(log_w, mask)[1], expected)
+
+
+@pytest.mark.parametrize("objective", ["elbo", "iwae", "dreg"])
+def test_module_loss_is_finite_and_differentiable(objective):
+    torch.manual_seed(0)
+    module = MultiSCALEVAE(
+        n_input_atac=20, n_input_rna=15, n_centroids=3, objective=objective, n_particles=2, **SMALL
+    )
+    atac = (torch.rand(6, 20) < 0.3).float()
+    rna = torch.poisson(torch.full((6, 15), 3.0))
+    atac[0] = 0.0  # a cell without ATAC
+    tensors = {
+        REGISTRY_KEYS.ATAC_X_KEY: atac,
+        REGISTRY_KEYS.X_KEY: rna,
+        REGISTRY_KEYS.BATCH_KEY: torch.zeros(6, 1),
+    }
+    _, _, loss = module(tensors)
+    assert torch.isfinite(loss.loss)
+    loss.loss.backward()
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert module.encoders["rna"].mean_encoder.weight.grad.abs().sum() > 0
+
+
+def test_modality_mask_from_zeros_and_flags():
+    module = MultiSCALEVAE(
+        n_input_atac=4, n_input_rna=3, modality_flags=[[1, 1], [1, 0], [0, 1]], **SMALL
+    )
+    atac = torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 0], [1, 1, 0, 0], [0, 1, 0, 0]])
+    rna = torch.tensor([[2.0, 0, 0], [1, 0, 0], [3, 0, 1], [1, 1, 1]])
+    flag = torch.tensor([[0], [0], [1], [2]])
+    mask = module.modality_mask(atac, sp_to_torch(sp.csr_matrix(rna.numpy())), flag)
+    expected = torch.tensor([[True, False, True, False], [True, True, False, True]])
+    assert torch.equal(mask, expected)
+
+
+def sp_to_torch(x: sp.csr_matrix) -> torch.Tensor:
+    return torch.sparse_csr_tensor(
+        torch.as_tensor(x.indptr), torch.as_tensor(x.indices), torch.as_tensor(x.data), x.shape
+    )
+
+
+# ---------------------------------------------------------------------- model
+def test_setup_mudata_picks_the_module(mdata):
+    SCALE.setup_mudata(mdata)
+    assert isinstance(SCALE(mdata, n_centroids=3, **SMALL).module, MultiSCALEVAE)
+    SCALE.setup_mudata(mdata, modalities={"atac_layer": "atac"})
+    model = SCALE(mdata, n_centroids=3, **SMALL)
+    assert isinstance(model.module, SCALEVAE)
+    assert model.module.n_input == mdata.mod["atac"].n_vars
+    SCALE.setup_mudata(mdata, modalities={"rna_layer": "rna"})
+    model = SCALE(mdata, n_centroids=3, **SMALL)
+    assert isinstance(model.module, MultiSCALEVAE) and model.module.modalities == ("rna",)
+
+
+def test_training_and_outputs(trained, mdata):
+    n, n_peaks, n_genes = mdata.n_obs, mdata.mod["atac"].n_vars, mdata.mod["rna"].n_vars
+    assert trained.module.modalities == ("atac", "rna")
+    assert np.isfinite(trained.history["elbo_train"].to_numpy(dtype=float)).all()
+    joint = trained.get_latent_representation()
+    by_mod = {m: trained.get_latent_representation(modality=m) for m in ("atac", "rna")}
+    assert joint.shape == (n, 4)
+    # the joint mean is the mean of the means of the modalities a cell has: flagged, and not
+    # an all-zero row
+    kind = mdata.obs["modality"].to_numpy()
+    has = {
+        m: (np.diff(mdata.mod[m].X.tocsr().indptr) > 0) & (kind != other)
+        for m, other in (("atac", "rna"), ("rna", "atac"))
+    }
+    assert (has["atac"] & ~has["rna"]).any() and (has["rna"] & ~has["atac"]).any()
+    weight = np.stack([has["atac"], has["rna"]], 1).astype(float)
+    weight /= weight.sum(1, keepdims=True)
+    expected = weight[:, :1] * by_mod["atac"] + weight[:, 1:] * by_mod["rna"]
+    np.testing.assert_allclose(joint, expected, atol=1e-5)
+
+    probs = trained.get_cluster_probabilities()
+    assert probs.shape == (n, 3)
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert len(trained.get_cluster_assignments()) == n
+
+    acc = trained.get_normalized_accessibility()
+    assert acc.shape == (n, n_peaks) and ((acc >= 0) & (acc <= 1)).all()
+    assert sp.issparse(trained.get_normalized_accessibility(threshold=0.5))
+    expr = trained.get_normalized_expression()
+    assert expr.shape == (n, n_genes)
+    np.testing.assert_allclose(expr.sum(1), 1.0, atol=1e-4)
+    observed = trained.get_normalized_expression(library_size="observed")
+    lib = np.asarray(mdata.mod["rna"].X.sum(1)).ravel()
+    np.testing.assert_allclose(observed.sum(1), lib, rtol=1e-4)
+
+    assert np.isfinite(float(trained.get_elbo()))
+    mll = trained.get_marginal_ll(n_mc_samples=4, return_mean=False)
+    assert mll.shape == (n,) and np.isfinite(mll).all()
+
+
+def test_cross_modal_prediction_uses_one_modality_only(trained, mdata):
+    """RNA from ATAC must not change when the RNA changes, and vice versa."""
+    from_atac = trained.get_normalized_expression(modality="atac")
+    acc_from_rna = trained.get_normalized_accessibility(modality="rna")
+    joint = trained.get_normalized_expression(modality="joint")
+    altered = mdata.copy()
+    rna = altered.mod["rna"].X.tocsr(copy=True)
+    rna.data = rna.data[::-1].copy()  # shuffle the counts
+    altered.mod["rna"].X = rna
+    atac = altered.mod["atac"].X.tocsr(copy=True)
+    altered.mod["atac"].X = sp.csr_matrix(atac[::-1].toarray())
+    np.testing.assert_array_equal(
+        trained.get_normalized_expression(altered, modality="atac"),
+        trained.get_normalized_expression(
+            _with_mod(mdata, "atac", altered.mod["atac"].X), modality="atac"
+        ),
+    )
+    # RNA changed, ATAC unchanged -> prediction from ATAC unchanged, joint changed
+    only_rna = _with_mod(mdata, "rna", rna)
+    np.testing.assert_allclose(
+        trained.get_normalized_expression(only_rna, modality="atac"), from_atac, rtol=1e-6
+    )
+    assert not np.allclose(trained.get_normalized_expression(only_rna, modality="joint"), joint)
+    # ATAC changed, RNA unchanged -> accessibility from RNA unchanged
+    only_atac = _with_mod(mdata, "atac", altered.mod["atac"].X)
+    np.testing.assert_allclose(
+        trained.get_normalized_accessibility(only_atac, modality="rna"), acc_from_rna, rtol=1e-6
+    )
+
+
+def _with_mod(mdata, mod, X):
+    out = mdata.copy()
+    out.mod[mod].X = X
+    return out
+
+
+def test_missing_modality_is_left_out(trained, mdata):
+    """A cell flagged as lacking RNA gets the same joint latent whatever its RNA row holds."""
+    kind = mdata.obs["modality"].to_numpy()
+    atac_only = np.flatnonzero(kind == "atac")
+    filled = mdata.copy()
+    rna = filled.mod["rna"].X.tolil()
+    rna[atac_only] = 5.0  # RNA values in cells flagged as lacking RNA
+    filled.mod["rna"].X = sp.csr_matrix(rna)
+    a = trained.get_latent_representation(indices=atac_only)
+    b = trained.get_latent_representation(filled, indices=atac_only)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_save_load_round_trip(trained, mdata, tmp_path):
+    trained.save(tmp_path / "model", overwrite=True, save_anndata=False)
+    loaded = SCALE.load(tmp_path / "model", adata=mdata)
+    assert isinstance(loaded.module, MultiSCALEVAE)
+    np.testing.assert_array_equal(
+        loaded.get_latent_representation(), trained.get_latent_representation()
+    )
+    np.testing.assert_array_equal(
+        loaded.get_normalized_expression(modality="atac"),
+        trained.get_normalized_expression(modality="atac"),
+    )
+    np.testing.assert_array_equal(
+        loaded.get_cluster_probabilities(), trained.get_cluster_probabilities()
+    )
+
+
+@pytest.mark.parametrize("objective", ["iwae", "dreg"])
+def test_importance_weighted_training(mdata, objective):
+    SCALE.setup_mudata(mdata)
+    model = SCALE(mdata, n_centroids=3, objective=objective, n_particles=2, **SMALL)
+    model.train(max_epochs=2, batch_size=32, enable_progress_bar=False)
+    assert np.isfinite(model.history["elbo_train"].to_numpy(dtype=float)).all()
+    assert model.get_latent_representation(modality="rna").shape == (mdata.n_obs, 4)
+
+
+def test_likelihood_scale(mdata):
+    SCALE.setup_mudata(mdata)
+    model = SCALE(mdata, n_centroids=3, likelihood_scale={"atac": 4.0}, **SMALL)
+    assert model.module.likelihood_scale == {"atac": 4.0, "rna": 1.0}
+    with pytest.raises(ValueError, match="likelihood_scale"):
+        SCALE(mdata, n_centroids=3, likelihood_scale={"protein": 2.0}, **SMALL)
+
+
+# ---------------------------------------------------------------------- validation
+def test_setup_mudata_rejects_bad_input(mdata):
+    with pytest.raises(TypeError, match="MuData"):
+        SCALE.setup_mudata(mdata.mod["atac"])
+    with pytest.raises(ValueError, match="not in mdata.mod"):
+        SCALE.setup_mudata(mdata, modalities={"atac_layer": "peaks", "rna_layer": "rna"})
+    with pytest.raises(ValueError, match="Layer 'counts'"):
+        SCALE.setup_mudata(mdata, rna_layer="counts")
+    with pytest.raises(ValueError, match="modality_key"):
+        SCALE.setup_mudata(mdata, modality_key="nope")
+
+    negative = mdata.copy()
+    x = negative.mod["rna"].X.tocsr(copy=True)
+    x.data[0] = -1.0
+    negative.mod["rna"].X = x
+    with pytest.raises(ValueError, match="negative"):
+        SCALE.setup_mudata(negative)
+
+    nan = mdata.copy()
+    x = nan.mod["atac"].X.tocsr(copy=True)
+    x.data[0] = np.nan
+    nan.mod["atac"].X = x
+    with pytest.raises(ValueError, match="NaN"):
+        SCALE.setup_mudata(nan)
+
+    bad_flag = mdata.copy()
+    bad_flag.obs["modality"] = bad_flag.obs["modality"].astype(str).replace("paired", "dna")
+    with pytest.raises(ValueError, match="name no modality"):
+        SCALE.setup_mudata(bad_flag, modality_key="modality")
+
+
+def test_setup_mudata_rejects_cells_without_data(mdata):
+    empty = mdata.copy()
+    for mod in ("atac", "rna"):
+        x = empty.mod[mod].X.tolil()
+        x[0] = 0.0
+        empty.mod[mod].X = sp.csr_matrix(x)
+    with pytest.raises(ValueError, match="no data in any registered modality"):
+        SCALE.setup_mudata(empty)
+
+
+def test_setup_mudata_does_not_modify_the_data(mdata):
+    before = {m: mdata.mod[m].X.copy() for m in mdata.mod}
+    SCALE.setup_mudata(mdata, modality_key="modality")
+    for m, x in before.items():
+        assert (mdata.mod[m].X != x).nnz == 0
+
+
+def test_single_modality_outputs_reject_other_modalities(mdata):
+    SCALE.setup_mudata(mdata, modalities={"atac_layer": "atac"})
+    model = SCALE(mdata, n_centroids=3, **SMALL)
+    model.train(max_epochs=1, batch_size=32, enable_progress_bar=False)
+    assert model.get_latent_representation(modality="atac").shape == (mdata.n_obs, 4)
+    with pytest.raises(ValueError, match="modality='rna'"):
+        model.get_latent_representation(modality="rna")
+    with pytest.raises(ValueError, match="needs RNA"):
+        model.get_normalized_expression()
