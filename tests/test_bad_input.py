@@ -415,3 +415,12 @@ def test_mudata_missing_modality(modalities: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         SCALE.setup_mudata(mdata, modalities=modalities)
     assert_unchanged(mdata.mod["atac"], before)
+
+
+def test_n_centroids_above_the_training_cells() -> None:
+    """n_centroids may not exceed the cells the mixture is fitted on (train_size < 1)."""
+    adata = reference()
+    SCALE.setup_anndata(adata)
+    model = SCALE(adata, **{**MODEL_KWARGS, "n_centroids": 100})
+    with pytest.raises(ValueError, match=r"Cannot fit 100 mixture components to 60 training"):
+        model.train(**{**TRAIN_KWARGS, "max_epochs": 1}, train_size=0.5)

@@ -180,3 +180,16 @@ def test_guard_lets_finite_training_through() -> None:
     model.train(max_epochs=2, **TRAIN)
     assert model.is_trained
     assert np.isfinite(model.history["train_loss"].to_numpy(dtype=float)).all()
+
+
+@pytest.mark.parametrize(
+    ("latent", "match"),
+    [
+        (np.full((30, 3), np.nan), "training diverged. Lower the learning rate"),
+        (np.zeros((4, 3)), "Cannot fit 5 mixture components to 4 training cells"),
+    ],
+    ids=["nan", "too few cells"],
+)
+def test_fit_gmm_rejects_what_it_cannot_fit(latent: np.ndarray, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        fit_gmm(latent, n_components=5)

@@ -46,6 +46,18 @@ def fit_gmm(
     ``(weights, means, variances)`` of shapes ``(K,)``, ``(K, D)``, ``(K, D)``.
     """
     latent = np.asarray(latent, dtype=np.float64)
+    if latent.ndim != 2:
+        raise ValueError(f"latent must be (n_cells, n_latent), got shape {latent.shape}.")
+    if not np.isfinite(latent).all():
+        raise ValueError(
+            "The posterior means contain NaN or infinite values, so the Gaussian mixture "
+            "cannot be fitted: training diverged. Lower the learning rate."
+        )
+    if latent.shape[0] < n_components:
+        raise ValueError(
+            f"Cannot fit {n_components} mixture components to {latent.shape[0]} training "
+            "cells: lower n_centroids, or train on more cells (train_size)."
+        )
     rng = np.random.default_rng(seed)
     if latent.shape[0] > max_cells:
         keep = rng.choice(latent.shape[0], max_cells, replace=False)
@@ -72,7 +84,9 @@ class GMMInitCallback(Callback):
     At the start of epoch ``init_epoch`` the encoder's posterior means of the training
     cells are computed, a diagonal Gaussian mixture is fitted to them, and its weights,
     means and variances are copied into the module's prior. Under a distributed strategy
-    the fit runs once, on rank 0, and the parameters are broadcast to every rank.
+    the fit runs once, on rank 0, and the parameters are broadcast to every rank; if the fit
+    fails (e.g. the posterior means are not finite), every rank raises the same
+    ``ValueError``.
 
     Parameters
     ----------
@@ -105,7 +119,7 @@ class GMMInitCallback(Callback):
         if trainer.current_epoch != self.init_epoch:
             return
         module = pl_module.module
-        params = None
+        payload = None
         if trainer.is_global_zero:
             indices = getattr(trainer.datamodule, "train_idx", None)
             was_training = module.training
@@ -115,8 +129,14 @@ class GMMInitCallback(Callback):
             finally:
                 module.train(was_training)
             latent, posterior_var = latent if isinstance(latent, tuple) else (latent, None)
-            fitted = fit_gmm(latent, self.n_components, self.seed, posterior_var=posterior_var)
-            params = [torch.as_tensor(p) for p in fitted]
-            logger.info("Initialized the GMM prior on %d posterior means.", latent.shape[0])
-        params = trainer.strategy.broadcast(params, src=0)
-        module.prior.set_parameters(*params)
+            try:
+                fitted = fit_gmm(latent, self.n_components, self.seed, posterior_var=posterior_var)
+                payload = [torch.as_tensor(p) for p in fitted]
+                logger.info("Initialized the GMM prior on %d posterior means.", latent.shape[0])
+            except ValueError as error:
+                # Sent to every rank, so that all of them stop instead of waiting for rank 0.
+                payload = f"{error} (GMM initialization at epoch {trainer.current_epoch})"
+        payload = trainer.strategy.broadcast(payload, src=0)
+        if isinstance(payload, str):
+            raise ValueError(payload)
+        module.prior.set_parameters(*payload)
