@@ -39,6 +39,15 @@ from ._validation import (
 logger = logging.getLogger(__name__)
 
 
+def _open_fraction(matrix, chunk: int = 10_000) -> np.ndarray:
+    """Fraction of cells in which each peak is open (> 0), chunk by chunk of rows."""
+    counts = np.zeros(matrix.shape[1])
+    for start in range(0, matrix.shape[0], chunk):
+        block = matrix[start : start + chunk]
+        counts += np.asarray((block > 0).sum(0)).ravel()
+    return counts / matrix.shape[0]
+
+
 class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
     """SCALE: single-cell ATAC-seq analysis via latent feature extraction.
 
@@ -116,6 +125,10 @@ class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, B
             n_particles=n_particles,
             **module_kwargs,
         )
+        if module_cls is self._module_cls:
+            self.module.init_decoder_bias(
+                _open_fraction(self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY))
+            )
         self._model_summary_string = (
             f"SCALE model with n_centroids: {n_centroids}, n_latent: {n_latent}, "
             f"encoder: {tuple(n_hidden)}, decoder: {tuple(n_hidden_decoder) or 'linear'}, "

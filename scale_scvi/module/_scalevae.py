@@ -237,6 +237,17 @@ class SCALEVAE(BaseModuleClass):
 
         return log_likelihood
 
+    @torch.no_grad()
+    def init_decoder_bias(self, open_fraction: torch.Tensor) -> None:
+        """Start the decoder at each peak's observed open fraction.
+
+        Sets the output bias to ``logit(open_fraction)`` so that training does not spend
+        its first hundreds of steps learning the overall sparsity of the data.
+        """
+        bias = self.decoder.output.fc_layers[0][0].bias
+        frac = torch.as_tensor(open_fraction, dtype=bias.dtype, device=bias.device)
+        bias.copy_(torch.logit(frac.clamp(1e-4, 1 - 1e-4)))
+
     def cluster_probabilities(self, qz_m: torch.Tensor) -> torch.Tensor:
         """``p(c | z)`` at the posterior mean, shape ``(B, K)``."""
         return self.prior.responsibilities(qz_m)
