@@ -17,7 +17,8 @@ from pathlib import Path
 
 _OUTPUTS = """\
 output folder (-o):
-  adata.h5ad                  the filtered cells x peaks with obsm["X_scale"] (latent means),
+  adata.h5ad                  the filtered cells x peaks (for RNA + ATAC input: the ATAC
+                              part, and mdata.h5mu holds both) with obsm["X_scale"] (latent means),
                               obsm["scale_probabilities"], obs["scale_cluster"] (argmax of the
                               cluster probabilities), obs["leiden"], obsm["X_umap"], and
                               layers["scale_imputed"] / layers["scale_binary"] with --impute /
@@ -31,7 +32,11 @@ examples:
   scale-scvi peaks.h5ad -o results --n-centroids 8
   scale-scvi filtered_peak_bc_matrix/ -o results --min-peaks 200 --min-cells 10
   scale-scvi multiome.h5mu --modality atac -o results --impute --binary
+  scale-scvi multiome.h5mu -o results     # 'atac' + 'rna' modalities: joint model
 """
+
+
+MULTIMODAL = ("atac", "rna")
 
 
 class CLIError(Exception):
@@ -118,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument(
         "--modality",
         metavar="NAME",
-        help="modality of an .h5mu file holding the peaks (e.g. 'atac'); required for .h5mu",
+        help="modality of an .h5mu file holding the peaks (e.g. 'atac'); without it, an .h5mu "
+        "with 'atac' and 'rna' modalities trains the joint RNA + ATAC model",
     )
     io.add_argument("--layer", metavar="NAME", help="layer holding the peak counts (default: X)")
     io.add_argument("--batch-key", metavar="KEY", help="column of obs with the batch of each cell")
@@ -252,7 +258,11 @@ class _Log:
 
 
 def read_input(path: str, modality: str | None):
-    """Read the input into memory: an AnnData, or a MuData for a multimodal run."""
+    """Read the input into memory: an AnnData, or a MuData for a multimodal run.
+
+    An ``.h5mu`` file with ``atac`` and ``rna`` modalities and no ``modality`` gives the
+    MuData (RNA + ATAC); with ``modality``, that modality's AnnData.
+    """
     import anndata as ad
 
     from scale_scvi.data import read_10x_folder
@@ -289,9 +299,11 @@ def read_input(path: str, modality: str | None):
         except Exception as err:
             raise CLIError(f"cannot read {path!r} as an .h5mu file ({_one_line(err)})") from err
         if modality is None:
+            if set(MULTIMODAL) <= set(mdata.mod):
+                return mdata
             raise CLIError(
-                f"{path!r} is an .h5mu file: pass --modality with the modality holding the "
-                f"peaks (one of {list(mdata.mod)})"
+                f"{path!r} is an .h5mu file without both 'atac' and 'rna' modalities: pass "
+                f"--modality with the modality holding the peaks (one of {list(mdata.mod)})"
             )
         if modality not in mdata.mod:
             raise CLIError(
@@ -306,10 +318,20 @@ def _one_line(err: BaseException) -> str:
     return text if text else type(err).__name__
 
 
-def filter_data(adata, min_peaks: int, min_cells: int, n_top_peaks: int | None, layer, log):
-    """Filter a copy of the data: cells with few open peaks, rarely open peaks, top peaks."""
+def _binary(matrix):
     import numpy as np
     import scipy.sparse as sp
+
+    return (
+        (sp.csr_matrix(matrix) > 0)
+        if sp.issparse(matrix)
+        else sp.csr_matrix(np.asarray(matrix) > 0)
+    )
+
+
+def _filter_masks(adata, min_peaks: int, min_cells: int, n_top_peaks: int | None, layer):
+    """Boolean masks of the cells and peaks kept by the filters."""
+    import numpy as np
 
     from scale_scvi.model._validation import get_matrix, validate_accessibility_matrix
 
@@ -318,11 +340,7 @@ def filter_data(adata, min_peaks: int, min_cells: int, n_top_peaks: int | None, 
         validate_accessibility_matrix(matrix, "the input matrix")
     except (ValueError, TypeError) as err:
         raise CLIError(str(err)) from err
-    binary = (
-        (sp.csr_matrix(matrix) > 0)
-        if sp.issparse(matrix)
-        else sp.csr_matrix(np.asarray(matrix) > 0)
-    )
+    binary = _binary(matrix)
     peaks_per_cell = np.asarray(binary.sum(1)).ravel()
     cells = peaks_per_cell >= min_peaks
     if not cells.any():
@@ -338,11 +356,43 @@ def filter_data(adata, min_peaks: int, min_cells: int, n_top_peaks: int | None, 
         order = np.argsort(-np.where(peaks, cells_per_peak, -1), kind="stable")
         peaks = np.zeros_like(peaks)
         peaks[order[:n_top_peaks]] = True
+    return cells, peaks
+
+
+def filter_data(adata, min_peaks: int, min_cells: int, n_top_peaks: int | None, layer, log):
+    """Filter a copy of the data: cells with few open peaks, rarely open peaks, top peaks."""
+    cells, peaks = _filter_masks(adata, min_peaks, min_cells, n_top_peaks, layer)
     log(
         f"Kept {int(cells.sum())} of {adata.n_obs} cells (>= {min_peaks} open peaks) and "
         f"{int(peaks.sum())} of {adata.n_vars} peaks."
     )
     return adata[cells, peaks].copy()
+
+
+def filter_mudata(mdata, min_peaks: int, min_cells: int, n_top_peaks: int | None, log):
+    """Filter a copy of RNA + ATAC data: cells and peaks on ATAC, genes seen in few cells."""
+    import numpy as np
+    from mudata import MuData
+
+    atac, rna = (mdata.mod[m] for m in MULTIMODAL)
+    if not atac.obs_names.equals(rna.obs_names):
+        raise CLIError(
+            "the 'atac' and 'rna' modalities must hold the same cells in the same order "
+            "(all-zero rows for cells that lack one)"
+        )
+    cells, peaks = _filter_masks(atac, min_peaks, min_cells, n_top_peaks, None)
+    genes = np.asarray(_binary(rna.X)[cells].sum(0)).ravel() >= min_cells
+    if not genes.any():
+        raise CLIError(f"no gene is detected in at least --min-cells {min_cells} cells")
+    out = MuData({"atac": atac[cells, peaks].copy(), "rna": rna[cells, genes].copy()})
+    shared = [c for c in mdata.obs.columns if ":" not in c]
+    for column in shared:
+        out.obs[column] = mdata.obs[column].to_numpy()[cells]
+    log(
+        f"Kept {int(cells.sum())} of {mdata.n_obs} cells (>= {min_peaks} open peaks), "
+        f"{int(peaks.sum())} of {atac.n_vars} peaks and {int(genes.sum())} of {rna.n_vars} genes."
+    )
+    return out
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -356,20 +406,28 @@ def run(args: argparse.Namespace) -> Path:
     if not (args.impute or args.binary) and args.threshold != 0.5:
         raise CLIError("--threshold applies to --impute and --binary; pass one of them")
 
+    from mudata import MuData
+
     t0 = time.perf_counter()
     log(f"Reading {args.input} ...")
-    adata = read_input(args.input, args.modality)
-    log(f"Read {adata.n_obs} cells x {adata.n_vars} features.")
-    if args.batch_key is not None and args.batch_key not in adata.obs:
+    data = read_input(args.input, args.modality)
+    multimodal = isinstance(data, MuData)
+    log(f"Read {data.n_obs} cells x {data.n_vars} features.")
+    if multimodal and args.layer is not None:
+        raise CLIError("--layer applies to AnnData input; RNA + ATAC input uses each X")
+    if args.batch_key is not None and args.batch_key not in data.obs:
         raise CLIError(
             f"--batch-key {args.batch_key!r} is not a column of obs (columns: "
-            f"{list(adata.obs.columns)})"
+            f"{list(data.obs.columns)})"
         )
-    adata = filter_data(adata, args.min_peaks, args.min_cells, args.n_top_peaks, args.layer, log)
-    if args.n_centroids > adata.n_obs:
+    if multimodal:
+        data = filter_mudata(data, args.min_peaks, args.min_cells, args.n_top_peaks, log)
+    else:
+        data = filter_data(data, args.min_peaks, args.min_cells, args.n_top_peaks, args.layer, log)
+    if args.n_centroids > data.n_obs:
         raise CLIError(
             f"--n-centroids {args.n_centroids} is larger than the number of cells left "
-            f"({adata.n_obs})"
+            f"({data.n_obs})"
         )
 
     import matplotlib
@@ -383,11 +441,22 @@ def run(args: argparse.Namespace) -> Path:
 
     scvi.settings.seed = args.seed
     try:
-        SCALE.setup_anndata(adata, layer=args.layer, batch_key=args.batch_key)
+        if multimodal:
+            SCALE.setup_mudata(
+                data,
+                batch_key=args.batch_key,
+                modalities={"atac_layer": "atac", "rna_layer": "rna"},
+            )
+        else:
+            SCALE.setup_anndata(data, layer=args.layer, batch_key=args.batch_key)
     except (ValueError, TypeError) as err:
         raise CLIError(str(err)) from err
-    model = SCALE(adata, n_centroids=args.n_centroids, n_latent=args.n_latent)
-    log(f"Training SCALE ({args.n_centroids} components, {args.n_latent} latent dimensions) ...")
+    model = SCALE(data, n_centroids=args.n_centroids, n_latent=args.n_latent)
+    what = "RNA + ATAC" if multimodal else "ATAC"
+    log(
+        f"Training SCALE on {what} ({args.n_centroids} components, {args.n_latent} latent "
+        "dimensions) ..."
+    )
     model.train(
         max_epochs=args.max_epochs,
         batch_size=args.batch_size,
@@ -399,6 +468,13 @@ def run(args: argparse.Namespace) -> Path:
     outdir.mkdir(parents=True, exist_ok=True)
 
     log("Writing the latent space, clusters, UMAP and Leiden clusters ...")
+    # The annotated AnnData: the data itself, or the ATAC modality with the cells' obs.
+    adata = data
+    if multimodal:
+        adata = data.mod["atac"].copy()
+        for column in data.obs.columns:
+            if ":" not in column:
+                adata.obs[column] = data.obs[column].to_numpy()
     adata.obsm["X_scale"] = model.get_latent_representation()
     adata.obsm["scale_probabilities"] = model.get_cluster_probabilities()
     adata.obs["scale_cluster"] = model.get_cluster_assignments()
@@ -439,6 +515,12 @@ def run(args: argparse.Namespace) -> Path:
     else:
         log("All cells fell into one cluster: no cluster-specific peaks to write.")
     adata.write_h5ad(outdir / "adata.h5ad")
+    if multimodal:
+        for key in ("X_scale", "scale_probabilities", "X_umap"):
+            data.obsm[key] = adata.obsm[key]
+        for column in ("scale_cluster", "leiden"):
+            data.obs[column] = adata.obs[column].to_numpy()
+        data.write_h5mu(outdir / "mdata.h5mu")
     model.save(outdir / "model", overwrite=True)
     n_clusters = adata.obs["scale_cluster"].nunique()
     log(
