@@ -129,3 +129,24 @@ def test_saved_model_of_0_1_0_still_loads() -> None:
         np.testing.assert_allclose(
             model.get_normalized_accessibility(), expected["accessibility"], rtol=1e-5, atol=1e-6
         )
+
+
+@pytest.mark.skipif(not hasattr(SCALE, "setup_mudata"), reason="SCALE.setup_mudata not available")
+def test_mudata_model_on_other_features_raises(tmp_path: Path) -> None:
+    from scale_scvi.data import simulate_multiome
+
+    scvi.settings.seed = 0
+    mdata = simulate_multiome(n_cells=60, n_peaks=50, n_genes=30, n_types=2, seed=0)
+    SCALE.setup_mudata(mdata)
+    model = SCALE(mdata, n_centroids=2, n_hidden=(16,))
+    model.train(max_epochs=1, enable_progress_bar=False)
+    model.save(tmp_path / "mm")
+    loaded = SCALE.load(tmp_path / "mm", adata=mdata.copy())
+    np.testing.assert_array_equal(
+        loaded.get_latent_representation(), model.get_latent_representation()
+    )
+    other = mdata.copy()
+    other.mod["rna"].var_names = [f"renamed_{i}" for i in range(other.mod["rna"].n_vars)]
+    other.update()
+    with pytest.raises(ValueError, match=r"mdata\['rna'\] does not have the features"):
+        SCALE.load(tmp_path / "mm", adata=other)

@@ -165,6 +165,7 @@ def validate_saved_var_names(dir_path: str, adata, prefix: str | None = None) ->
     saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("var_names")
     if saved is None:
         return
+    kind = "features" if isinstance(saved, dict) else "peaks"
     if isinstance(saved, dict):
         mods = getattr(adata, "mod", {})
         pairs = [
@@ -176,8 +177,9 @@ def validate_saved_var_names(dir_path: str, adata, prefix: str | None = None) ->
     for what, source, target in pairs:
         if target is None:
             raise ValueError(
-                f"The model in {dir_path!r} was trained with a modality that {what} lacks; "
-                f"load it with data that has it (modalities: {list(getattr(adata, 'mod', {}))})."
+                f"The model in {dir_path!r} was trained with modality {what}, which the data "
+                f"lack (modalities: {list(getattr(adata, 'mod', {}))}); load it with data that "
+                "have it."
             )
         target = np.asarray(target)
         if source.shape == target.shape and np.array_equal(source, target):
@@ -185,15 +187,15 @@ def validate_saved_var_names(dir_path: str, adata, prefix: str | None = None) ->
         if source.shape == target.shape:
             differ = np.flatnonzero(source != target)
             detail = (
-                f"{differ.size} of its {source.size} peaks differ or are in another order "
+                f"{differ.size} of its {source.size} {kind} differ or are in another order "
                 f"(first at position {differ[0]}: model {source[differ[0]]!r}, "
                 f"{what} {target[differ[0]]!r})"
             )
         else:
-            detail = f"the model has {source.size} peaks and {what} has {target.size}"
+            detail = f"the model has {source.size} {kind} and {what} has {target.size}"
         raise ValueError(
-            f"{what} does not have the peaks of the model in {dir_path!r}: {detail}. Load it "
-            "with data on the same peaks in the same order (e.g. adata[:, model_peaks]), or "
+            f"{what} does not have the {kind} of the model in {dir_path!r}: {detail}. Load it "
+            f"with data on the same {kind} in the same order (e.g. adata[:, model_{kind}]), or "
             "map new data onto the model with SCALE.prepare_query_anndata(adata, dir_path) and "
             "SCALE.load_query_data."
         )
