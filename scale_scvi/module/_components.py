@@ -20,27 +20,53 @@ def _covariate_list(
     return covs
 
 
+def column_major(linear: nn.Linear) -> None:
+    """Store the weight of ``linear`` column-major (same values, same shape and name).
+
+    The ``(n_out, n_in)`` weight then has contiguous columns, i.e. its transpose is a
+    contiguous ``(n_in, n_out)`` table with one row per input feature: a sparse input row
+    gathers only the rows of its nonzero features, and the gradient (which follows the
+    parameter's layout) is written the same way. Loading a state dict or moving the module
+    to another device keeps the layout.
+    """
+    weight = linear.weight.detach()
+    linear.weight = nn.Parameter(
+        weight.t().contiguous().t(), requires_grad=linear.weight.requires_grad
+    )
+
+
 def _first_layer(
     fc: FCLayers, x: torch.Tensor, cat_list: Sequence[torch.Tensor], cont: torch.Tensor | None
 ) -> torch.Tensor:
     """Run a one-layer :class:`FCLayers` on an input that may be a sparse tensor.
 
-    The linear map of ``FCLayers`` acts on ``[x, covariates]``; here its weight is split so the
-    peak part is applied with a sparse matrix product and the minibatch is never densified.
-    The parameters (and so scArches' freezing hooks and query mapping) stay those of
-    ``FCLayers``.
+    The linear map of ``FCLayers`` acts on ``[x, covariates]``. Here it is applied through the
+    transposed weight ``W^T`` (``n_in + n_cov`` rows, contiguous when the weight is stored
+    column-major, see :func:`column_major`): a sparse CSR minibatch is a bag of peak indices
+    per cell with their values, so ``x W^T`` is an :func:`~torch.nn.functional.embedding_bag`
+    sum over the rows of ``W^T`` of the open peaks, and the minibatch is never densified.
+    The covariate part uses the remaining rows of ``W^T``. The parameters (and so scArches'
+    freezing hooks and query mapping) stay those of ``FCLayers``.
     """
     block = fc.fc_layers[0]
     linear: nn.Linear = block[0]
     n_in = x.shape[-1]
-    weight = linear.weight
+    weight_t = linear.weight.t()
     if x.layout == torch.strided:
-        h = x @ weight[:, :n_in].t()
+        h = x @ weight_t[:n_in]
     else:
-        h = torch.sparse.mm(x, weight[:, :n_in].t())
+        x = x if x.layout == torch.sparse_csr else x.to_sparse_csr()
+        h = nn.functional.embedding_bag(
+            x.col_indices().long(),
+            weight_t,
+            x.crow_indices().long(),
+            mode="sum",
+            per_sample_weights=x.values().to(weight_t.dtype),
+            include_last_offset=True,
+        )
     covs = _covariate_list(fc, h, cat_list, cont)
     if covs:
-        h = h + torch.cat(covs, dim=-1) @ weight[:, n_in:].t()
+        h = h + torch.cat(covs, dim=-1) @ weight_t[n_in:]
     if linear.bias is not None:
         h = h + linear.bias
     for layer in list(block)[1:]:
@@ -52,7 +78,8 @@ def _first_layer(
 class SCALEEncoder(nn.Module):
     """MLP encoder ``x -> (mean, variance)`` of the diagonal Gaussian ``q(z|x)``.
 
-    The first layer takes sparse minibatches directly.
+    The first layer takes sparse minibatches directly; its weight is stored column-major
+    (:func:`column_major`), which makes the sparse product and its gradient cheap.
 
     Parameters
     ----------
@@ -92,6 +119,7 @@ class SCALEEncoder(nn.Module):
             raise ValueError("The encoder needs at least one hidden layer: n_hidden=(1024, 128).")
         n_cat_list = list(n_cat_list or [])
         self.var_eps = var_eps
+        self.deep_inject_covariates = deep_inject_covariates
         dims = [n_input, *n_hidden]
         self.layers = nn.ModuleList(
             FCLayers(
@@ -106,6 +134,7 @@ class SCALEEncoder(nn.Module):
             )
             for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=True))
         )
+        column_major(self.layers[0].fc_layers[0][0])
         self.mean_encoder = nn.Linear(dims[-1], n_output)
         self.var_encoder = nn.Linear(dims[-1], n_output)
 
@@ -114,8 +143,9 @@ class SCALEEncoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the mean and variance of ``q(z|x)``."""
         h = _first_layer(self.layers[0], x, cat_list, cont)
+        deep_cont = cont if self.deep_inject_covariates else None
         for layer in self.layers[1:]:
-            h = layer(h, *cat_list, cont=cont)
+            h = layer(h, *cat_list, cont=deep_cont)
         q_m = self.mean_encoder(h)
         q_v = nn.functional.softplus(self.var_encoder(h)) + self.var_eps
         return q_m, q_v

@@ -1,0 +1,79 @@
+"""The encoder's sparse first layer and the fused AdamW give the same numbers as the plain ones."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from scale_scvi.module._components import SCALEEncoder
+from scale_scvi.train import FusedAdamW
+
+
+def _batch(n_cells=7, n_peaks=40, seed=0):
+    X = sp.random(n_cells, n_peaks, density=0.2, format="csr", dtype=np.float32, random_state=seed)
+    X[0] = 0  # a cell with no open peak
+    X.eliminate_zeros()
+    dense = torch.from_numpy(X.toarray())
+    return dense, dense.to_sparse_csr()
+
+
+@pytest.mark.parametrize("n_cat_list", [[], [3]])
+def test_sparse_first_layer_matches_dense(n_cat_list):
+    torch.manual_seed(0)
+    enc = SCALEEncoder(40, 4, (16, 8), n_cat_list=n_cat_list, n_cont=1)
+    weight = enc.layers[0].fc_layers[0][0].weight
+    assert weight.shape == (16, 40 + sum(n_cat_list) + 1)
+    assert weight.t().is_contiguous()  # column-major storage
+    dense, sparse = _batch()
+    cats = [torch.tensor([[0], [1], [2], [0], [1], [2], [0]])] if n_cat_list else []
+    cont = torch.linspace(-1, 1, 7).unsqueeze(1)
+    results = []
+    for x in (dense, sparse):
+        enc.zero_grad()
+        m, v = enc(x, *cats, cont=cont)
+        (m.pow(2).sum() + v.sum()).backward()
+        results.append((m.detach(), v.detach(), weight.grad.clone()))
+        assert weight.grad.stride() == weight.stride()
+    for a, b in zip(results[0], results[1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # the reference: FCLayers' own forward on the dense input
+    h_ref = enc.layers[0](dense, *cats, cont=cont)
+    from scale_scvi.module._components import _first_layer
+
+    torch.testing.assert_close(_first_layer(enc.layers[0], sparse, cats, cont), h_ref)
+
+
+def test_column_major_layout_survives_state_dict():
+    enc = SCALEEncoder(40, 4, (16, 8))
+    other = SCALEEncoder(40, 4, (16, 8))
+    other.load_state_dict(enc.state_dict())
+    w = other.layers[0].fc_layers[0][0].weight
+    assert w.t().is_contiguous()
+    torch.testing.assert_close(w, enc.layers[0].fc_layers[0][0].weight)
+
+
+def test_fused_adamw_matches_torch_adamw():
+    torch.manual_seed(0)
+    enc1 = SCALEEncoder(40, 4, (16, 8))
+    enc2 = copy.deepcopy(enc1)
+    opt1 = torch.optim.AdamW(enc1.parameters(), lr=1e-2, eps=1e-8, weight_decay=5e-4)
+    opt2 = FusedAdamW(enc2.parameters(), lr=1e-2, eps=1e-8, weight_decay=5e-4)
+    dense, _ = _batch()
+    for _ in range(5):
+        for enc, opt in ((enc1, opt1), (enc2, opt2)):
+            opt.zero_grad()
+            m, v = enc(dense)
+            (m.pow(2).sum() + v.sum()).backward()
+            opt.step()
+    for p1, p2 in zip(enc1.parameters(), enc2.parameters()):
+        torch.testing.assert_close(p1, p2, atol=1e-6, rtol=1e-5)
+    w = enc2.layers[0].fc_layers[0][0].weight
+    assert w.t().is_contiguous()
+    assert not torch.equal(w, SCALEEncoder(40, 4, (16, 8)).layers[0].fc_layers[0][0].weight)
+    # the optimizer state loads into torch's AdamW and back
+    opt3 = torch.optim.AdamW(enc2.parameters(), lr=1e-2)
+    opt3.load_state_dict(opt2.state_dict())
