@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from functools import partial
 from typing import Literal
 
 import numpy as np
@@ -23,7 +24,7 @@ from scvi.model.base import ArchesMixin, BaseModelClass, UnsupervisedTrainingMix
 from scvi.module._constants import MODULE_KEYS
 
 from scale_scvi.module import SCALEVAE
-from scale_scvi.train import FiniteLossGuard, GMMInitCallback
+from scale_scvi.train import FiniteLossGuard, FusedAdamW, GMMInitCallback
 
 from . import _peaks
 from ._multimodal import MultimodalMixin
@@ -264,7 +265,8 @@ class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, B
             Passes through the data. Default: ``clip(60_000 / n_cells, 30, 400)``, about
             60,000 cell updates in all.
         lr
-            Learning rate of AdamW.
+            Learning rate of AdamW (:class:`~scale_scvi.train.FusedAdamW`, torch's AdamW on
+            its fused kernel).
         weight_decay
             Weight decay of AdamW.
         batch_size
@@ -310,7 +312,10 @@ class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, B
         plan_kwargs = dict(plan_kwargs or {})
         plan_kwargs.update(
             {
-                "optimizer": "AdamW",
+                "optimizer": "Custom",
+                "optimizer_creator": partial(
+                    FusedAdamW, lr=lr, eps=eps, weight_decay=weight_decay
+                ),
                 "lr": lr,
                 "weight_decay": weight_decay,
                 "eps": eps,
