@@ -13,22 +13,23 @@ from scale_scvi.module._components import SCALEEncoder
 from scale_scvi.train import FusedAdamW
 
 
-def _batch(n_cells=7, n_peaks=40, seed=0):
-    X = sp.random(n_cells, n_peaks, density=0.2, format="csr", dtype=np.float32, random_state=seed)
+def _batch(n_cells=7, n_peaks=40, seed=0, density=0.2):
+    X = sp.random(n_cells, n_peaks, density=density, format="csr", dtype=np.float32, random_state=seed)
     X[0] = 0  # a cell with no open peak
     X.eliminate_zeros()
     dense = torch.from_numpy(X.toarray())
     return dense, dense.to_sparse_csr()
 
 
+@pytest.mark.parametrize("density", [0.2, 0.05])
 @pytest.mark.parametrize("n_cat_list", [[], [3]])
-def test_sparse_first_layer_matches_dense(n_cat_list):
+def test_sparse_first_layer_matches_dense(n_cat_list, density):
     torch.manual_seed(0)
     enc = SCALEEncoder(40, 4, (16, 8), n_cat_list=n_cat_list, n_cont=1)
     weight = enc.layers[0].fc_layers[0][0].weight
     assert weight.shape == (16, 40 + sum(n_cat_list) + 1)
     assert weight.t().is_contiguous()  # column-major storage
-    dense, sparse = _batch()
+    dense, sparse = _batch(density=density)
     cats = [torch.tensor([[0], [1], [2], [0], [1], [2], [0]])] if n_cat_list else []
     cont = torch.linspace(-1, 1, 7).unsqueeze(1)
     results = []
