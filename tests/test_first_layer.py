@@ -14,7 +14,9 @@ from scale_scvi.train import FusedAdamW
 
 
 def _batch(n_cells=7, n_peaks=40, seed=0, density=0.2):
-    X = sp.random(n_cells, n_peaks, density=density, format="csr", dtype=np.float32, random_state=seed)
+    X = sp.random(
+        n_cells, n_peaks, density=density, format="csr", dtype=np.float32, random_state=seed
+    )
     X[0] = 0  # a cell with no open peak
     X.eliminate_zeros()
     dense = torch.from_numpy(X.toarray())
