@@ -324,14 +324,17 @@ class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, B
             }
         )
         callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
-        callbacks.append(
-            GMMInitCallback(
-                latent_fn=self._gmm_latent_fn(batch_size),
-                n_components=self.module.n_centroids,
-                init_epoch=gmm_init_epoch,
-                seed=settings.seed,
+        # A query model of load_query_data has the reference's prior frozen: keep it, so
+        # that query cells are assigned to the reference's components.
+        if any(p.requires_grad for p in self.module.prior.parameters()):
+            callbacks.append(
+                GMMInitCallback(
+                    latent_fn=self._gmm_latent_fn(batch_size),
+                    n_components=self.module.n_centroids,
+                    init_epoch=gmm_init_epoch,
+                    seed=settings.seed,
+                )
             )
-        )
         callbacks.append(FiniteLossGuard())
         if gradient_clip_val is not None:
             trainer_kwargs.setdefault("gradient_clip_val", gradient_clip_val)
