@@ -22,9 +22,20 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# The docs extra on top of the same venv (torch==2.13.0 is already installed by $(STAMP)).
+DOCS_STAMP := $(VENV)/.installed-docs
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/pip install -q torch==2.13.0 -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+# Notebooks are stored with their outputs and not executed; warnings are errors.
+docs: $(DOCS_STAMP)
+	$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html
+	@echo "Open docs/_build/html/index.html"
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
 clean:
-	rm -rf scale_demo_output docs/_build .pytest_cache
+	rm -rf scale_demo_output docs/_build docs/generated docs/_generated .pytest_cache
