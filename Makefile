@@ -33,6 +33,15 @@ docs: $(DOCS_STAMP)
 	$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html
 	@echo "Open docs/_build/html/index.html"
 
+# Benchmarks against the original SCALE (own venv, benchmarks/.venv-scale), PeakVI and LSI;
+# writes benchmarks/results/*.csv, *.png and benchmarks/RESULTS.md. Hours on a small CPU.
+BENCH_SEEDS ?= 0 1 2
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_quality.py --seeds $(BENCH_SEEDS)
+	$(BIN)/python benchmarks/run_speed.py
+	$(BIN)/python benchmarks/run_scaling.py --cells 10000 50000 100000
+	$(BIN)/python benchmarks/report.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

@@ -1,0 +1,202 @@
+"""Shared helpers of the benchmark runners: data, metrics, subprocess accounting, machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
+WORK = BENCH_DIR / "work"
+RESULTS = BENCH_DIR / "results"
+MAIN_PYTHON = sys.executable
+ORIGINAL_VENV = BENCH_DIR / ".venv-scale"
+ORIGINAL_PYTHON = ORIGINAL_VENV / "bin" / "python"
+
+DATASETS = {
+    "forebrain": "preissl2018_forebrain_1043cells.h5ad",
+    "cell_lines": "schep2017_celllines_600cells.h5ad",
+}
+
+
+def prepare_dataset(name: str) -> Path | None:
+    """Write the binarized CSR matrix and labels of a shared dataset to ``work/<name>.npz``.
+
+    Every method reads this one file, so all of them see the same binarized matrix.
+    Returns ``None`` when the shared data folder does not hold the dataset.
+    """
+    import anndata as ad
+
+    from scale_scvi.data import shared_data_path
+
+    path = shared_data_path(DATASETS[name])
+    if path is None:
+        return None
+    out = WORK / f"{name}.npz"
+    if out.exists():
+        return out
+    WORK.mkdir(parents=True, exist_ok=True)
+    adata = ad.read_h5ad(path)
+    X = sp.csr_matrix(adata.X, dtype=np.float32)
+    X.data = (X.data > 0).astype(np.float32)
+    X.eliminate_zeros()
+    labels = adata.obs["cell_type"].astype(str).to_numpy()
+    save_matrix(out, X, labels)
+    return out
+
+
+def save_matrix(path: Path, X: sp.csr_matrix, labels: np.ndarray) -> None:
+    """Store a CSR matrix and its labels in one ``.npz``."""
+    np.savez(
+        path,
+        data=X.data,
+        indices=X.indices,
+        indptr=X.indptr,
+        shape=np.asarray(X.shape),
+        labels=np.asarray(labels, dtype=str),
+    )
+
+
+def load_matrix(path: str | Path) -> tuple[sp.csr_matrix, np.ndarray]:
+    """Read a matrix written by :func:`save_matrix`."""
+    f = np.load(path, allow_pickle=False)
+    X = sp.csr_matrix((f["data"], f["indices"], f["indptr"]), shape=tuple(f["shape"]))
+    return X, f["labels"]
+
+
+def cluster_scores(latent: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict[str, float]:
+    """ARI and NMI of k-means (true k, ``n_init=20``) on a latent representation."""
+    from sklearn.cluster import KMeans
+
+    k = len(np.unique(labels))
+    pred = KMeans(n_clusters=k, n_init=20, random_state=seed).fit_predict(latent)
+    return label_scores(pred, labels)
+
+
+def label_scores(pred: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """ARI and NMI of predicted labels."""
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    return {
+        "ari": float(adjusted_rand_score(labels, pred)),
+        "nmi": float(normalized_mutual_info_score(labels, pred)),
+    }
+
+
+def run_child(cmd: list[str], log: Path, timeout: float | None = None) -> dict:
+    """Run ``cmd`` in its own process; return its wall time, peak RSS and exit status.
+
+    The peak resident set size comes from ``os.wait4``, i.e. ``getrusage`` of exactly that
+    child (``ru_maxrss``, KiB on Linux).
+    """
+    env = dict(os.environ)
+    env.setdefault("TQDM_DISABLE", "1")
+    env["PYTHONPATH"] = os.pathsep.join([str(BENCH_DIR), env.get("PYTHONPATH", "")])
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        deadline = None if timeout is None else t0 + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if deadline is not None and time.perf_counter() > deadline:
+                proc.kill()
+                pid, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.2)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    return {
+        "wall_s": time.perf_counter() - t0,
+        "peak_rss_mb": usage.ru_maxrss / 1024.0,
+        "returncode": proc.returncode,
+    }
+
+
+def read_json(path: Path) -> dict:
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(obj, fh, indent=1)
+
+
+def machine_info() -> dict[str, str]:
+    """CPU model, cores, RAM, OS and the versions of the packages that matter."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gb = "unknown"
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem_gb = f"{int(line.split()[1]) / 1024**2:.1f} GiB"
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "memory": mem_gb,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+    }
+    for pkg in ["scale-scvi", "scvi-tools", "torch", "lightning", "numpy", "scikit-learn"]:
+        try:
+            info[pkg] = version(pkg)
+        except PackageNotFoundError:
+            info[pkg] = "not installed"
+    if ORIGINAL_PYTHON.exists():
+        out = subprocess.run(
+            [
+                str(ORIGINAL_PYTHON),
+                "-c",
+                "from importlib.metadata import version as v;"
+                "print(v('scale'), v('torch'), v('numpy'))",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if out.returncode == 0:
+            s, t, n = out.stdout.split()
+            info["original scale (own venv)"] = f"scale {s}, torch {t}, numpy {n}"
+    return info
+
+
+def ensure_original_venv() -> bool:
+    """Create ``benchmarks/.venv-scale`` with ``torch==2.13.0`` first, then ``scale==1.1.2``."""
+    if ORIGINAL_PYTHON.exists():
+        ok = subprocess.run(
+            [str(ORIGINAL_PYTHON), "-c", "import importlib.metadata as m; m.version('scale')"],
+            capture_output=True,
+        )
+        if ok.returncode == 0:
+            return True
+    steps = [
+        [sys.executable, "-m", "venv", str(ORIGINAL_VENV)],
+        [str(ORIGINAL_PYTHON), "-m", "pip", "install", "-q", "torch==2.13.0"],
+        [str(ORIGINAL_PYTHON), "-m", "pip", "install", "-q", "scale==1.1.2"],
+    ]
+    for cmd in steps:
+        if subprocess.run(cmd).returncode != 0:
+            print("Could not install the original SCALE:", " ".join(cmd), file=sys.stderr)
+            return False
+    return True

@@ -1,0 +1,163 @@
+"""One method on one dataset, in its own process: this SCALE, PeakVI or LSI.
+
+Writes ``<out>.json`` (timings, settings) and ``<out>_latent.npy`` (plus ``<out>_gmm.npy``,
+the argmax of the cluster probabilities, for SCALE). The parent process scores them and
+reads this process's peak RSS.
+
+Usage (from the repository root)::
+
+    .venv/bin/python benchmarks/methods.py --method scale --data benchmarks/work/forebrain.npz \
+        --out benchmarks/work/scale_forebrain_0 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+from _common import load_matrix, write_json
+from lightning.pytorch.callbacks import Callback
+
+
+class EpochTimer(Callback):
+    """Lightning callback recording the training time of every epoch.
+
+    From the start of the first minibatch to the end of the epoch, so work done by other
+    callbacks at the start of an epoch (the GMM initialization) is not counted.
+    """
+
+    def __init__(self):
+        self.times: list[float] = []
+        self._t0: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if self._t0 is not None:
+            self.times.append(time.perf_counter() - self._t0)
+        self._t0 = None
+
+
+def _adata(X: sp.csr_matrix):
+    import anndata as ad
+
+    return ad.AnnData(X)
+
+
+def run_scale(X, k: int, seed: int, out: str, train_kwargs: dict) -> dict:
+    import scvi
+
+    from scale_scvi import SCALE
+
+    scvi.settings.seed = seed
+    adata = _adata(X)
+    SCALE.setup_anndata(adata)
+    model = SCALE(adata, n_centroids=k)
+    no_outputs = train_kwargs.pop("no_outputs", False)
+    timer = EpochTimer()
+    t0 = time.perf_counter()
+    model.train(callbacks=[timer], enable_progress_bar=False, **train_kwargs)
+    t_train = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if not no_outputs:
+        latent = model.get_latent_representation()
+        gmm = model.get_cluster_probabilities().argmax(1)
+        np.save(out + "_latent.npy", latent)
+        np.save(out + "_gmm.npy", gmm)
+    t_inf = time.perf_counter() - t0
+    return {
+        "train_s": t_train,
+        "inference_s": t_inf,
+        "n_epochs": len(timer.times),
+        "s_per_epoch": float(np.median(timer.times)),
+        "epoch_times": timer.times,
+        "settings": f"defaults, n_centroids={k}" + (f", {train_kwargs}" if train_kwargs else ""),
+    }
+
+
+def run_peakvi(X, k: int, seed: int, out: str, train_kwargs: dict) -> dict:
+    import scvi
+
+    scvi.settings.seed = seed
+    adata = _adata(X)
+    scvi.model.PEAKVI.setup_anndata(adata)
+    model = scvi.model.PEAKVI(adata)
+    timer = EpochTimer()
+    t0 = time.perf_counter()
+    model.train(callbacks=[timer], enable_progress_bar=False, **train_kwargs)
+    t_train = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    latent = model.get_latent_representation()
+    t_inf = time.perf_counter() - t0
+    np.save(out + "_latent.npy", latent)
+    return {
+        "train_s": t_train,
+        "inference_s": t_inf,
+        "n_epochs": len(timer.times),
+        "s_per_epoch": float(np.median(timer.times)),
+        "settings": "scvi-tools defaults" + (f", {train_kwargs}" if train_kwargs else ""),
+    }
+
+
+def run_lsi(X, k: int, seed: int, out: str, train_kwargs: dict) -> dict:
+    """TF-IDF, log1p, truncated SVD with 30 kept components (the first, depth, dropped)."""
+    from sklearn.decomposition import TruncatedSVD
+
+    t0 = time.perf_counter()
+    X = sp.csr_matrix(X, dtype=np.float64)
+    tf = sp.diags(1.0 / np.maximum(np.asarray(X.sum(1)).ravel(), 1.0)) @ X
+    idf = X.shape[0] / np.maximum(np.asarray(X.sum(0)).ravel(), 1.0)
+    tfidf = (tf @ sp.diags(idf)).tocsr()
+    tfidf.data = np.log1p(tfidf.data * 1e4)
+    svd = TruncatedSVD(n_components=31, random_state=seed, algorithm="arpack")
+    latent = svd.fit_transform(tfidf)[:, 1:]
+    t_fit = time.perf_counter() - t0
+    np.save(out + "_latent.npy", latent.astype(np.float32))
+    return {
+        "train_s": t_fit,
+        "inference_s": 0.0,
+        "n_epochs": 0,
+        "s_per_epoch": float("nan"),
+        "settings": "TF-IDF + log1p + SVD (31 comps, first dropped)",
+    }
+
+
+METHODS = {"scale": run_scale, "peakvi": run_peakvi, "lsi": run_lsi}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--method", choices=sorted(METHODS), required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-epochs", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--load-sparse-tensor", action="store_true")
+    parser.add_argument("--no-outputs", action="store_true", help="timing only")
+    args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    X, labels = load_matrix(args.data)
+    k = len(np.unique(labels))
+    train_kwargs = {} if args.max_epochs is None else {"max_epochs": args.max_epochs}
+    if args.batch_size is not None:
+        train_kwargs["batch_size"] = args.batch_size
+    if args.load_sparse_tensor:
+        train_kwargs["load_sparse_tensor"] = True
+    if args.no_outputs:
+        train_kwargs["no_outputs"] = True
+    result = METHODS[args.method](X, k, args.seed, args.out, train_kwargs)
+    write_json(Path(args.out + ".json"), result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Clustering quality of this SCALE, the original SCALE, PeakVI and LSI on the labeled sets.
+
+Each (dataset, method, seed) runs in its own subprocess on the same binarized matrix
+(``work/<dataset>.npz``); this process reads that child's wall time and peak RSS, scores its
+latent (k-means with the true k, ``n_init=20``; and the argmax of the cluster
+probabilities for the two SCALEs) and appends a row to ``results/quality.csv``.
+Rows already in the CSV are kept, so the runner can be resumed.
+
+Usage::
+
+    .venv/bin/python benchmarks/run_quality.py --datasets cell_lines forebrain --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from _common import (
+    MAIN_PYTHON,
+    ORIGINAL_PYTHON,
+    RESULTS,
+    WORK,
+    cluster_scores,
+    ensure_original_venv,
+    label_scores,
+    load_matrix,
+    prepare_dataset,
+    read_json,
+    run_child,
+)
+
+METHODS = ["lsi", "scale", "peakvi", "original"]
+CSV = RESULTS / "quality.csv"
+
+# The CPU budget caps of the slow baselines (iterations of the original's fit loop, at its
+# batch size of 64; PeakVI epochs). None: the method's own default.
+CAPS = {
+    ("original", "cell_lines"): {"max_iter": 3000},
+    ("original", "forebrain"): {"max_iter": 48},
+    ("peakvi", "cell_lines"): {},
+    ("peakvi", "forebrain"): {"max_epochs": 20},
+}
+
+
+def command(method: str, data: str, out: str, seed: int, dataset: str) -> list[str]:
+    cap = CAPS.get((method, dataset), {})
+    if method == "original":
+        cmd = [str(ORIGINAL_PYTHON), "benchmarks/original_scale.py", "--data", data]
+        cmd += ["--out", out, "--seed", str(seed)]
+        if "max_iter" in cap:
+            cmd += ["--max-iter", str(cap["max_iter"])]
+        return cmd
+    cmd = [MAIN_PYTHON, "benchmarks/methods.py", "--method", method, "--data", data]
+    cmd += ["--out", out, "--seed", str(seed)]
+    if "max_epochs" in cap:
+        cmd += ["--max-epochs", str(cap["max_epochs"])]
+    return cmd
+
+
+def run_one(dataset: str, method: str, seed: int) -> dict | None:
+    data = prepare_dataset(dataset)
+    if data is None:
+        print(f"skip {dataset}: not in the shared data folder", file=sys.stderr)
+        return None
+    _, labels = load_matrix(data)
+    out = str(WORK / f"{method}_{dataset}_{seed}")
+    usage = run_child(
+        command(method, str(data), out, seed, dataset),
+        WORK / "logs" / f"{method}_{dataset}_{seed}.log",
+    )
+    if usage["returncode"] != 0:
+        print(f"{method} on {dataset} (seed {seed}) failed; see work/logs", file=sys.stderr)
+        return None
+    info = read_json(Path(out + ".json"))
+    latent = np.load(out + "_latent.npy")
+    km = cluster_scores(latent, labels, seed=0)
+    row = {
+        "dataset": dataset,
+        "method": method,
+        "seed": seed,
+        "ari_kmeans": km["ari"],
+        "nmi_kmeans": km["nmi"],
+        "ari_argmax": np.nan,
+        "nmi_argmax": np.nan,
+        "wall_s": usage["wall_s"],
+        "train_s": info["train_s"],
+        "s_per_epoch": info["s_per_epoch"],
+        "n_epochs": info["n_epochs"],
+        "peak_rss_mb": usage["peak_rss_mb"],
+        "settings": info.get("settings", ""),
+    }
+    if method in ("scale", "original"):
+        gm = label_scores(np.load(out + "_gmm.npy"), labels)
+        row["ari_argmax"], row["nmi_argmax"] = gm["ari"], gm["nmi"]
+    if method == "original":
+        row["settings"] = (
+            f"scale==1.1.2, batch 64, lr 2e-4, {info['n_iter']} iterations "
+            f"(capped; default 30000), latent = posterior mean"
+        )
+        sample = cluster_scores(np.load(out + "_latent_sample.npy"), labels, seed=0)
+        row["ari_kmeans_own_latent"] = sample["ari"]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--datasets", nargs="+", default=["cell_lines", "forebrain"])
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--redo", action="store_true", help="rerun rows already in the CSV")
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if "original" in args.methods and not ensure_original_venv():
+        args.methods = [m for m in args.methods if m != "original"]
+    done = pd.read_csv(CSV) if CSV.exists() else pd.DataFrame()
+    for dataset in args.datasets:
+        for seed in args.seeds:
+            for method in args.methods:
+                key = (dataset, method, seed)
+                if not done.empty and not args.redo:
+                    have = done[
+                        (done.dataset == dataset) & (done.method == method) & (done.seed == seed)
+                    ]
+                    if len(have):
+                        continue
+                row = run_one(*key)
+                if row is None:
+                    continue
+                print(
+                    f"{dataset:10s} {method:8s} seed {seed}: ARI {row['ari_kmeans']:.3f} "
+                    f"(argmax {row['ari_argmax']:.3f}) {row['wall_s']:.0f} s "
+                    f"{row['peak_rss_mb']:.0f} MB",
+                    flush=True,
+                )
+                if not done.empty:
+                    done = done[
+                        ~(
+                            (done.dataset == dataset)
+                            & (done.method == method)
+                            & (done.seed == seed)
+                        )
+                    ]
+                done = pd.concat([done, pd.DataFrame([row])], ignore_index=True)
+                done.to_csv(CSV, index=False)
+
+
+if __name__ == "__main__":
+    main()

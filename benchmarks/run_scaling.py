@@ -1,0 +1,180 @@
+"""Cost of this SCALE as the number of cells grows: synthetic data, 50,000 peaks, ~3 % dense.
+
+For each size, one subprocess generates the matrix (a fast vectorized generator, below),
+trains ``--epochs`` epochs (seconds per epoch: the median over epochs of the time from the
+first to the last minibatch, so the GMM initialization is not counted), then times
+inference: the latent (posterior means) and the thresholded imputation
+(``get_normalized_accessibility(threshold=0.5)``, CSR). Each phase's peak RSS is read in the
+child (``ru_maxrss`` after the phase, which is the maximum so far), and the whole child's
+from ``os.wait4``. Writes ``results/scaling.csv`` and ``results/scaling.png``.
+
+Usage::
+
+    .venv/bin/python benchmarks/run_scaling.py --cells 10000 50000 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from _common import MAIN_PYTHON, RESULTS, WORK, read_json, run_child
+
+CSV = RESULTS / "scaling.csv"
+
+
+def synthetic_scatac(
+    n_cells: int, n_peaks: int, density: float = 0.03, n_types: int = 10, seed: int = 0
+) -> tuple[sp.csr_matrix, np.ndarray]:
+    """Binary cells x peaks CSR with cell types, about ``density`` of entries open.
+
+    Each type has its own peak propensities (log-normal background, a block of boosted
+    type-specific peaks); each cell draws its number of reads around ``density * n_peaks``
+    and their peaks from its type's propensities; repeated peaks count once.
+    """
+    rng = np.random.default_rng(seed)
+    base = rng.lognormal(0.0, 1.0, size=n_peaks)
+    cdfs = []
+    block = n_peaks // (2 * n_types)
+    for t in range(n_types):
+        p = base.copy()
+        p[t * block : (t + 1) * block] *= 20.0
+        cdfs.append(np.cumsum(p / p.sum()))
+    types = np.sort(rng.integers(0, n_types, size=n_cells))  # grouped; shuffled below
+    # draw a few more reads than the target so that ~density stay after de-duplication
+    reads = rng.poisson(1.15 * density * n_peaks, size=n_cells)
+    indptr = np.concatenate([[0], np.cumsum(reads)])
+    cols = np.empty(indptr[-1], dtype=np.int64)
+    for t in range(n_types):
+        rows = np.flatnonzero(types == t)
+        if rows.size:
+            lo, hi = indptr[rows[0]], indptr[rows[-1] + 1]
+            cols[lo:hi] = np.searchsorted(cdfs[t], rng.random(hi - lo))
+    np.minimum(cols, n_peaks - 1, out=cols)
+    row_of = np.repeat(np.arange(n_cells, dtype=np.int64), reads)
+    keys = np.unique(row_of * n_peaks + cols)  # sorted, duplicates removed
+    rows, cols = np.divmod(keys, n_peaks)
+    counts = np.bincount(rows, minlength=n_cells)
+    indptr = np.concatenate([[0], np.cumsum(counts)])
+    X = sp.csr_matrix(
+        (np.ones(keys.size, dtype=np.float32), cols.astype(np.int32), indptr),
+        shape=(n_cells, n_peaks),
+    )
+    order = rng.permutation(n_cells)
+    X, types = X[order], types[order]
+    return X, types.astype(str)
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def child(n_cells: int, n_peaks: int, epochs: int, out: str) -> None:
+    """Generate, train and infer in this process; write ``out`` (JSON)."""
+    import anndata as ad
+    import scvi
+    from methods import EpochTimer
+
+    from scale_scvi import SCALE
+
+    scvi.settings.seed = 0
+    t0 = time.perf_counter()
+    X, types = synthetic_scatac(n_cells, n_peaks)
+    res = {"n_cells": n_cells, "n_peaks": n_peaks, "density": X.nnz / (n_cells * n_peaks)}
+    res["generate_s"] = time.perf_counter() - t0
+    res["data_mb"] = (X.data.nbytes + X.indices.nbytes + X.indptr.nbytes) / 2**20
+    res["rss_after_data_mb"] = _rss_mb()
+    adata = ad.AnnData(X)
+    SCALE.setup_anndata(adata)
+    model = SCALE(adata, n_centroids=10)
+    timer = EpochTimer()
+    t0 = time.perf_counter()
+    model.train(max_epochs=epochs, callbacks=[timer], enable_progress_bar=False)
+    res["train_total_s"] = time.perf_counter() - t0
+    res["train_s_per_epoch"] = float(np.median(timer.times))
+    res["rss_after_train_mb"] = _rss_mb()
+    t0 = time.perf_counter()
+    latent = model.get_latent_representation()
+    res["latent_s"] = time.perf_counter() - t0
+    res["rss_after_latent_mb"] = _rss_mb()
+    t0 = time.perf_counter()
+    imputed = model.get_normalized_accessibility(threshold=0.5)
+    res["impute_s"] = time.perf_counter() - t0
+    res["impute_nnz"] = int(imputed.nnz)
+    res["rss_after_impute_mb"] = _rss_mb()
+    assert latent.shape == (n_cells, 10)
+    with open(out, "w") as fh:
+        json.dump(res, fh, indent=1)
+
+
+def plot(df: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    n = df.n_cells / 1000
+    ax1.plot(n, df.train_s_per_epoch, "o-", label="training, s / epoch")
+    ax1.plot(n, df.latent_s, "s-", label="latent (posterior means), s")
+    ax1.plot(n, df.impute_s, "^-", label="thresholded imputation, s")
+    ax1.set_xlabel("cells (thousands), 50,000 peaks")
+    ax1.set_ylabel("seconds")
+    ax1.set_title("Time")
+    ax1.legend(fontsize=8)
+    ax2.plot(n, df.peak_rss_mb / 1024, "o-", label="peak RSS, whole run")
+    ax2.plot(n, df.data_mb / 1024, "s--", label="sparse input matrix")
+    ax2.plot(n, (df.peak_rss_mb - df.data_mb) / 1024, "^-", label="peak RSS minus input")
+    ax2.set_xlabel("cells (thousands), 50,000 peaks")
+    ax2.set_ylabel("GiB")
+    ax2.set_title("Memory")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--cells", nargs="+", type=int, default=[10_000, 50_000, 100_000])
+    parser.add_argument("--peaks", type=int, default=50_000)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        child(args.child, args.peaks, args.epochs, args.out)
+        return
+    rows = []
+    old = pd.read_csv(CSV) if CSV.exists() else pd.DataFrame()
+    for n in args.cells:
+        out = WORK / f"scaling_{n}.json"
+        cmd = [MAIN_PYTHON, "benchmarks/run_scaling.py", "--child", str(n)]
+        cmd += ["--peaks", str(args.peaks), "--epochs", str(args.epochs), "--out", str(out)]
+        usage = run_child(cmd, WORK / "logs" / f"scaling_{n}.log")
+        if usage["returncode"] != 0:
+            print(f"{n} cells failed; see work/logs", file=sys.stderr)
+            continue
+        row = read_json(out)
+        row["peak_rss_mb"] = usage["peak_rss_mb"]
+        row["wall_s"] = usage["wall_s"]
+        row["epochs"] = args.epochs
+        rows.append(row)
+        print(row, flush=True)
+    df = pd.DataFrame(rows)
+    if not old.empty:
+        df = pd.concat([old[~old.n_cells.isin(df.n_cells)], df], ignore_index=True)
+    df = df.sort_values("n_cells")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    df.to_csv(CSV, index=False)
+    plot(df, RESULTS / "scaling.png")
+
+
+if __name__ == "__main__":
+    main()

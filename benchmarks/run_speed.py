@@ -1,0 +1,107 @@
+"""Seconds per epoch of this SCALE and the original SCALE, side by side, on the forebrain set.
+
+Same data (1,043 cells x all 140,102 peaks), same architecture (P -> 1024 -> 128 -> 10,
+linear decoder) and the same minibatch size (64, the original's default). The two run one
+after the other in their own processes, alternating, ``--repeats`` times; each time the
+original trains ``--orig-epochs`` epochs (its GMM initialization excluded) and this SCALE
+``--epochs`` epochs (median epoch reported; the epoch holding the GMM initialization is
+not the median). Writes ``results/speed.csv``.
+
+Usage::
+
+    .venv/bin/python benchmarks/run_speed.py --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from _common import (
+    MAIN_PYTHON,
+    ORIGINAL_PYTHON,
+    RESULTS,
+    WORK,
+    ensure_original_venv,
+    prepare_dataset,
+    read_json,
+    run_child,
+)
+
+CSV = RESULTS / "speed.csv"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--dataset", default="forebrain")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--orig-epochs", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1)
+    args = parser.parse_args()
+    data = prepare_dataset(args.dataset)
+    if data is None:
+        sys.exit(f"{args.dataset} is not in the shared data folder; nothing to time.")
+    have_original = ensure_original_venv()
+    n_cells = int(np.load(data)["shape"][0])
+    iters_per_epoch = n_cells // args.batch_size  # the original drops the last partial batch
+    rows = []
+    variants = [
+        ("this SCALE (dense minibatches)", []),
+        ("this SCALE (load_sparse_tensor=True)", ["--load-sparse-tensor"]),
+    ]
+    for rep in range(args.repeats):
+        if have_original:
+            out = str(WORK / f"speed_original_{rep}")
+            cmd = [str(ORIGINAL_PYTHON), "benchmarks/original_scale.py", "--data", str(data)]
+            cmd += ["--out", out, "--batch-size", str(args.batch_size), "--no-outputs"]
+            cmd += ["--max-iter", str(args.orig_epochs * iters_per_epoch)]
+            usage = run_child(cmd, WORK / "logs" / f"speed_original_{rep}.log")
+            if usage["returncode"] == 0:
+                info = read_json(Path(out + ".json"))
+                rows.append(
+                    {
+                        "method": "original SCALE 1.1.2",
+                        "repeat": rep,
+                        "s_per_epoch": info["s_per_epoch"],
+                        "epochs_timed": info["n_epochs"],
+                        "peak_rss_mb": usage["peak_rss_mb"],
+                    }
+                )
+                print(rows[-1], flush=True)
+        for name, extra in variants:
+            tag = "sparse" if extra else "dense"
+            out = str(WORK / f"speed_scale_{tag}_{rep}")
+            cmd = [MAIN_PYTHON, "benchmarks/methods.py", "--method", "scale", "--data", str(data)]
+            cmd += ["--out", out, "--batch-size", str(args.batch_size), "--no-outputs"]
+            cmd += ["--max-epochs", str(args.epochs), *extra]
+            usage = run_child(cmd, WORK / "logs" / f"speed_scale_{tag}_{rep}.log")
+            if usage["returncode"] != 0:
+                print(f"{name} failed; see work/logs", file=sys.stderr)
+                continue
+            info = read_json(Path(out + ".json"))
+            rows.append(
+                {
+                    "method": name,
+                    "repeat": rep,
+                    "s_per_epoch": info["s_per_epoch"],
+                    "epochs_timed": info["n_epochs"],
+                    "peak_rss_mb": usage["peak_rss_mb"],
+                }
+            )
+            print(rows[-1], flush=True)
+    df = pd.DataFrame(rows)
+    df["dataset"] = args.dataset
+    df["batch_size"] = args.batch_size
+    orig = df.loc[df.method.str.startswith("original"), "s_per_epoch"]
+    df["speedup_vs_original"] = orig.median() / df["s_per_epoch"] if len(orig) else np.nan
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    df.to_csv(CSV, index=False)
+    print(df.to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()
