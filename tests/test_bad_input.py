@@ -424,3 +424,17 @@ def test_n_centroids_above_the_training_cells() -> None:
     model = SCALE(adata, **{**MODEL_KWARGS, "n_centroids": 100})
     with pytest.raises(ValueError, match=r"Cannot fit 100 mixture components to 60 training"):
         model.train(**{**TRAIN_KWARGS, "max_epochs": 1}, train_size=0.5)
+
+
+def test_dense_validation_reads_bounded_blocks(monkeypatch) -> None:
+    """A dense matrix is checked in blocks of bounded size, and a bad value in a late block
+    is still found."""
+    from scale_scvi.model import _validation
+
+    monkeypatch.setattr(_validation, "_CHUNK_VALUES", 10 * N_PEAKS)
+    sizes = [b.shape[0] for b in _validation._row_blocks(reference().X.toarray())]
+    assert max(sizes) == 10 and sum(sizes) == N_CELLS
+    X = reference().X.toarray()
+    X[-1, -1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        _validation.validate_accessibility_matrix(X)

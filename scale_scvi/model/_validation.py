@@ -12,17 +12,21 @@ import torch
 from anndata import AnnData
 from scvi import settings
 
-_CHUNK = 10_000
+_CHUNK_ROWS = 10_000  # rows per block of a sparse matrix
+_CHUNK_VALUES = 20_000_000  # values per block of a dense matrix (80 MB of float32)
 
 
 def _row_blocks(matrix) -> Iterator[np.ndarray | sp.spmatrix]:
     """``matrix`` block by block of rows (scipy sparse or dense), never densified whole.
 
-    Works for in-memory arrays and for the datasets of a backed AnnData.
+    Works for in-memory arrays and for the datasets of a backed AnnData. Dense blocks hold
+    at most ``_CHUNK_VALUES`` values, whatever the number of peaks.
     """
-    n = matrix.shape[0]
-    for start in range(0, n, _CHUNK):
-        block = matrix[start : start + _CHUNK]
+    n_rows, n_cols = matrix.shape
+    sparse = sp.issparse(matrix) or hasattr(matrix, "format")  # backed sparse datasets too
+    step = _CHUNK_ROWS if sparse else max(1, min(_CHUNK_ROWS, _CHUNK_VALUES // max(1, n_cols)))
+    for start in range(0, n_rows, step):
+        block = matrix[start : start + step]
         yield block if sp.issparse(block) else np.asarray(block)
 
 
