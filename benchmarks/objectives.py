@@ -59,6 +59,24 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} CPU, {threads} thread(s)"
 
 
+def commit() -> str:
+    """The git commit of the code measured (``+dirty`` with uncommitted changes)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "scale_scvi"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def load(name: str, min_peak_fraction: float):
     """A shared dataset, binarized, with peaks open in fewer than the fraction dropped."""
     import anndata as ad
@@ -137,6 +155,7 @@ def run_quality(name, objective, n_particles, min_peak_fraction, max_epochs, see
         "marginal_ll_seconds": round(ll_s, 1),
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
+        "commit": commit(),
     }
 
 
@@ -166,7 +185,7 @@ def _merge_rows(path: Path, rows: list[dict], key: tuple[str, ...]) -> None:
 
 # --------------------------------------------------------------------------- memory
 MEMORY_CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import torch
 from scvi import REGISTRY_KEYS
 from scale_scvi.module import SCALEVAE
@@ -177,7 +196,12 @@ module = SCALEVAE(n_input=n_peaks, n_centroids=8, objective="iwae", n_particles=
                   particle_chunk_size=chunk)
 x = (torch.rand(n_cells, n_peaks) < 0.01).float()
 tensors = {REGISTRY_KEYS.X_KEY: x, REGISTRY_KEYS.BATCH_KEY: torch.zeros(n_cells, 1)}
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def rss(field):
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith(field))
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the high-water mark: count this pass only, not the set-up
+base = rss("VmRSS:")
 start = time.perf_counter()
 if grad:
     _, _, out = module.forward(tensors)
@@ -185,7 +209,7 @@ if grad:
 else:
     module.marginal_ll(tensors, n_mc_samples=k, n_mc_samples_per_pass=chunk)
 seconds = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = rss("VmHWM:")
 print(json.dumps({"base_mib": base / 1024, "peak_mib": peak / 1024, "seconds": seconds}))
 """
 
