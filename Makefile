@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint docs bench clean
+.PHONY: demo test lint docs tutorials bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ $(DOCS_STAMP): $(STAMP)
 docs: $(DOCS_STAMP)
 	$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html
 	@echo "Open docs/_build/html/index.html"
+
+# Re-run the tutorials in place to refresh their stored outputs (needs the labeled data in
+# $$SCALE_SCVI_DATA, default ../shared/data; about half an hour on two CPU cores).
+tutorials: $(DOCS_STAMP)
+	cd docs/tutorials && for nb in forebrain multiome reference_mapping; do \
+		../../$(BIN)/jupyter-execute --inplace --timeout=3600 $$nb.ipynb || exit 1; done
+	rm -rf docs/tutorials/*_model docs/tutorials/*.h5ad
 
 # Benchmarks against the original SCALE (own venv, benchmarks/.venv-scale), PeakVI and LSI;
 # writes benchmarks/results/*.csv, *.png and benchmarks/RESULTS.md. Hours on a small CPU.

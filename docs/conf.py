@@ -31,6 +31,7 @@ templates_path = ["_templates"]
 # Notebooks are committed with their outputs and never executed by the build.
 nb_execution_mode = "off"
 nb_merge_streams = True
+nb_output_stderr = "remove"  # Lightning's and PyTorch's log lines, not results
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist"]
 myst_heading_anchors = 3
 
