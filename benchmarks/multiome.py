@@ -48,6 +48,7 @@ VARIANTS: dict[str, tuple[tuple[str, ...], dict, dict]] = {
     "scale_atac": (("atac",), {}, {}),
     "scale_rna": (("rna",), {}, {}),
     "joint_atac5": (("atac", "rna"), {"likelihood_scale": {"atac": 5.0}}, {}),
+    "joint_atac0.2": (("atac", "rna"), {"likelihood_scale": {"atac": 0.2}}, {}),
     "joint_iwae": (("atac", "rna"), {"objective": "iwae", "n_particles": 4}, {}),
     "joint_dreg": (("atac", "rna"), {"objective": "dreg", "n_particles": 4}, {}),
     "joint_k20": (("atac", "rna"), {"n_centroids": 20}, {}),
@@ -205,6 +206,9 @@ def main(argv=None):
     )
     parser.add_argument("--no-multivi", action="store_true")
     parser.add_argument("--epochs", type=int, default=None, help="override every model's epochs")
+    parser.add_argument(
+        "--multivi-epochs", type=int, default=None, help="cap MULTIVI's epochs (default 500)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS / "multiome.csv")
     parser.add_argument("--append", action="store_true", help="append to --out")
@@ -236,7 +240,7 @@ def main(argv=None):
             if fn is run_scale:
                 row = fn(name, *args_, args.n_hidden)
             else:
-                row = fn(*args_)
+                row = fn(*args_[:-1], args.multivi_epochs or args.epochs)
             hidden = args.n_hidden if fn is run_scale else None
             row = {"method": name, "seed": seed, "n_hidden": str(tuple(hidden or ())), **row}
             rows.append(row)

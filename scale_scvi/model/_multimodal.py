@@ -12,7 +12,16 @@ from scvi.data import AnnDataManager, fields
 from scvi.module._constants import MODULE_KEYS
 
 from scale_scvi.module import MultiSCALEVAE
-from scale_scvi.module._multivae import ATAC, MODALITIES, MODALITY_FLAG_KEY, PX_RNA_SCALE_KEY, RNA
+from scale_scvi.module._multivae import (
+    ATAC,
+    MASK_KEY,
+    MODALITIES,
+    MODALITY_FLAG_KEY,
+    PX_RNA_SCALE_KEY,
+    QZM_EXPERTS_KEY,
+    QZV_EXPERTS_KEY,
+    RNA,
+)
 
 from ._validation import validate_accessibility_matrix
 
@@ -286,6 +295,26 @@ class MultimodalMixin:
             else (inference_outputs[MODULE_KEYS.QZV_KEY])
         )
         return z + qz_v.sqrt() * torch.randn_like(z)
+
+    def _cluster_probabilities(self, inference_outputs: dict, modality: Modality = "joint"):
+        """Cluster probabilities of one minibatch (see :meth:`get_cluster_probabilities`)."""
+        if self.is_multimodal and modality == "joint":
+            return self.module.joint_cluster_probabilities(inference_outputs)
+        return self.module.cluster_probabilities(self._latent_mean(inference_outputs, modality))
+
+    def _aggregate_posterior_components(self, inference_outputs: dict):
+        """Means and variances of the Gaussians whose mixture is the aggregate posterior.
+
+        For a multimodal model those are the experts of every cell (not the moments of each
+        cell's mixture, which would blur experts that disagree into one wide Gaussian).
+        """
+        if not self.is_multimodal:
+            return inference_outputs[MODULE_KEYS.QZM_KEY], inference_outputs[MODULE_KEYS.QZV_KEY]
+        mask = inference_outputs[MASK_KEY].bool()  # (M, B)
+        return (
+            inference_outputs[QZM_EXPERTS_KEY][mask],
+            inference_outputs[QZV_EXPERTS_KEY][mask],
+        )
 
     def _check_has_atac(self) -> None:
         if self.is_multimodal and ATAC not in self.module.modalities:

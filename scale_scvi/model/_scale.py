@@ -362,13 +362,18 @@ class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, B
     # ------------------------------------------------------------------ outputs
     @torch.inference_mode()
     def _posterior_moments(self, adata, indices, batch_size) -> tuple[np.ndarray, np.ndarray]:
-        """Means and variances of ``q(z|x)`` of the given cells."""
+        """Means and variances of ``q(z|x)`` of the given cells.
+
+        For a multimodal model, those of every expert of each cell's mixture (one row per
+        cell and modality it has): the components of the aggregate posterior.
+        """
         loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
         means, variances = [], []
         for tensors in loader:
             out = self.module.inference(**self.module._get_inference_input(tensors))
-            means.append(out[MODULE_KEYS.QZM_KEY].cpu())
-            variances.append(out[MODULE_KEYS.QZV_KEY].cpu())
+            qz_m, qz_v = self._aggregate_posterior_components(out)
+            means.append(qz_m.cpu())
+            variances.append(qz_v.cpu())
         return torch.cat(means).numpy(), torch.cat(variances).numpy()
 
     @torch.inference_mode()
@@ -382,7 +387,8 @@ class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, B
         """Posterior cluster probabilities ``p(c | z)`` at the posterior mean of each cell.
 
         ``modality`` picks the posterior of a multimodal model (see
-        :meth:`get_latent_representation`).
+        :meth:`get_latent_representation`); for ``"joint"`` the probabilities are averaged
+        over the experts of the mixture, each at its posterior mean.
 
         Returns
         -------
@@ -394,7 +400,7 @@ class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, B
         probs = []
         for tensors in loader:
             out = self.module.inference(**self.module._get_inference_input(tensors))
-            probs.append(self.module.cluster_probabilities(self._latent_mean(out, modality)).cpu())
+            probs.append(self._cluster_probabilities(out, modality).cpu())
         return torch.cat(probs).numpy()
 
     def get_cluster_assignments(

@@ -420,6 +420,17 @@ class MultiSCALEVAE(BaseModuleClass):
         """``p(c | z)`` at a posterior mean, shape ``(B, K)``."""
         return self.prior.responsibilities(qz_m)
 
+    def joint_cluster_probabilities(self, inference_outputs: dict) -> torch.Tensor:
+        """``q(c | x_1..M) = E_q(z|x_1..M)[p(c | z)]`` for the mixture of experts, ``(B, K)``.
+
+        The expectation over the mixture is the mean over the experts a cell has, each
+        evaluated at its posterior mean: ``1/M_i sum_m p(c | E_q(z|x_m)[z])``. The mixture's
+        own mean can fall between components when the experts disagree; this cannot.
+        """
+        mask = inference_outputs[MASK_KEY].to(inference_outputs[QZM_EXPERTS_KEY].dtype)
+        resp = self.prior.responsibilities(inference_outputs[QZM_EXPERTS_KEY])  # (M, B, K)
+        return (mask.unsqueeze(-1) * resp).sum(0) / mask.sum(0).unsqueeze(-1)
+
     def loss(
         self,
         tensors: dict[str, torch.Tensor],
