@@ -121,6 +121,19 @@ def test_modality_mask_from_zeros_and_flags():
     assert torch.equal(mask, expected)
 
 
+def test_joint_cluster_probabilities_average_the_experts():
+    torch.manual_seed(0)
+    module = MultiSCALEVAE(n_input_atac=4, n_input_rna=3, n_centroids=3, **SMALL)
+    qz_m = torch.randn(2, 3, 4)
+    mask = torch.tensor([[True, False, True], [True, True, False]])
+    out = {"qzm_experts": qz_m, "modality_mask": mask}
+    got = module.joint_cluster_probabilities(out)
+    resp = module.prior.responsibilities(qz_m)
+    torch.testing.assert_close(got[0], (resp[0, 0] + resp[1, 0]) / 2)
+    torch.testing.assert_close(got[1], resp[1, 1])
+    torch.testing.assert_close(got[2], resp[0, 2])
+
+
 def sp_to_torch(x: sp.csr_matrix) -> torch.Tensor:
     return torch.sparse_csr_tensor(
         torch.as_tensor(x.indptr), torch.as_tensor(x.indices), torch.as_tensor(x.data), x.shape
