@@ -92,7 +92,7 @@ def label_scores(pred: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 
 
 def run_child(cmd: list[str], log: Path, timeout: float | None = None) -> dict:
-    """Run ``cmd`` in its own process; return its wall time, peak RSS and exit status.
+    """Run ``cmd`` in its own process; return its wall and CPU time, peak RSS, exit status.
 
     The peak resident set size comes from ``os.wait4``, i.e. ``getrusage`` of exactly that
     child (``ru_maxrss``, KiB on Linux).
@@ -118,6 +118,7 @@ def run_child(cmd: list[str], log: Path, timeout: float | None = None) -> dict:
     return {
         "wall_s": time.perf_counter() - t0,
         "peak_rss_mb": usage.ru_maxrss / 1024.0,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
         "returncode": proc.returncode,
     }
 

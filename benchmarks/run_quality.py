@@ -39,7 +39,7 @@ CSV = RESULTS / "quality.csv"
 # The CPU budget caps of the slow baselines (iterations of the original's fit loop, at its
 # batch size of 64; PeakVI epochs). None: the method's own default.
 CAPS = {
-    ("original", "cell_lines"): {"max_iter": 3000},
+    ("original", "cell_lines"): {"max_iter": 1500},
     ("original", "forebrain"): {"max_iter": 48},
     ("peakvi", "cell_lines"): {},
     ("peakvi", "forebrain"): {"max_epochs": 20},
@@ -87,8 +87,10 @@ def run_one(dataset: str, method: str, seed: int) -> dict | None:
         "ari_argmax": np.nan,
         "nmi_argmax": np.nan,
         "wall_s": usage["wall_s"],
+        "cpu_s": usage["cpu_s"],
         "train_s": info["train_s"],
         "s_per_epoch": info["s_per_epoch"],
+        "cpu_s_per_epoch": info.get("cpu_s_per_epoch", np.nan),
         "n_epochs": info["n_epochs"],
         "peak_rss_mb": usage["peak_rss_mb"],
         "settings": info.get("settings", ""),
@@ -136,14 +138,11 @@ def main() -> None:
                     f"{row['peak_rss_mb']:.0f} MB",
                     flush=True,
                 )
+                # re-read: another runner may have added rows meanwhile
+                done = pd.read_csv(CSV) if CSV.exists() else pd.DataFrame()
                 if not done.empty:
-                    done = done[
-                        ~(
-                            (done.dataset == dataset)
-                            & (done.method == method)
-                            & (done.seed == seed)
-                        )
-                    ]
+                    same = (done.dataset == dataset) & (done.method == method)
+                    done = done[~(same & (done.seed == seed))]
                 done = pd.concat([done, pd.DataFrame([row])], ignore_index=True)
                 done.to_csv(CSV, index=False)
 
