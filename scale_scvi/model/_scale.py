@@ -127,9 +127,9 @@ class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, B
             **module_kwargs,
         )
         if module_cls is self._module_cls:
-            self.module.init_decoder_bias(
-                _open_fraction(self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY))
-            )
+            matrix = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+            open_fraction = _open_fraction(matrix)
+            self.module.init_decoder_bias(open_fraction, mean_depth=open_fraction.sum())
         self._model_summary_string = (
             f"SCALE model with n_centroids: {n_centroids}, n_latent: {n_latent}, "
             f"encoder: {tuple(n_hidden)}, decoder: {tuple(n_hidden_decoder) or 'linear'}, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 from scvi import REGISTRY_KEYS
 from scvi.module._constants import MODULE_KEYS
@@ -88,6 +89,10 @@ class SCALEVAE(BaseModuleClass):
         E_q(z|x)[log N(z; mu_c, sigma2_c)])`` of the mean-field ELBO.
     min_var
         Variance floor of the prior components.
+    depth_offset
+        Add ``log(depth / mean depth)`` to the decoder's logits, where depth is the number of
+        open peaks of the cell, so that sequencing depth is explained by the likelihood and
+        not by the latent (and so not by the clusters). ``False`` is the original SCALE.
     """
 
     def __init__(
@@ -110,6 +115,7 @@ class SCALEVAE(BaseModuleClass):
         particle_chunk_size: int | None = 16,
         gamma_from: Literal["mean", "sample", "expected"] = "mean",
         min_var: float = 1e-4,
+        depth_offset: bool = True,
     ):
         super().__init__()
         if objective not in OBJECTIVES:
@@ -132,6 +138,8 @@ class SCALEVAE(BaseModuleClass):
         self.n_particles = n_particles
         self.particle_chunk_size = particle_chunk_size
         self.gamma_from = gamma_from
+        self.depth_offset = depth_offset
+        self.register_buffer("log_mean_depth", torch.zeros(()))
         self.encode_covariates = encode_covariates
 
         cat_list = [n_batch] + list(n_cats_per_cov or [])
@@ -174,8 +182,24 @@ class SCALEVAE(BaseModuleClass):
     ) -> dict:
         return {
             MODULE_KEYS.Z_KEY: inference_outputs[MODULE_KEYS.Z_KEY],
+            MODULE_KEYS.LIBRARY_KEY: inference_outputs.get(MODULE_KEYS.LIBRARY_KEY),
             **self._covariates(tensors),
         }
+
+    @staticmethod
+    def _log_depth(x: torch.Tensor) -> torch.Tensor:
+        """``log`` of the number of open peaks of each cell (at least 1), shape ``(B,)``."""
+        if x.layout == torch.strided:
+            depth = x.sum(-1)
+        else:
+            depth = torch.diff(x.crow_indices()).to(torch.float32)
+        return depth.clamp_min(1.0).log()
+
+    def _depth_logit_offset(self, library: torch.Tensor | None) -> torch.Tensor | float:
+        """Logit offset ``log(depth) - log(mean depth)`` per cell, shape ``(B, 1)``."""
+        if not self.depth_offset or library is None:
+            return 0.0
+        return (library - self.log_mean_depth).unsqueeze(-1)
 
     @staticmethod
     def _cat_list(batch_index, cat_covs) -> list[torch.Tensor]:
@@ -200,6 +224,7 @@ class SCALEVAE(BaseModuleClass):
             cats, cont = self._cat_list(batch_index, cat_covs), cont_covs
         else:
             cats, cont = [], None
+        library = self._log_depth(x)
         qz_m, qz_v = self.z_encoder(x, *cats, cont=cont)
         # No argument validation: a diverging run must reach the loss, where training stops
         # with an error that names the epoch (FiniteLossGuard), not fail inside Normal.
@@ -210,40 +235,47 @@ class SCALEVAE(BaseModuleClass):
             MODULE_KEYS.QZM_KEY: qz_m,
             MODULE_KEYS.QZV_KEY: qz_v,
             MODULE_KEYS.Z_KEY: z,
+            MODULE_KEYS.LIBRARY_KEY: library,
         }
 
     @auto_move_data
     def generative(
         self,
         z: torch.Tensor,
+        library: torch.Tensor | None = None,
         batch_index: torch.Tensor | None = None,
         cont_covs: torch.Tensor | None = None,
         cat_covs: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Decode ``z`` into Bernoulli logits of every peak (key ``"px"``)."""
-        return {
-            MODULE_KEYS.PX_KEY: self.decoder(
-                z, *self._cat_list(batch_index, cat_covs), cont=cont_covs
-            )
-        }
+        """Decode ``z`` into Bernoulli logits of every peak (key ``"px"``).
+
+        With ``library`` (log depth) and ``depth_offset``, the logits are those of a cell of
+        that depth; without it, those of a cell of the training data's mean depth.
+        """
+        logits = self.decoder(z, *self._cat_list(batch_index, cat_covs), cont=cont_covs)
+        return {MODULE_KEYS.PX_KEY: logits + self._depth_logit_offset(library)}
 
     def _log_likelihood_fn(self, x: torch.Tensor, tensors: dict[str, torch.Tensor]):
         covs = self._covariates(tensors)
         cats = self._cat_list(covs[MODULE_KEYS.BATCH_INDEX_KEY], covs[MODULE_KEYS.CAT_COVS_KEY])
         cont = covs[MODULE_KEYS.CONT_COVS_KEY]
 
+        offset = self._depth_logit_offset(self._log_depth(x))
+
         def log_likelihood(z: torch.Tensor) -> torch.Tensor:
-            return bernoulli_log_likelihood(self.decoder(z, *cats, cont=cont), x)
+            return bernoulli_log_likelihood(self.decoder(z, *cats, cont=cont) + offset, x)
 
         return log_likelihood
 
     @torch.no_grad()
-    def init_decoder_bias(self, open_fraction: torch.Tensor) -> None:
+    def init_decoder_bias(self, open_fraction: torch.Tensor, mean_depth: float) -> None:
         """Start the decoder at each peak's observed open fraction.
 
         Sets the output bias to ``logit(open_fraction)`` so that training does not spend
-        its first hundreds of steps learning the overall sparsity of the data.
+        its first hundreds of steps learning the overall sparsity of the data, and records
+        the mean number of open peaks per cell (the reference of the depth offset).
         """
+        self.log_mean_depth.fill_(float(np.log(max(mean_depth, 1.0))))
         bias = self.decoder.output.fc_layers[0][0].bias
         frac = torch.as_tensor(open_fraction, dtype=bias.dtype, device=bias.device)
         bias.copy_(torch.logit(frac.clamp(1e-4, 1 - 1e-4)))
