@@ -166,7 +166,11 @@ def validate_saved_var_names(dir_path: str, adata, prefix: str | None = None) ->
     path = os.path.join(dir_path, f"{prefix or ''}model.pt")
     if not os.path.isfile(path):
         return
-    saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("var_names")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except RuntimeError:  # a file in the legacy (not zip) format cannot be memory-mapped
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+    saved = saved.get("var_names")
     if saved is None:
         return
     kind = "features" if isinstance(saved, dict) else "peaks"
