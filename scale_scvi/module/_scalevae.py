@@ -165,6 +165,15 @@ class SCALEVAE(BaseModuleClass):
         )
         self.prior = GaussianMixturePrior(n_centroids, n_latent, min_var=min_var)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Models saved before the depth offset existed (version 0.1.0) have no
+        # ``log_mean_depth``: load them as they were trained, without the offset.
+        key = prefix + "log_mean_depth"
+        if key not in state_dict:
+            state_dict[key] = torch.zeros_like(self.log_mean_depth)
+            self.depth_offset = False
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     # ------------------------------------------------------------------ inputs
     @staticmethod
     def _covariates(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
