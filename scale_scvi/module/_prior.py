@@ -110,7 +110,9 @@ class GaussianMixturePrior(nn.Module):
         """Overwrite the mixture with given weights, means and variances (e.g. a fitted GMM)."""
         weights = torch.as_tensor(weights, dtype=self.logits.dtype, device=self.logits.device)
         means = torch.as_tensor(means, dtype=self.means.dtype, device=self.means.device)
-        variances = torch.as_tensor(variances, dtype=self.log_vars.dtype, device=self.log_vars.device)
+        variances = torch.as_tensor(
+            variances, dtype=self.log_vars.dtype, device=self.log_vars.device
+        )
         self.logits.copy_(weights.clamp_min(1e-8).log())
         self.means.copy_(means)
         self.log_vars.copy_((variances - self.min_var).clamp_min(self.min_var * 1e-2).log())
