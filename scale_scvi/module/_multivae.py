@@ -21,7 +21,7 @@ from ._objectives import (
     moe_iwae_bound,
 )
 from ._prior import GaussianMixturePrior
-from ._scalevae import OBJECTIVES, Objective, binarize
+from ._scalevae import Objective, binarize, validate_objective
 
 ATAC = "atac"
 RNA = "rna"
@@ -152,10 +152,7 @@ class MultiSCALEVAE(BaseModuleClass):
         min_var: float = 1e-4,
     ):
         super().__init__()
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}.")
-        if n_particles < 1:
-            raise ValueError(f"n_particles must be >= 1, got {n_particles}.")
+        validate_objective(objective, n_particles, particle_chunk_size)
         if n_input_atac < 0 or n_input_rna < 0 or n_input_atac + n_input_rna == 0:
             raise ValueError(
                 "MultiSCALEVAE needs at least one modality: set n_input_atac and/or n_input_rna "

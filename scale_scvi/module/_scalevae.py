@@ -27,6 +27,18 @@ Objective = Literal["elbo", "iwae", "dreg"]
 OBJECTIVES = ("elbo", "iwae", "dreg")
 
 
+def validate_objective(
+    objective: str, n_particles: int, particle_chunk_size: int | None = None
+) -> None:
+    """Raise a ``ValueError`` for an unknown objective or a bad particle setting."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}.")
+    if n_particles < 1:
+        raise ValueError(f"n_particles must be >= 1, got {n_particles}.")
+    if particle_chunk_size is not None and particle_chunk_size < 1:
+        raise ValueError(f"particle_chunk_size must be >= 1 or None, got {particle_chunk_size}.")
+
+
 def binarize(x: torch.Tensor) -> torch.Tensor:
     """``(x > 0)`` as float, keeping a sparse tensor sparse."""
     if x.layout == torch.strided:
@@ -118,17 +130,10 @@ class SCALEVAE(BaseModuleClass):
         depth_offset: bool = True,
     ):
         super().__init__()
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}.")
-        if n_particles < 1:
-            raise ValueError(f"n_particles must be >= 1, got {n_particles}.")
+        validate_objective(objective, n_particles, particle_chunk_size)
         if gamma_from not in ("mean", "sample", "expected"):
             raise ValueError(
                 f"gamma_from must be 'mean', 'sample' or 'expected', got {gamma_from!r}."
-            )
-        if particle_chunk_size is not None and particle_chunk_size < 1:
-            raise ValueError(
-                f"particle_chunk_size must be >= 1 or None, got {particle_chunk_size}."
             )
         self.n_input = n_input
         self.n_batch = n_batch
