@@ -27,11 +27,13 @@ DATASETS = {
 }
 
 
-def prepare_dataset(name: str) -> Path | None:
-    """Write the binarized CSR matrix and labels of a shared dataset to ``work/<name>.npz``.
+def prepare_dataset(name: str, min_open_fraction: float = 0.0) -> Path | None:
+    """Write the binarized CSR matrix and labels of a shared dataset to ``work/``.
 
-    Every method reads this one file, so all of them see the same binarized matrix.
-    Returns ``None`` when the shared data folder does not hold the dataset.
+    Every method reads this one file, so all of them see the same binarized matrix. With
+    ``min_open_fraction`` > 0 only the peaks open in at least that fraction of the cells are
+    kept (``work/<name>_min<percent>.npz``). Returns ``None`` when the shared data folder
+    does not hold the dataset.
     """
     import anndata as ad
 
@@ -40,7 +42,8 @@ def prepare_dataset(name: str) -> Path | None:
     path = shared_data_path(DATASETS[name])
     if path is None:
         return None
-    out = WORK / f"{name}.npz"
+    suffix = f"_min{min_open_fraction * 100:g}pct" if min_open_fraction > 0 else ""
+    out = WORK / f"{name}{suffix}.npz"
     if out.exists():
         return out
     WORK.mkdir(parents=True, exist_ok=True)
@@ -48,6 +51,9 @@ def prepare_dataset(name: str) -> Path | None:
     X = sp.csr_matrix(adata.X, dtype=np.float32)
     X.data = (X.data > 0).astype(np.float32)
     X.eliminate_zeros()
+    if min_open_fraction > 0:
+        open_in = np.bincount(X.indices, minlength=X.shape[1])
+        X = X[:, open_in >= min_open_fraction * X.shape[0]].tocsr()
     labels = adata.obs["cell_type"].astype(str).to_numpy()
     save_matrix(out, X, labels)
     return out
@@ -99,6 +105,9 @@ def run_child(cmd: list[str], log: Path, timeout: float | None = None) -> dict:
     """
     env = dict(os.environ)
     env.setdefault("TQDM_DISABLE", "1")
+    # Every child runs in the same environment: PyTorch's huge-page allocations on (the
+    # default of scale_scvi, set here explicitly for the original SCALE and PeakVI too).
+    env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     env["PYTHONPATH"] = os.pathsep.join([str(BENCH_DIR), env.get("PYTHONPATH", "")])
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

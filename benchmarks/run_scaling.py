@@ -1,8 +1,9 @@
 """Cost of this SCALE as the number of cells grows: synthetic data, 50,000 peaks, ~3 % dense.
 
-For each size, one subprocess generates the matrix (a fast vectorized generator, below),
-trains ``--epochs`` epochs (seconds per epoch: the median over epochs of the time from the
-first to the last minibatch, so the GMM initialization is not counted), then times
+For each size the matrix is generated once (a vectorized generator, below, run in the
+parent) and stored in ``work/``; one subprocess loads it, trains ``--epochs`` epochs
+(seconds per epoch: the median over epochs of the time from the first to the last
+minibatch, so the GMM initialization is not counted), then times
 inference: the latent (posterior means) and the thresholded imputation
 (``get_normalized_accessibility(threshold=0.5)``, CSR). Each phase's peak RSS is read in the
 child (``ru_maxrss`` after the phase, which is the maximum so far), and the whole child's
@@ -31,13 +32,19 @@ CSV = RESULTS / "scaling.csv"
 
 
 def synthetic_scatac(
-    n_cells: int, n_peaks: int, density: float = 0.03, n_types: int = 10, seed: int = 0
+    n_cells: int,
+    n_peaks: int,
+    density: float = 0.03,
+    n_types: int = 10,
+    seed: int = 0,
+    chunk: int = 5000,
 ) -> tuple[sp.csr_matrix, np.ndarray]:
     """Binary cells x peaks CSR with cell types, about ``density`` of entries open.
 
     Each type has its own peak propensities (log-normal background, a block of boosted
     type-specific peaks); each cell draws its number of reads around ``density * n_peaks``
-    and their peaks from its type's propensities; repeated peaks count once.
+    and their peaks from its type's propensities; repeated peaks count once. Cells are drawn
+    ``chunk`` at a time, so the generator's memory does not grow with the number of cells.
     """
     rng = np.random.default_rng(seed)
     base = rng.lognormal(0.0, 1.0, size=n_peaks)
@@ -47,29 +54,44 @@ def synthetic_scatac(
         p = base.copy()
         p[t * block : (t + 1) * block] *= 20.0
         cdfs.append(np.cumsum(p / p.sum()))
-    types = np.sort(rng.integers(0, n_types, size=n_cells))  # grouped; shuffled below
-    # draw a few more reads than the target so that ~density stay after de-duplication
-    reads = rng.poisson(1.15 * density * n_peaks, size=n_cells)
-    indptr = np.concatenate([[0], np.cumsum(reads)])
-    cols = np.empty(indptr[-1], dtype=np.int64)
-    for t in range(n_types):
-        rows = np.flatnonzero(types == t)
-        if rows.size:
-            lo, hi = indptr[rows[0]], indptr[rows[-1] + 1]
-            cols[lo:hi] = np.searchsorted(cdfs[t], rng.random(hi - lo))
-    np.minimum(cols, n_peaks - 1, out=cols)
-    row_of = np.repeat(np.arange(n_cells, dtype=np.int64), reads)
-    keys = np.unique(row_of * n_peaks + cols)  # sorted, duplicates removed
-    rows, cols = np.divmod(keys, n_peaks)
-    counts = np.bincount(rows, minlength=n_cells)
-    indptr = np.concatenate([[0], np.cumsum(counts)])
+    types = rng.integers(0, n_types, size=n_cells)
+    indptrs, indices = [np.zeros(1, dtype=np.int64)], []
+    offset = 0
+    for start in range(0, n_cells, chunk):
+        t_chunk = types[start : start + chunk]
+        # a few more reads than the target, so that ~density stay after de-duplication
+        reads = rng.poisson(1.15 * density * n_peaks, size=t_chunk.size)
+        row_of = np.repeat(np.arange(t_chunk.size, dtype=np.int64), reads)
+        cols = np.empty(row_of.size, dtype=np.int64)
+        u = rng.random(row_of.size)
+        for t in range(n_types):
+            sel = t_chunk[row_of] == t
+            cols[sel] = np.searchsorted(cdfs[t], u[sel])
+        np.minimum(cols, n_peaks - 1, out=cols)
+        keys = np.unique(row_of * n_peaks + cols)  # sorted, duplicates removed
+        rows, cols = np.divmod(keys, n_peaks)
+        counts = np.bincount(rows, minlength=t_chunk.size)
+        indptrs.append(offset + np.cumsum(counts))
+        indices.append(cols.astype(np.int32))
+        offset += keys.size
+    indices = np.concatenate(indices)
     X = sp.csr_matrix(
-        (np.ones(keys.size, dtype=np.float32), cols.astype(np.int32), indptr),
+        (np.ones(indices.size, dtype=np.float32), indices, np.concatenate(indptrs)),
         shape=(n_cells, n_peaks),
     )
-    order = rng.permutation(n_cells)
-    X, types = X[order], types[order]
     return X, types.astype(str)
+
+
+def dataset_path(n_cells: int, n_peaks: int) -> Path:
+    """The synthetic matrix of this size, generated once (``work/scaling_<cells>x<peaks>.npz``)."""
+    from _common import save_matrix
+
+    path = WORK / f"scaling_{n_cells}x{n_peaks}.npz"
+    if not path.exists():
+        WORK.mkdir(parents=True, exist_ok=True)
+        X, types = synthetic_scatac(n_cells, n_peaks)
+        save_matrix(path, X, types)
+    return path
 
 
 def _rss_mb() -> float:
@@ -85,10 +107,12 @@ def child(n_cells: int, n_peaks: int, epochs: int, out: str) -> None:
     from scale_scvi import SCALE
 
     scvi.settings.seed = 0
+    from _common import load_matrix
+
     t0 = time.perf_counter()
-    X, types = synthetic_scatac(n_cells, n_peaks)
+    X, _ = load_matrix(dataset_path(n_cells, n_peaks))
     res = {"n_cells": n_cells, "n_peaks": n_peaks, "density": X.nnz / (n_cells * n_peaks)}
-    res["generate_s"] = time.perf_counter() - t0
+    res["load_s"] = time.perf_counter() - t0
     res["data_mb"] = (X.data.nbytes + X.indices.nbytes + X.indptr.nbytes) / 2**20
     res["rss_after_data_mb"] = _rss_mb()
     adata = ad.AnnData(X)
@@ -155,6 +179,9 @@ def main() -> None:
     old = pd.read_csv(CSV) if CSV.exists() else pd.DataFrame()
     for n in args.cells:
         out = WORK / f"scaling_{n}.json"
+        t0 = time.perf_counter()
+        dataset_path(n, args.peaks)
+        print(f"{n} cells: data ready in {time.perf_counter() - t0:.0f} s", flush=True)
         cmd = [MAIN_PYTHON, "benchmarks/run_scaling.py", "--child", str(n)]
         cmd += ["--peaks", str(args.peaks), "--epochs", str(args.epochs), "--out", str(out)]
         usage = run_child(cmd, WORK / "logs" / f"scaling_{n}.log")

@@ -80,3 +80,43 @@ def test_fused_adamw_matches_torch_adamw():
     # the optimizer state loads into torch's AdamW and back
     opt3 = torch.optim.AdamW(enc2.parameters(), lr=1e-2)
     opt3.load_state_dict(opt2.state_dict())
+
+
+@pytest.mark.parametrize("n_cat_list", [[], [3]])
+def test_inplace_weight_gradient_equals_autograd(n_cat_list):
+    """The sparse path writes dW into weight.grad itself: same values as autograd's,
+    accumulated over backward passes, column-major, and kept (zeroed) by zero_grad."""
+    from scale_scvi.module import _components
+
+    torch.manual_seed(0)
+    enc = SCALEEncoder(40, 4, (16, 8), n_cat_list=n_cat_list, n_cont=1)
+    weight = enc.layers[0].fc_layers[0][0].weight
+    dense, sparse = _batch(density=0.05)
+    cats = [torch.tensor([[0], [1], [2], [0], [1], [2], [0]])] if n_cat_list else []
+    cont = torch.linspace(-1, 1, 7).unsqueeze(1)
+
+    def loss(x):
+        m, v = enc(x, *cats, cont=cont)
+        return m.pow(2).sum() + v.sum()
+
+    # reference: the plain autograd path, forced by a (no-op) hook on the weight
+    handle = weight.register_hook(lambda g: g)
+    assert not _components._inplace_grad_ok(weight)
+    enc.zero_grad()
+    loss(sparse).backward()
+    loss(sparse).backward()
+    reference = weight.grad.clone()
+    handle.remove()
+    assert _components._inplace_grad_ok(weight)
+    opt = FusedAdamW(enc.parameters())
+    opt.zero_grad()
+    assert weight.grad is None
+    loss(sparse).backward()
+    loss(sparse).backward()  # accumulates, as autograd does
+    torch.testing.assert_close(weight.grad, reference)
+    assert weight.grad.stride() == weight.stride()
+    grad = weight.grad
+    opt.zero_grad()
+    assert weight.grad is grad and not grad.any()
+    # the other parameters are reset as usual
+    assert all(p.grad is None for p in enc.parameters() if p is not weight)

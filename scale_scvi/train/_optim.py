@@ -46,6 +46,23 @@ class FusedAdamW(torch.optim.AdamW):
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True
         )
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the gradients; those the encoder writes in place are zeroed, not freed.
+
+        The sparse first layer adds its weight's gradient into ``weight.grad`` directly
+        (:class:`scale_scvi.module._components._SparseInputLinear`); keeping that tensor
+        saves allocating and zero-filling the model's largest tensor at every step.
+        """
+        keep = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and getattr(p, "_grad_written_in_place", False):
+                    keep.append((p, p.grad))
+        super().zero_grad(set_to_none=set_to_none)
+        for p, grad in keep:
+            grad.zero_()
+            p.grad = grad
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Perform one optimization step."""
