@@ -153,6 +153,27 @@ def test_setup_mudata_picks_the_module(mdata):
     assert isinstance(model.module, MultiSCALEVAE) and model.module.modalities == ("rna",)
 
 
+def test_decoders_start_at_the_average_cell(mdata):
+    """ATAC bias = logit(open fraction), RNA bias = centered log mean share; ATAC depth offset."""
+    SCALE.setup_mudata(mdata)
+    module = SCALE(mdata, n_centroids=3, **SMALL).module
+    atac = mdata.mod["atac"].X
+    frac = np.asarray((atac > 0).mean(0)).ravel().clip(1e-4, 1 - 1e-4)
+    bias = module.decoders["atac"].output.fc_layers[0][0].bias.detach().numpy()
+    np.testing.assert_allclose(bias, np.log(frac / (1 - frac)), rtol=1e-4, atol=1e-4)
+    mean_open = (atac > 0).sum() / mdata.n_obs
+    assert module.log_mean_depth.item() == pytest.approx(np.log(mean_open), rel=1e-5)
+    counts = np.asarray(mdata.mod["rna"].X.sum(0)).ravel()
+    share = np.log(np.maximum(counts / counts.sum(), 1e-8))
+    rna_bias = module.decoders["rna"].output.fc_layers[0][0].bias.detach().numpy()
+    np.testing.assert_allclose(rna_bias, share - share.mean(), rtol=1e-4, atol=1e-4)
+    x = torch.zeros(2, atac.shape[1])
+    x[0, :4] = 1
+    x[1, :40] = 1
+    offset = module._atac_depth_offset(x).squeeze(-1)
+    torch.testing.assert_close(offset, torch.log(torch.tensor([4.0, 40.0])) - np.log(mean_open))
+
+
 def test_training_and_outputs(trained, mdata):
     n, n_peaks, n_genes = mdata.n_obs, mdata.mod["atac"].n_vars, mdata.mod["rna"].n_vars
     assert trained.module.modalities == ("atac", "rna")

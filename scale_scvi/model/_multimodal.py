@@ -14,6 +14,7 @@ from scvi.module._constants import MODULE_KEYS
 from scale_scvi.module import MultiSCALEVAE
 from scale_scvi.module._multivae import (
     ATAC,
+    ATAC_KEY,
     MASK_KEY,
     MODALITIES,
     MODALITY_FLAG_KEY,
@@ -21,8 +22,10 @@ from scale_scvi.module._multivae import (
     QZM_EXPERTS_KEY,
     QZV_EXPERTS_KEY,
     RNA,
+    RNA_KEY,
 )
 
+from ._feature_stats import mean_proportion, open_fraction
 from ._validation import validate_accessibility_matrix
 
 #: Values of the ``modality_key`` column and the modalities ``(atac, rna)`` they mean.
@@ -267,9 +270,22 @@ class MultimodalMixin:
         if MODALITY_FLAG_KEY in self.adata_manager.data_registry:
             state = self.adata_manager.get_state_registry(MODALITY_FLAG_KEY)
             flags = [MODALITY_FLAG_VALUES[str(c)] for c in state.categorical_mapping]
-        return MultiSCALEVAE(
+        module = MultiSCALEVAE(
             n_input_atac=n_atac, n_input_rna=n_rna, modality_flags=flags, **module_kwargs
         )
+        module.init_decoder_bias(
+            atac_open_fraction=(
+                open_fraction(self.adata_manager.get_from_registry(ATAC_KEY))
+                if ATAC in registered
+                else None
+            ),
+            rna_mean_proportion=(
+                mean_proportion(self.adata_manager.get_from_registry(RNA_KEY))
+                if RNA in registered
+                else None
+            ),
+        )
+        return module
 
     def _latent_mean(self, inference_outputs: dict, modality: Modality = "joint"):
         """Posterior mean of the joint posterior or of one modality's expert."""

@@ -27,6 +27,7 @@ from scale_scvi.module import SCALEVAE
 from scale_scvi.train import FiniteLossGuard, FusedAdamW, GMMInitCallback
 
 from . import _peaks
+from ._feature_stats import open_fraction
 from ._multimodal import MultimodalMixin
 from ._validation import (
     get_matrix,
@@ -38,15 +39,6 @@ from ._validation import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-def _open_fraction(matrix, chunk: int = 10_000) -> np.ndarray:
-    """Fraction of cells in which each peak is open (> 0), chunk by chunk of rows."""
-    counts = np.zeros(matrix.shape[1])
-    for start in range(0, matrix.shape[0], chunk):
-        block = matrix[start : start + chunk]
-        counts += np.asarray((block > 0).sum(0)).ravel()
-    return counts / matrix.shape[0]
 
 
 class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
@@ -128,8 +120,8 @@ class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, B
         )
         if module_cls is self._module_cls:
             matrix = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
-            open_fraction = _open_fraction(matrix)
-            self.module.init_decoder_bias(open_fraction, mean_depth=open_fraction.sum())
+            frac = open_fraction(matrix)
+            self.module.init_decoder_bias(frac, mean_depth=frac.sum())
         self._model_summary_string = (
             f"SCALE model with n_centroids: {n_centroids}, n_latent: {n_latent}, "
             f"encoder: {tuple(n_hidden)}, decoder: {tuple(n_hidden_decoder) or 'linear'}, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 from scvi import REGISTRY_KEYS
 from scvi.distributions import NegativeBinomial
@@ -126,6 +127,10 @@ class MultiSCALEVAE(BaseModuleClass):
         a cell of that category has. ``None`` when no flag is registered.
     min_var
         Variance floor of the prior components.
+    depth_offset
+        Add ``log(open peaks / mean open peaks)`` of each cell to its ATAC logits, so that
+        sequencing depth is explained by the likelihood rather than the latent (as in
+        :class:`~scale_scvi.module.SCALEVAE`).
     """
 
     def __init__(
@@ -150,6 +155,7 @@ class MultiSCALEVAE(BaseModuleClass):
         likelihood_scale: Mapping[str, float] | None = None,
         modality_flags: Sequence[Sequence[bool]] | None = None,
         min_var: float = 1e-4,
+        depth_offset: bool = True,
     ):
         super().__init__()
         validate_objective(objective, n_particles, particle_chunk_size)
@@ -181,6 +187,8 @@ class MultiSCALEVAE(BaseModuleClass):
         self.particle_chunk_size = particle_chunk_size
         self.encode_covariates = encode_covariates
         self.likelihood_scale = {m: float(likelihood_scale.get(m, 1.0)) for m in self.modalities}
+        self.depth_offset = depth_offset
+        self.register_buffer("log_mean_depth", torch.zeros(()))  # ATAC: open peaks per cell
 
         if modality_flags is None:
             flags = torch.ones((1, len(MODALITIES)), dtype=torch.bool)
@@ -217,6 +225,46 @@ class MultiSCALEVAE(BaseModuleClass):
             self.decoders[RNA] = SCALEDecoder(n_output=n_input_rna, **dec_kwargs)
             self.px_r = nn.Parameter(torch.randn(n_input_rna))
         self.prior = GaussianMixturePrior(n_centroids, n_latent, min_var=min_var)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Models saved before the ATAC depth offset existed: load them as they were trained.
+        key = prefix + "log_mean_depth"
+        if key not in state_dict:
+            state_dict[key] = torch.zeros_like(self.log_mean_depth)
+            self.depth_offset = False
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def init_decoder_bias(
+        self,
+        atac_open_fraction: np.ndarray | None = None,
+        rna_mean_proportion: np.ndarray | None = None,
+    ) -> None:
+        """Start each decoder at the data's average cell.
+
+        The ATAC output bias becomes ``logit(open fraction)`` of each peak (and the mean
+        number of open peaks per cell the reference of the ATAC depth offset, as in
+        :class:`~scale_scvi.module.SCALEVAE`); the RNA output bias becomes the log of each
+        gene's mean share of the counts, so the softmax starts at the average profile.
+        """
+        if atac_open_fraction is not None and ATAC in self.modalities:
+            frac = np.asarray(atac_open_fraction, dtype=np.float64)
+            self.log_mean_depth.fill_(float(np.log(max(frac.sum(), 1.0))))
+            bias = self.decoders[ATAC].output.fc_layers[0][0].bias
+            frac_t = torch.as_tensor(frac, dtype=bias.dtype, device=bias.device)
+            bias.copy_(torch.logit(frac_t.clamp(1e-4, 1 - 1e-4)))
+        if rna_mean_proportion is not None and RNA in self.modalities:
+            bias = self.decoders[RNA].output.fc_layers[0][0].bias
+            prop = torch.as_tensor(rna_mean_proportion, dtype=bias.dtype, device=bias.device)
+            log_prop = prop.clamp_min(1e-8).log()
+            bias.copy_(log_prop - log_prop.mean())
+
+    def _atac_depth_offset(self, x_atac: torch.Tensor) -> torch.Tensor | float:
+        """ATAC logit offset ``log(open peaks) - log(mean open peaks)`` per cell, ``(B, 1)``."""
+        if not self.depth_offset:
+            return 0.0
+        depth = x_atac.sum(-1, keepdim=True).clamp_min(1.0)
+        return depth.log() - self.log_mean_depth
 
     # ------------------------------------------------------------------ inputs
     @staticmethod
@@ -391,8 +439,10 @@ class MultiSCALEVAE(BaseModuleClass):
         cont = covs[MODULE_KEYS.CONT_COVS_KEY]
         cont = cont.to(device) if cont is not None else None
         data = {}
+        atac_offset: torch.Tensor | float = 0.0
         if ATAC in self.modalities:
             data[ATAC] = _dense(binarize(tensors[ATAC_KEY].to(device)))
+            atac_offset = self._atac_depth_offset(data[ATAC])
         if RNA in self.modalities:
             data[RNA] = _dense(tensors[RNA_KEY].to(device))
         present = dict(zip(self.modalities, mask.bool(), strict=True))
@@ -401,7 +451,8 @@ class MultiSCALEVAE(BaseModuleClass):
         def log_likelihood(z: torch.Tensor) -> torch.Tensor:
             total = torch.zeros(z.shape[:-1], dtype=z.dtype, device=z.device)
             if ATAC in self.modalities:
-                ll = bernoulli_log_likelihood(self.decoders[ATAC](z, *cats, cont=cont), data[ATAC])
+                logits = self.decoders[ATAC](z, *cats, cont=cont) + atac_offset
+                ll = bernoulli_log_likelihood(logits, data[ATAC])
                 total = total + scales[ATAC] * torch.where(present[ATAC], ll, 0.0)
             if RNA in self.modalities:
                 x = data[RNA]
