@@ -159,25 +159,32 @@ def test_batch_covariate(small_adata):
 
 @pytest.mark.shared_data
 def test_forebrain_clustering():
-    """Real data: adult mouse forebrain snATAC-seq, 8 cell types."""
+    """Real data: adult mouse forebrain snATAC-seq, 8 cell types, the training defaults."""
     adata = load_shared(FOREBRAIN)
     open_in = np.asarray((adata.X > 0).sum(0)).ravel()
     adata = adata[:, open_in >= 0.02 * adata.n_obs].copy()
     scvi.settings.seed = 0
-    SCALE.setup_anndata(adata)
-    model = SCALE(adata, n_centroids=8)
-    model.train(enable_progress_bar=False)
-    z = model.get_latent_representation()
+    # One thread: the order of floating-point sums, and so the trajectory, depends on the
+    # thread count; pinned, the number below is what any machine reproduces.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        SCALE.setup_anndata(adata)
+        model = SCALE(adata, n_centroids=8)
+        model.train(enable_progress_bar=False)
+        z = model.get_latent_representation()
+        argmax = model.get_cluster_assignments()
+    finally:
+        torch.set_num_threads(threads)
     truth = adata.obs["cell_type"].cat.codes
     km = KMeans(8, n_init=20, random_state=0).fit_predict(z)
     ari = adjusted_rand_score(truth, km)
     print(
-        f"forebrain ARI k-means {ari:.3f}, ARI argmax "
-        f"{adjusted_rand_score(truth, model.get_cluster_assignments()):.3f}, "
+        f"forebrain ARI k-means {ari:.3f}, ARI argmax {adjusted_rand_score(truth, argmax):.3f}, "
         f"NMI {normalized_mutual_info_score(truth, km):.3f}"
     )
-    # Measured at seed 0 with peaks open in >= 2 % of cells: 0.657 (1 thread), 0.632
-    # (2 threads); the floating-point order of the thread count changes the trajectory.
+    # Seed 0, one thread: 0.631 (argmax 0.51). Over seeds the defaults give 0.55-0.66
+    # (benchmarks/NOTES.md), so this guards against regressions rather than pinning a value.
     assert ari >= 0.60
 
 
