@@ -170,6 +170,13 @@ def scaling_section(df: pd.DataFrame) -> list[str]:
             "",
             "Training CPU seconds per 1,000 cells: "
             + ", ".join(f"{n:,}: {v:.2f}" for n, v in zip(df.n_cells, per_cell)),
+            "",
+            "RSS after training minus the input matrix, MB: "
+            + ", ".join(
+                f"{n:,}: {v:.0f}"
+                for n, v in zip(df.n_cells, df.rss_after_train_mb - df.data_mb, strict=True)
+            )
+            + " (the thresholded imputation's own output, a CSR matrix, grows with the cells).",
         ]
     return [*lines, "", "![time and memory against cells](results/scaling.png)", ""]
 
