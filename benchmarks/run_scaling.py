@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from _common import MAIN_PYTHON, RESULTS, WORK, read_json, run_child
+from _common import MAIN_PYTHON, RESULTS, WORK, load_matrix, read_json, run_child, save_matrix
 
 CSV = RESULTS / "scaling.csv"
 
@@ -84,8 +84,6 @@ def synthetic_scatac(
 
 def dataset_path(n_cells: int, n_peaks: int) -> Path:
     """The synthetic matrix of this size, generated once (``work/scaling_<cells>x<peaks>.npz``)."""
-    from _common import save_matrix
-
     path = WORK / f"scaling_{n_cells}x{n_peaks}.npz"
     if not path.exists():
         WORK.mkdir(parents=True, exist_ok=True)
@@ -107,8 +105,6 @@ def child(n_cells: int, n_peaks: int, epochs: int, out: str) -> None:
     from scale_scvi import SCALE
 
     scvi.settings.seed = 0
-    from _common import load_matrix
-
     t0 = time.perf_counter()
     X, _ = load_matrix(dataset_path(n_cells, n_peaks))
     res = {"n_cells": n_cells, "n_peaks": n_peaks, "density": X.nnz / (n_cells * n_peaks)}

@@ -43,6 +43,23 @@ def _is_sparse_enough(x: torch.Tensor) -> bool:
     return torch.count_nonzero(x).item() <= SPARSE_PATH_MAX_DENSITY * x.numel()
 
 
+def _sparse_linear(
+    x: torch.Tensor, weight_t: torch.Tensor, covs: torch.Tensor | None
+) -> torch.Tensor:
+    """``x W^T[:n_in] + covs W^T[n_in:]`` for a sparse CSR ``x``: a sum of open-peak rows."""
+    h = nn.functional.embedding_bag(
+        x.col_indices().long(),
+        weight_t,
+        x.crow_indices().long(),
+        mode="sum",
+        per_sample_weights=x.values().to(weight_t.dtype),
+        include_last_offset=True,
+    )
+    if covs is not None:
+        h = h + covs @ weight_t[x.shape[-1] :]
+    return h
+
+
 class _SparseInputLinear(torch.autograd.Function):
     """``x W^T[:n_in] + covs W^T[n_in:]`` for a sparse CSR ``x``, writing dW in place.
 
@@ -57,20 +74,8 @@ class _SparseInputLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, covs: torch.Tensor | None, weight: torch.Tensor):
-        weight_t = weight.t()
-        n_in = x.shape[-1]
-        h = nn.functional.embedding_bag(
-            x.col_indices().long(),
-            weight_t,
-            x.crow_indices().long(),
-            mode="sum",
-            per_sample_weights=x.values().to(weight_t.dtype),
-            include_last_offset=True,
-        )
-        if covs is not None:
-            h = h + covs @ weight_t[n_in:]
         ctx.x, ctx.covs, ctx.weight = x, covs, weight
-        return h
+        return _sparse_linear(x, weight.t(), covs)
 
     @staticmethod
     def backward(ctx, grad_h: torch.Tensor):
@@ -141,16 +146,7 @@ def _first_layer(
         if _inplace_grad_ok(linear.weight):
             h = _SparseInputLinear.apply(x, cov, linear.weight)
         else:
-            h = nn.functional.embedding_bag(
-                x.col_indices().long(),
-                weight_t,
-                x.crow_indices().long(),
-                mode="sum",
-                per_sample_weights=x.values().to(weight_t.dtype),
-                include_last_offset=True,
-            )
-            if cov is not None:
-                h = h + cov @ weight_t[n_in:]
+            h = _sparse_linear(x, weight_t, cov)
     if linear.bias is not None:
         h = h + linear.bias
     for layer in list(block)[1:]:

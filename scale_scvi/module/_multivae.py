@@ -22,7 +22,7 @@ from ._objectives import (
     moe_iwae_bound,
 )
 from ._prior import GaussianMixturePrior
-from ._scalevae import Objective, binarize, validate_objective
+from ._scalevae import Objective, allow_missing_depth_offset, binarize, validate_objective
 
 ATAC = "atac"
 RNA = "rna"
@@ -227,11 +227,7 @@ class MultiSCALEVAE(BaseModuleClass):
         self.prior = GaussianMixturePrior(n_centroids, n_latent, min_var=min_var)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        # Models saved before the ATAC depth offset existed: load them as they were trained.
-        key = prefix + "log_mean_depth"
-        if key not in state_dict:
-            state_dict[key] = torch.zeros_like(self.log_mean_depth)
-            self.depth_offset = False
+        allow_missing_depth_offset(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()

@@ -39,6 +39,18 @@ def validate_objective(
         raise ValueError(f"particle_chunk_size must be >= 1 or None, got {particle_chunk_size}.")
 
 
+def allow_missing_depth_offset(module: torch.nn.Module, state_dict: dict, prefix: str) -> None:
+    """Load a state dict saved before the depth offset existed as it was trained.
+
+    Such models (version 0.1.0) have no ``log_mean_depth`` buffer: it is filled with zeros and
+    the module's ``depth_offset`` is turned off.
+    """
+    key = prefix + "log_mean_depth"
+    if key not in state_dict:
+        state_dict[key] = torch.zeros_like(module.log_mean_depth)
+        module.depth_offset = False
+
+
 def binarize(x: torch.Tensor) -> torch.Tensor:
     """``(x > 0)`` as float, keeping a sparse tensor sparse."""
     if x.layout == torch.strided:
@@ -171,12 +183,7 @@ class SCALEVAE(BaseModuleClass):
         self.prior = GaussianMixturePrior(n_centroids, n_latent, min_var=min_var)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        # Models saved before the depth offset existed (version 0.1.0) have no
-        # ``log_mean_depth``: load them as they were trained, without the offset.
-        key = prefix + "log_mean_depth"
-        if key not in state_dict:
-            state_dict[key] = torch.zeros_like(self.log_mean_depth)
-            self.depth_offset = False
+        allow_missing_depth_offset(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------ inputs
