@@ -120,3 +120,38 @@ def test_inplace_weight_gradient_equals_autograd(n_cat_list):
     assert weight.grad is grad and not grad.any()
     # the other parameters are reset as usual
     assert all(p.grad is None for p in enc.parameters() if p is not weight)
+
+
+def test_zero_grad_clears_every_written_row():
+    """zero_grad zeroes only the rows the sparse path wrote, and everything once a dense
+    (autograd) pass has written the gradient, also when it runs between forward and
+    backward as in Lightning's loop."""
+    torch.manual_seed(0)
+    enc = SCALEEncoder(40, 4, (16, 8), n_cat_list=[3])
+    weight = enc.layers[0].fc_layers[0][0].weight
+    opt = FusedAdamW(enc.parameters())
+    cats = [torch.tensor([[0], [1], [2], [0], [1], [2], [0]])]
+    dense_low, sparse_low = _batch(density=0.05, seed=1)
+    dense_high, _ = _batch(density=0.5, seed=2)  # above the gather path's density: autograd
+
+    def step(x):
+        m, v = enc(x, *cats)
+        loss = m.pow(2).sum() + v.sum()
+        opt.zero_grad()  # Lightning's order: forward, zero_grad, backward
+        loss.backward()
+        written = weight.grad.clone()
+        opt.step()
+        return written
+
+    for x in (sparse_low, dense_high, sparse_low, dense_low, sparse_low):
+        written = step(x)
+        assert written.any()
+        opt.zero_grad()
+        assert not weight.grad.any(), "a row written by the last step was not zeroed"
+    # a minibatch with few open peaks writes only their rows (and the covariate rows)
+    m, v = enc(sparse_low, *cats)
+    (m.pow(2).sum() + v.sum()).backward()
+    peaks_open = sparse_low.to_dense().ne(0).any(0)
+    rows_nonzero = weight.grad.t().ne(0).any(1)
+    assert torch.equal(rows_nonzero[:40], peaks_open)
+    assert len(weight._grad_rows_written) == 1

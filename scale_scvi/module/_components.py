@@ -83,6 +83,7 @@ class _SparseInputLinear(torch.autograd.Function):
         n_in = x.shape[-1]
         if weight.grad is None:
             weight.grad = torch.zeros_like(weight, memory_format=torch.preserve_format)
+            weight._grad_rows_written = []
         # FusedAdamW.zero_grad then zeroes this gradient in place instead of freeing it
         weight._grad_written_in_place = True
         grad_t = weight.grad.t()
@@ -94,12 +95,30 @@ class _SparseInputLinear(torch.autograd.Function):
             x.values().to(grad_h.dtype),
             (n_in, x.shape[0]),
             check_invariants=False,  # indices come from a valid CSR tensor
-        )
-        grad_t[:n_in].addmm_(x_t.coalesce().to_sparse_csr(), grad_h)
+        ).coalesce()
+        grad_t[:n_in].addmm_(x_t.to_sparse_csr(), grad_h)
+        written = x_t.indices()[0].unique_consecutive()  # the minibatch's open peaks
         if covs is not None:
             grad_t[n_in:].addmm_(covs.t(), grad_h)
+            written = torch.cat([written, torch.arange(n_in, grad_t.shape[0], device=x.device)])
+        _record_written_rows(weight, written)
         ctx.x = ctx.covs = ctx.weight = None
         return None, None, None
+
+
+def _record_written_rows(weight: torch.Tensor, rows: torch.Tensor) -> None:
+    """Note which rows of ``weight.grad.t()`` hold nonzeros, for a cheap ``zero_grad``.
+
+    ``weight._grad_rows_written`` is a list of row indices of the transposed gradient written
+    since it was last zeroed, or ``None`` when any row may be nonzero (autograd accumulated
+    a dense gradient into it). :meth:`scale_scvi.train.FusedAdamW.zero_grad` zeroes only the
+    listed rows: with 64 cells of 140,000-peak data, about 40 % of the 570 MB gradient.
+    """
+    if weight.grad is None:
+        return
+    listed = getattr(weight, "_grad_rows_written", None)
+    if listed is not None:
+        listed.append(rows)
 
 
 def _inplace_grad_ok(weight: torch.Tensor) -> bool:
@@ -111,6 +130,32 @@ def _inplace_grad_ok(weight: torch.Tensor) -> bool:
     dist = torch.distributed
     # DDP reduces gradients from autograd's accumulation hooks.
     return not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+
+
+class _AutogradAccumulation(torch.autograd.Function):
+    """Identity on ``h`` whose backward notes that autograd writes ``weight.grad`` whole."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.weight = weight
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, grad_h: torch.Tensor):
+        ctx.weight._grad_rows_written = None
+        ctx.weight = None
+        return grad_h, None
+
+
+def _mark_autograd_accumulation(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Make the backward through ``h`` flag ``weight.grad`` as possibly nonzero everywhere.
+
+    Flagged in the backward pass, when autograd accumulates, and not in the forward: Lightning
+    zeroes the gradients between the two.
+    """
+    if torch.is_grad_enabled() and weight.requires_grad:
+        return _AutogradAccumulation.apply(h, weight)
+    return h
 
 
 def _first_layer(
@@ -142,12 +187,13 @@ def _first_layer(
         h = x @ weight_t[:n_in]
         if cov is not None:
             h = h + cov @ weight_t[n_in:]
+        h = _mark_autograd_accumulation(h, linear.weight)
     else:
         x = x if x.layout == torch.sparse_csr else x.to_sparse_csr()
         if _inplace_grad_ok(linear.weight):
             h = _SparseInputLinear.apply(x, cov, linear.weight)
         else:
-            h = _sparse_linear(x, weight_t, cov)
+            h = _mark_autograd_accumulation(_sparse_linear(x, weight_t, cov), linear.weight)
     if linear.bias is not None:
         h = h + linear.bias
     for layer in list(block)[1:]:

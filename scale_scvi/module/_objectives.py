@@ -21,12 +21,51 @@ def log_mean_exp(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return torch.logsumexp(x, dim=dim) - math.log(x.shape[dim])
 
 
+class _SparseBernoulliLogLikelihood(torch.autograd.Function):
+    """``sum_p x_p l_p - softplus(l_p)`` for a sparse CSR ``x``, without densifying it.
+
+    The ``x_p l_p`` part is a gather of the logits at the nonzeros of ``x``; the gradient
+    with respect to the logits, ``x - sigmoid(l)``, is built in one tensor: ``sigmoid(l)``
+    with ``x`` subtracted at the nonzeros, scaled in place.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values):
+        flat = logits.reshape(-1, *logits.shape[-2:])  # (particles, B, P)
+        at_nonzeros = flat[:, rows, cols] * values  # (particles, nnz)
+        positive = flat.new_zeros(flat.shape[:2]).index_add_(1, rows, at_nonzeros)
+        ctx.save_for_backward(logits, rows, cols, values)
+        return (positive - F.softplus(flat).sum(-1)).reshape(logits.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        logits, rows, cols, values = ctx.saved_tensors
+        grad = torch.sigmoid(logits)
+        flat = grad.view(-1, *logits.shape[-2:])
+        flat.index_put_(
+            (torch.arange(flat.shape[0], device=grad.device).unsqueeze(-1), rows, cols),
+            -values.expand(flat.shape[0], -1),
+            accumulate=True,
+        )
+        grad.mul_(grad_out.unsqueeze(-1).neg())
+        return grad, None, None, None
+
+
 def bernoulli_log_likelihood(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``sum_p log Bernoulli(x_p; sigmoid(logits_p))``, computed from logits.
 
-    ``x`` is the dense binary minibatch of shape ``(B, P)``; ``logits`` is ``(..., B, P)``.
+    ``x`` is the binary minibatch of shape ``(B, P)``, dense or a sparse CSR tensor (then
+    never densified: the cost of the sparse part is that of its nonzeros); ``logits`` is
+    ``(..., B, P)``. Returns shape ``(..., B)``.
     """
-    return (x * logits - F.softplus(logits)).sum(-1)
+    if x.layout == torch.strided:
+        return (x * logits - F.softplus(logits)).sum(-1)
+    x = x if x.layout == torch.sparse_csr else x.to_sparse_csr()
+    crow = x.crow_indices()
+    rows = torch.repeat_interleave(torch.arange(x.shape[0], device=x.device), crow.diff())
+    return _SparseBernoulliLogLikelihood.apply(
+        logits, rows, x.col_indices().long(), x.values().to(logits.dtype)
+    )
 
 
 def gaussian_entropy(qz_v: torch.Tensor) -> torch.Tensor:

@@ -60,8 +60,15 @@ class FusedAdamW(torch.optim.AdamW):
                     keep.append((p, p.grad))
         super().zero_grad(set_to_none=set_to_none)
         for p, grad in keep:
-            grad.zero_()
+            rows = getattr(p, "_grad_rows_written", None)
+            if rows is None:
+                grad.zero_()
+            else:  # only the rows the sparse first layer wrote (its minibatches' peaks)
+                grad_t = grad.t()
+                for written in rows:
+                    grad_t.index_fill_(0, written, 0.0)
             p.grad = grad
+            p._grad_rows_written = []
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
