@@ -59,18 +59,25 @@ def test_column_major_layout_survives_state_dict():
     torch.testing.assert_close(w, enc.layers[0].fc_layers[0][0].weight)
 
 
-def test_fused_adamw_matches_torch_adamw():
+@pytest.mark.parametrize("max_grad_norm", [None, 0.5])
+def test_fused_adamw_matches_torch_adamw(max_grad_norm):
+    """Same steps as torch's AdamW, after clip_grad_norm_ when clipping (0.5 clips here)."""
     torch.manual_seed(0)
     enc1 = SCALEEncoder(40, 4, (16, 8))
     enc2 = copy.deepcopy(enc1)
     opt1 = torch.optim.AdamW(enc1.parameters(), lr=1e-2, eps=1e-8, weight_decay=5e-4)
-    opt2 = FusedAdamW(enc2.parameters(), lr=1e-2, eps=1e-8, weight_decay=5e-4)
+    opt2 = FusedAdamW(
+        enc2.parameters(), lr=1e-2, eps=1e-8, weight_decay=5e-4, max_grad_norm=max_grad_norm
+    )
     dense, _ = _batch()
     for _ in range(5):
         for enc, opt in ((enc1, opt1), (enc2, opt2)):
             opt.zero_grad()
             m, v = enc(dense)
             (m.pow(2).sum() + v.sum()).backward()
+            if max_grad_norm is not None and opt is opt1:
+                norm = torch.nn.utils.clip_grad_norm_(enc.parameters(), max_grad_norm)
+                assert norm > max_grad_norm
             opt.step()
     for p1, p2 in zip(enc1.parameters(), enc2.parameters()):
         torch.testing.assert_close(p1, p2, atol=1e-6, rtol=1e-5)
@@ -155,3 +162,8 @@ def test_zero_grad_clears_every_written_row():
     rows_nonzero = weight.grad.t().ne(0).any(1)
     assert torch.equal(rows_nonzero[:40], peaks_open)
     assert len(weight._grad_rows_written) == 1
+
+
+def test_fused_adamw_rejects_a_bad_clipping_norm():
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        FusedAdamW(SCALEEncoder(4, 2, (3,)).parameters(), max_grad_norm=0)

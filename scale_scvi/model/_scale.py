@@ -272,7 +272,9 @@ class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, B
         eps
             Adam's epsilon (scvi-tools' default of 0.01 is tuned for scVI, not for SCALE).
         gradient_clip_val
-            Clip the gradient norm at this value (``None`` to disable).
+            Clip the total gradient norm at this value (``None`` to disable), inside the
+            optimizer's fused update (:class:`~scale_scvi.train.FusedAdamW`); with
+            ``gradient_clip_algorithm`` among the trainer arguments, Lightning clips instead.
         n_epochs_kl_warmup
             Epochs over which the KL weight rises from 0 to 1. Default: a quarter of
             ``max_epochs``.
@@ -307,12 +309,19 @@ class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, B
             raise ValueError(
                 f"gmm_init_epoch={gmm_init_epoch} must be in [0, max_epochs={max_epochs})."
             )
+        # Norm clipping runs inside the optimizer's fused update; Lightning clips only when
+        # asked for another algorithm ("value").
+        clip_in_optimizer = "gradient_clip_algorithm" not in trainer_kwargs
         plan_kwargs = dict(plan_kwargs or {})
         plan_kwargs.update(
             {
                 "optimizer": "Custom",
                 "optimizer_creator": partial(
-                    FusedAdamW, lr=lr, eps=eps, weight_decay=weight_decay
+                    FusedAdamW,
+                    lr=lr,
+                    eps=eps,
+                    weight_decay=weight_decay,
+                    max_grad_norm=gradient_clip_val if clip_in_optimizer else None,
                 ),
                 "lr": lr,
                 "weight_decay": weight_decay,
@@ -334,7 +343,7 @@ class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, B
                 )
             )
         callbacks.append(FiniteLossGuard())
-        if gradient_clip_val is not None:
+        if gradient_clip_val is not None and not clip_in_optimizer:
             trainer_kwargs.setdefault("gradient_clip_val", gradient_clip_val)
         return super().train(
             max_epochs=max_epochs,
