@@ -139,7 +139,8 @@ class PoisonAt(Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if trainer.current_epoch == self.epoch:
             with torch.no_grad():
-                next(pl_module.module.decoder.parameters()).view(-1)[0] = float("nan")
+                weight = next(pl_module.module.decoder.parameters())
+                weight[(0,) * weight.dim()] = float("nan")
 
 
 def _small_model(**kwargs) -> SCALE:

