@@ -74,7 +74,7 @@ def binarize_for_encoding(x: torch.Tensor) -> torch.Tensor:
     if x.layout != torch.strided or x.dim() != 2:
         return binarize(x)
     is_open = x > 0
-    if int(is_open.sum()) > SPARSE_PATH_MAX_DENSITY * is_open.numel():
+    if int(torch.count_nonzero(is_open)) > SPARSE_PATH_MAX_DENSITY * is_open.numel():
         return is_open.to(torch.float32)
     rows, cols = is_open.nonzero(as_tuple=True)
     crow = torch.zeros(x.shape[0] + 1, dtype=torch.int64, device=x.device)
