@@ -59,21 +59,25 @@ def test_column_major_layout_survives_state_dict():
     torch.testing.assert_close(w, enc.layers[0].fc_layers[0][0].weight)
 
 
+@pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("max_grad_norm", [None, 0.5])
-def test_fused_adamw_matches_torch_adamw(max_grad_norm):
-    """Same steps as torch's AdamW, after clip_grad_norm_ when clipping (0.5 clips here)."""
+def test_fused_adamw_matches_torch_adamw(max_grad_norm, sparse):
+    """Same steps as torch's AdamW, after clip_grad_norm_ when clipping (0.5 clips here);
+    with sparse input the first layer's gradient norm comes from its backward."""
     torch.manual_seed(0)
-    enc1 = SCALEEncoder(40, 4, (16, 8))
+    enc1 = SCALEEncoder(40, 4, (16, 8), n_cat_list=[3])
     enc2 = copy.deepcopy(enc1)
     opt1 = torch.optim.AdamW(enc1.parameters(), lr=1e-2, eps=1e-8, weight_decay=5e-4)
     opt2 = FusedAdamW(
         enc2.parameters(), lr=1e-2, eps=1e-8, weight_decay=5e-4, max_grad_norm=max_grad_norm
     )
-    dense, _ = _batch()
+    # the dense minibatch is too dense for the gather path: plain autograd
+    dense, csr = _batch(density=0.05 if sparse else 0.2)
+    cats = [torch.tensor([[0], [1], [2], [0], [1], [2], [0]])]
     for _ in range(5):
         for enc, opt in ((enc1, opt1), (enc2, opt2)):
             opt.zero_grad()
-            m, v = enc(dense)
+            m, v = enc(csr if sparse else dense, *cats)
             (m.pow(2).sum() + v.sum()).backward()
             if max_grad_norm is not None and opt is opt1:
                 norm = torch.nn.utils.clip_grad_norm_(enc.parameters(), max_grad_norm)
@@ -83,6 +87,7 @@ def test_fused_adamw_matches_torch_adamw(max_grad_norm):
         torch.testing.assert_close(p1, p2, atol=1e-6, rtol=1e-5)
     w = enc2.layers[0].fc_layers[0][0].weight
     assert w.t().is_contiguous()
+    assert (getattr(w, "_grad_sq_norm", None) is not None) == sparse
     assert not torch.equal(w, SCALEEncoder(40, 4, (16, 8)).layers[0].fc_layers[0][0].weight)
     # the optimizer state loads into torch's AdamW and back
     opt3 = torch.optim.AdamW(enc2.parameters(), lr=1e-2)
@@ -167,3 +172,30 @@ def test_zero_grad_clears_every_written_row():
 def test_fused_adamw_rejects_a_bad_clipping_norm():
     with pytest.raises(ValueError, match="max_grad_norm"):
         FusedAdamW(SCALEEncoder(4, 2, (3,)).parameters(), max_grad_norm=0)
+
+
+@pytest.mark.parametrize("n_cat_list", [[], [3]])
+def test_sparse_backward_gives_the_gradient_norm(n_cat_list):
+    """The squared norm the sparse backward leaves for the optimizer's clipping is that of
+    the gradient, and stops counting once the gradient changes (a second backward)."""
+    torch.manual_seed(0)
+    enc = SCALEEncoder(40, 4, (16, 8), n_cat_list=n_cat_list, n_cont=1)
+    weight = enc.layers[0].fc_layers[0][0].weight
+    _, sparse = _batch(density=0.1)
+    cats = [torch.tensor([[0], [1], [2], [0], [1], [2], [0]])] if n_cat_list else []
+    cont = torch.linspace(-1, 1, 7).unsqueeze(1)
+    opt = FusedAdamW(enc.parameters(), max_grad_norm=1e-3)
+
+    def backward():
+        m, v = enc(sparse, *cats, cont=cont)
+        (m.pow(2).sum() + v.sum()).backward()
+
+    backward()
+    sq_norm, version = weight._grad_sq_norm
+    assert version == weight.grad._version
+    torch.testing.assert_close(sq_norm.double(), weight.grad.double().pow(2).sum())
+    backward()  # accumulates: the cached norm is no longer that of the gradient
+    assert weight._grad_sq_norm is None
+    everything = torch.cat([p.grad.flatten() for p in enc.parameters()])
+    expected = everything.norm() / 1e-3
+    torch.testing.assert_close(opt._grad_scale(), expected, rtol=1e-5, atol=0)

@@ -96,12 +96,23 @@ class _SparseInputLinear(torch.autograd.Function):
             (n_in, x.shape[0]),
             check_invariants=False,  # indices come from a valid CSR tensor
         ).coalesce()
-        grad_t[:n_in].addmm_(x_t.to_sparse_csr(), grad_h)
-        written = x_t.indices()[0].unique_consecutive()  # the minibatch's open peaks
+        x_t = x_t.to_sparse_csr()
+        was_zero = getattr(weight, "_grad_rows_written", None) == []
+        grad_t[:n_in].addmm_(x_t, grad_h)
+        written = torch.nonzero(x_t.crow_indices().diff()).squeeze(-1)  # the open peaks
         if covs is not None:
             grad_t[n_in:].addmm_(covs.t(), grad_h)
             written = torch.cat([written, torch.arange(n_in, grad_t.shape[0], device=x.device)])
         _record_written_rows(weight, written)
+        # ||x^T g||^2 = sum((x x^T) * (g g^T)): two (B, B) products instead of a pass over
+        # the whole gradient, for the optimizer's norm clipping (valid while the gradient is
+        # exactly this product, which its version counter tells).
+        weight._grad_sq_norm = None
+        if was_zero:
+            sq_norm = ((x @ x_t).to_dense() * (grad_h @ grad_h.t())).sum()
+            if covs is not None:
+                sq_norm = sq_norm + (covs.t() @ grad_h).pow(2).sum()
+            weight._grad_sq_norm = (sq_norm, weight.grad._version)
         ctx.x = ctx.covs = ctx.weight = None
         return None, None, None
 

@@ -62,10 +62,20 @@ class FusedAdamW(torch.optim.AdamW):
         """``1 / min(1, max_norm / (total_norm + 1e-6))``, as ``clip_grad_norm_`` computes it."""
         if self.max_grad_norm is None:
             return None
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
+        norms, grads = [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                cached = getattr(p, "_grad_sq_norm", None)
+                if cached is not None and cached[1] == p.grad._version:
+                    norms.append(cached[0].sqrt())  # the sparse first layer's, see its backward
+                else:
+                    grads.append(p.grad)
+        norms += list(torch._foreach_norm(grads)) if grads else []
+        if not norms:
             return None
-        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        total = torch.linalg.vector_norm(torch.stack(norms))
         coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
         return (1.0 / coef).to(torch.float32)
 
