@@ -45,7 +45,7 @@ tutorials: $(DOCS_STAMP)
 BENCH_SEEDS ?= 0 1 2
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_quality.py --seeds $(BENCH_SEEDS)
-	$(BIN)/python benchmarks/run_speed.py
+	$(BIN)/python benchmarks/run_speed.py --repeats 2 --threads 0 1
 	$(BIN)/python benchmarks/run_scaling.py --cells 10000 50000 100000
 	$(BIN)/python benchmarks/report.py
 

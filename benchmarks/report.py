@@ -129,14 +129,21 @@ def speed_section(df: pd.DataFrame) -> list[str]:
         "Wall seconds on a busy machine depend on what else runs; CPU seconds (all threads of "
         "the process during the timed epochs) much less, so both are given.",
         "",
-        "| method | repeat | s / epoch (wall) | CPU s / epoch | timed | peak RSS MB | "
+        "Speed-ups are against the original's median with the same torch thread count "
+        "(*all*: torch's default, every core).",
+        "",
+        "| method | threads | repeat | s / epoch (wall) | CPU s / epoch | timed | peak RSS MB | "
         "speed-up (wall) | speed-up (CPU) |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in df.itertuples():
+    if "threads" not in df:
+        df = df.assign(threads="all")
+    df = df.assign(threads=df.threads.astype(str))
+    for r in df.sort_values(["threads", "repeat"], kind="stable").itertuples():
         lines.append(
-            f"| {r.method} | {r.repeat} | {r.s_per_epoch:.1f} | {r.cpu_s_per_epoch:.1f} | "
-            f"{r.timed} | {r.peak_rss_mb:.0f} | {r.speedup_wall:.1f}x | {r.speedup_cpu:.1f}x |"
+            f"| {r.method} | {r.threads} | {r.repeat} | {r.s_per_epoch:.1f} | "
+            f"{r.cpu_s_per_epoch:.1f} | {r.timed} | {r.peak_rss_mb:.0f} | "
+            f"{r.speedup_wall:.1f}x | {r.speedup_cpu:.1f}x |"
         )
     return [*lines, ""]
 
