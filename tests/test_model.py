@@ -183,8 +183,9 @@ def test_forebrain_clustering():
         f"forebrain ARI k-means {ari:.3f}, ARI argmax {adjusted_rand_score(truth, argmax):.3f}, "
         f"NMI {normalized_mutual_info_score(truth, km):.3f}"
     )
-    # Seed 0, one thread: 0.631 (argmax 0.51). Over seeds the defaults give 0.55-0.66
-    # (benchmarks/NOTES.md), so this guards against regressions rather than pinning a value.
+    # Seed 0, one thread: 0.657 (argmax 0.46, NMI 0.73). Over seeds the defaults give
+    # 0.55-0.66 (benchmarks/NOTES.md), and another CPU's BLAS may round differently and take
+    # another trajectory, so this guards against regressions rather than pinning a value.
     assert ari >= 0.60
 
 
