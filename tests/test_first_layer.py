@@ -13,6 +13,12 @@ from scale_scvi.module._components import SCALEEncoder
 from scale_scvi.train import FusedAdamW
 
 
+def _covariates(n_cat_list):
+    """Categorical (when ``n_cat_list``) and one continuous covariate for 7 cells."""
+    cats = [torch.tensor([[0], [1], [2], [0], [1], [2], [0]])] if n_cat_list else []
+    return cats, torch.linspace(-1, 1, 7).unsqueeze(1)
+
+
 def _batch(n_cells=7, n_peaks=40, seed=0, density=0.2):
     X = sp.random(
         n_cells, n_peaks, density=density, format="csr", dtype=np.float32, random_state=seed
@@ -32,8 +38,7 @@ def test_sparse_first_layer_matches_dense(n_cat_list, density):
     assert weight.shape == (16, 40 + sum(n_cat_list) + 1)
     assert weight.t().is_contiguous()  # column-major storage
     dense, sparse = _batch(density=density)
-    cats = [torch.tensor([[0], [1], [2], [0], [1], [2], [0]])] if n_cat_list else []
-    cont = torch.linspace(-1, 1, 7).unsqueeze(1)
+    cats, cont = _covariates(n_cat_list)
     results = []
     for x in (dense, sparse):
         enc.zero_grad()
@@ -73,7 +78,7 @@ def test_fused_adamw_matches_torch_adamw(max_grad_norm, sparse):
     )
     # the dense minibatch is too dense for the gather path: plain autograd
     dense, csr = _batch(density=0.05 if sparse else 0.2)
-    cats = [torch.tensor([[0], [1], [2], [0], [1], [2], [0]])]
+    cats, _ = _covariates([3])
     for _ in range(5):
         for enc, opt in ((enc1, opt1), (enc2, opt2)):
             opt.zero_grad()
@@ -104,8 +109,7 @@ def test_inplace_weight_gradient_equals_autograd(n_cat_list):
     enc = SCALEEncoder(40, 4, (16, 8), n_cat_list=n_cat_list, n_cont=1)
     weight = enc.layers[0].fc_layers[0][0].weight
     dense, sparse = _batch(density=0.05)
-    cats = [torch.tensor([[0], [1], [2], [0], [1], [2], [0]])] if n_cat_list else []
-    cont = torch.linspace(-1, 1, 7).unsqueeze(1)
+    cats, cont = _covariates(n_cat_list)
 
     def loss(x):
         m, v = enc(x, *cats, cont=cont)
@@ -142,7 +146,7 @@ def test_zero_grad_clears_every_written_row():
     enc = SCALEEncoder(40, 4, (16, 8), n_cat_list=[3])
     weight = enc.layers[0].fc_layers[0][0].weight
     opt = FusedAdamW(enc.parameters())
-    cats = [torch.tensor([[0], [1], [2], [0], [1], [2], [0]])]
+    cats, _ = _covariates([3])
     dense_low, sparse_low = _batch(density=0.05, seed=1)
     dense_high, _ = _batch(density=0.5, seed=2)  # above the gather path's density: autograd
 
@@ -182,8 +186,7 @@ def test_sparse_backward_gives_the_gradient_norm(n_cat_list):
     enc = SCALEEncoder(40, 4, (16, 8), n_cat_list=n_cat_list, n_cont=1)
     weight = enc.layers[0].fc_layers[0][0].weight
     _, sparse = _batch(density=0.1)
-    cats = [torch.tensor([[0], [1], [2], [0], [1], [2], [0]])] if n_cat_list else []
-    cont = torch.linspace(-1, 1, 7).unsqueeze(1)
+    cats, cont = _covariates(n_cat_list)
     opt = FusedAdamW(enc.parameters(), max_grad_norm=1e-3)
 
     def backward():

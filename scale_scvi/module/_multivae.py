@@ -14,7 +14,7 @@ from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import nn
 from torch.distributions import Normal
 
-from ._components import SCALEDecoder, SCALEEncoder
+from ._components import SCALEDecoder, SCALEEncoder, csr_row_indices
 from ._objectives import (
     bernoulli_log_likelihood,
     moe_elbo_bound,
@@ -55,8 +55,7 @@ def _row_has_data(x: torch.Tensor) -> torch.Tensor:
     if x.layout == torch.strided:
         return (x != 0).any(-1)
     x = x.to_sparse_csr() if x.layout != torch.sparse_csr else x
-    counts = x.crow_indices().diff()
-    rows = torch.repeat_interleave(torch.arange(x.shape[0], device=x.device), counts)
+    rows = csr_row_indices(x)
     nonzero = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     return nonzero.index_put_((rows,), x.values() != 0, accumulate=True)
 

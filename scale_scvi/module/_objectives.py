@@ -13,6 +13,7 @@ from torch.distributions import Normal
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ._components import csr_row_indices
 from ._prior import _LOG_2PI, GaussianMixturePrior
 
 
@@ -61,10 +62,8 @@ def bernoulli_log_likelihood(logits: torch.Tensor, x: torch.Tensor) -> torch.Ten
     if x.layout == torch.strided:
         return (x * logits - F.softplus(logits)).sum(-1)
     x = x if x.layout == torch.sparse_csr else x.to_sparse_csr()
-    crow = x.crow_indices()
-    rows = torch.repeat_interleave(torch.arange(x.shape[0], device=x.device), crow.diff())
     return _SparseBernoulliLogLikelihood.apply(
-        logits, rows, x.col_indices().long(), x.values().to(logits.dtype)
+        logits, csr_row_indices(x), x.col_indices().long(), x.values().to(logits.dtype)
     )
 
 

@@ -12,7 +12,7 @@ from scvi.module._constants import MODULE_KEYS
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch.distributions import Normal
 
-from ._components import SPARSE_PATH_MAX_DENSITY, SCALEDecoder, SCALEEncoder
+from ._components import SCALEDecoder, SCALEEncoder, _is_sparse_enough, csr_from_dense
 from ._objectives import (
     bernoulli_log_likelihood,
     gmm_kl,
@@ -74,15 +74,7 @@ def binarize_for_encoding(x: torch.Tensor) -> torch.Tensor:
     if x.layout != torch.strided or x.dim() != 2:
         return binarize(x)
     is_open = x > 0
-    if int(torch.count_nonzero(is_open)) > SPARSE_PATH_MAX_DENSITY * is_open.numel():
-        return is_open.to(torch.float32)
-    rows, cols = is_open.nonzero(as_tuple=True)
-    crow = torch.zeros(x.shape[0] + 1, dtype=torch.int64, device=x.device)
-    torch.cumsum(torch.bincount(rows, minlength=x.shape[0]), 0, out=crow[1:])
-    values = torch.ones(cols.shape[0], dtype=torch.float32, device=x.device)
-    return torch.sparse_csr_tensor(
-        crow, cols, values, size=x.shape, device=x.device, check_invariants=False
-    )  # valid by construction (from nonzero, row-major)
+    return binarize(csr_from_dense(is_open)) if _is_sparse_enough(is_open) else is_open.float()
 
 
 class SCALEVAE(BaseModuleClass):
