@@ -244,6 +244,34 @@ def test_cross_modal_prediction_uses_one_modality_only(trained, mdata):
     )
 
 
+def test_precision_weighted_joint_mean(trained, mdata):
+    """``joint_mean="precision"``: the normalized product of the experts each cell has."""
+    kind = mdata.obs["modality"].to_numpy()
+    has = {
+        m: (np.diff(mdata.mod[m].X.tocsr().indptr) > 0) & (kind != other)
+        for m, other in (("atac", "rna"), ("rna", "atac"))
+    }
+    experts = {
+        m: trained.get_latent_representation(modality=m, return_dist=True) for m in has
+    }
+    precision = sum(has[m][:, None] / experts[m][1] for m in has)
+    expected_m = sum(has[m][:, None] * experts[m][0] / experts[m][1] for m in has) / precision
+    mean, var = trained.get_latent_representation(joint_mean="precision", return_dist=True)
+    np.testing.assert_allclose(mean, expected_m, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(var, 1.0 / precision, rtol=1e-4)
+    # a cell with one modality gets that expert's posterior
+    only_rna = has["rna"] & ~has["atac"]
+    np.testing.assert_allclose(mean[only_rna], experts["rna"][0][only_rna], rtol=1e-5)
+    # it differs from the mixture's mean where both experts are present and disagree
+    both = has["rna"] & has["atac"]
+    mixture = trained.get_latent_representation()
+    assert not np.allclose(mean[both], mixture[both], atol=1e-3)
+    sample = trained.get_latent_representation(joint_mean="precision", give_mean=False)
+    assert sample.shape == mean.shape and not np.allclose(sample, mean)
+    with pytest.raises(ValueError, match="joint_mean"):
+        trained.get_latent_representation(joint_mean="product")
+
+
 def _with_mod(mdata, mod, X):
     out = mdata.copy()
     out.mod[mod].X = X

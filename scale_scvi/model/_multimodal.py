@@ -350,6 +350,7 @@ class MultimodalMixin:
         batch_size: int | None = None,
         return_dist: bool = False,
         modality: Modality = "joint",
+        joint_mean: Literal["mixture", "precision"] = "mixture",
         **kwargs,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Latent representation of each cell.
@@ -368,11 +369,22 @@ class MultimodalMixin:
             ``"joint"``: the mixture-of-experts posterior (its mean is the average of the
             means of the modalities the cell has); ``"atac"`` or ``"rna"``: that modality's
             posterior alone.
+        joint_mean
+            For ``modality="joint"`` of a model with both modalities: ``"mixture"`` (the
+            mixture of experts' own mean and variance) or ``"precision"`` (the normalized
+            product of the experts the cell has, each weighted by its certainty; see
+            :meth:`~scale_scvi.module.MultiSCALEVAE.precision_weighted_moments`). With one
+            modality, or for one expert, both are the same.
 
         Returns
         -------
         Array of shape ``(n_cells, n_latent)``, or the pair of means and variances.
         """
+        if joint_mean not in ("mixture", "precision"):
+            raise ValueError(
+                f"joint_mean={joint_mean!r} is not one of 'mixture' (the mixture of experts' "
+                "mean) and 'precision' (the precision-weighted product of the experts)."
+            )
         if not self.is_multimodal:
             self._latent_mean({MODULE_KEYS.QZM_KEY: None}, modality)  # raises for RNA
             return super().get_latent_representation(
@@ -390,8 +402,13 @@ class MultimodalMixin:
         means, variances = [], []
         for tensors in loader:
             out = self.module.inference(**self.module._get_inference_input(tensors))
-            qz_v = out[MODULE_KEYS.QZV_KEY if modality == "joint" else f"qzv_{modality}"]
-            means.append(self._latent_point(out, modality, give_mean).cpu())
+            if modality == "joint" and joint_mean == "precision":
+                qz_m, qz_v = self.module.precision_weighted_moments(out)
+                point = qz_m if give_mean else qz_m + qz_v.sqrt() * torch.randn_like(qz_m)
+            else:
+                qz_v = out[MODULE_KEYS.QZV_KEY if modality == "joint" else f"qzv_{modality}"]
+                point = self._latent_point(out, modality, give_mean)
+            means.append(point.cpu())
             variances.append(qz_v.cpu())
         if return_dist:
             return torch.cat(means).numpy(), torch.cat(variances).numpy()

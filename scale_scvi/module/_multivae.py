@@ -398,6 +398,22 @@ class MultiSCALEVAE(BaseModuleClass):
             )
         return inference_outputs[f"qzm_{modality}"]
 
+    def precision_weighted_moments(
+        self, inference_outputs: dict
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of the normalized product of the experts each cell has.
+
+        ``v = 1 / sum_m (1 / v_m)`` and ``mu = v * sum_m mu_m / v_m`` over the modalities the
+        cell has: where its experts agree, each weighted by its certainty. The mixture's mean
+        (``qz_m``) is the plain average of the experts' means and sits between them when they
+        disagree; this summary leans toward the more certain expert instead.
+        """
+        qz_ms = inference_outputs[QZM_EXPERTS_KEY]
+        qz_vs = inference_outputs[QZV_EXPERTS_KEY]
+        mask = inference_outputs[MASK_KEY].to(qz_ms.dtype).unsqueeze(-1)
+        precision = (mask / qz_vs).sum(0)
+        return (mask * qz_ms / qz_vs).sum(0) / precision, 1.0 / precision
+
     @auto_move_data
     def generative(
         self,
