@@ -174,6 +174,15 @@ def test_decoders_start_at_the_average_cell(mdata):
     torch.testing.assert_close(offset, torch.log(torch.tensor([4.0, 40.0])) - np.log(mean_open))
 
 
+def _has_modality(mdata) -> dict[str, np.ndarray]:
+    """Which cells have each modality: flagged, and not an all-zero row."""
+    kind = mdata.obs["modality"].to_numpy()
+    return {
+        m: (np.diff(mdata.mod[m].X.tocsr().indptr) > 0) & (kind != other)
+        for m, other in (("atac", "rna"), ("rna", "atac"))
+    }
+
+
 def test_training_and_outputs(trained, mdata):
     n, n_peaks, n_genes = mdata.n_obs, mdata.mod["atac"].n_vars, mdata.mod["rna"].n_vars
     assert trained.module.modalities == ("atac", "rna")
@@ -183,11 +192,7 @@ def test_training_and_outputs(trained, mdata):
     assert joint.shape == (n, 4)
     # the joint mean is the mean of the means of the modalities a cell has: flagged, and not
     # an all-zero row
-    kind = mdata.obs["modality"].to_numpy()
-    has = {
-        m: (np.diff(mdata.mod[m].X.tocsr().indptr) > 0) & (kind != other)
-        for m, other in (("atac", "rna"), ("rna", "atac"))
-    }
+    has = _has_modality(mdata)
     assert (has["atac"] & ~has["rna"]).any() and (has["rna"] & ~has["atac"]).any()
     weight = np.stack([has["atac"], has["rna"]], 1).astype(float)
     weight /= weight.sum(1, keepdims=True)
@@ -246,14 +251,8 @@ def test_cross_modal_prediction_uses_one_modality_only(trained, mdata):
 
 def test_precision_weighted_joint_mean(trained, mdata):
     """``joint_mean="precision"``: the normalized product of the experts each cell has."""
-    kind = mdata.obs["modality"].to_numpy()
-    has = {
-        m: (np.diff(mdata.mod[m].X.tocsr().indptr) > 0) & (kind != other)
-        for m, other in (("atac", "rna"), ("rna", "atac"))
-    }
-    experts = {
-        m: trained.get_latent_representation(modality=m, return_dist=True) for m in has
-    }
+    has = _has_modality(mdata)
+    experts = {m: trained.get_latent_representation(modality=m, return_dist=True) for m in has}
     precision = sum(has[m][:, None] / experts[m][1] for m in has)
     expected_m = sum(has[m][:, None] * experts[m][0] / experts[m][1] for m in has) / precision
     mean, var = trained.get_latent_representation(joint_mean="precision", return_dist=True)
