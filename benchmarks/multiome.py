@@ -205,6 +205,42 @@ def run_multivi(atac, rna, train_idx, test_idx, labels, lognorm_test, seed, epoc
     return row
 
 
+TABLE_COLUMNS = {
+    "ari_kmeans": "ARI k-means",
+    "ari_kmeans_precision": "ARI k-means, precision-weighted joint",
+    "nmi_kmeans": "NMI k-means",
+    "ari_argmax": "ARI argmax",
+    "ari_kmeans_atac_expert": "ATAC expert ARI",
+    "ari_kmeans_rna_expert": "RNA expert ARI",
+    "rna_from_atac_r": "RNA from ATAC (r)",
+    "train_seconds": "train s",
+}
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """One row per method and seed, then the mean over seeds of each method."""
+    cols = [c for c in TABLE_COLUMNS if c in table.columns]
+    lines = [
+        "| model | seed | epochs | " + " | ".join(TABLE_COLUMNS[c] for c in cols) + " |",
+        "|---" * (len(cols) + 3) + "|",
+    ]
+
+    def fmt(v, col):
+        if pd.isna(v):
+            return "–"
+        return f"{v:.0f}" if col == "train_seconds" else f"{v:.3f}"
+
+    for _, row in table.sort_values(["method", "seed"], kind="stable").iterrows():
+        cells = " | ".join(fmt(row[c], c) for c in cols)
+        lines.append(f"| {row['method']} | {row['seed']} | {row['epochs']} | {cells} |")
+    means = table.groupby("method", sort=True)[cols].mean()
+    n_seeds = table.groupby("method", sort=True)["seed"].nunique()
+    for method, row in means.iterrows():
+        cells = " | ".join(fmt(row[c], c) for c in cols)
+        lines.append(f"| **{method}, mean** | {n_seeds[method]} seeds | | {cells} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -220,7 +256,17 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS / "multiome.csv")
     parser.add_argument("--append", action="store_true", help="append to --out")
+    parser.add_argument(
+        "--table",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="print the markdown table of these result CSVs (merged) and exit",
+    )
     args = parser.parse_args(argv)
+    if args.table:
+        print(markdown_table(pd.concat([pd.read_csv(p) for p in args.table], ignore_index=True)))
+        return
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {sorted(VARIANTS)}")
