@@ -59,7 +59,12 @@ def binarize(x: torch.Tensor) -> torch.Tensor:
     x = x.to_sparse_csr() if x.layout != torch.sparse_csr else x
     values = (x.values() > 0).to(torch.float32)
     return torch.sparse_csr_tensor(
-        x.crow_indices(), x.col_indices(), values, size=x.shape, device=x.device
+        x.crow_indices(),
+        x.col_indices(),
+        values,
+        size=x.shape,
+        device=x.device,
+        check_invariants=False,  # the indices of a valid CSR tensor
     )
 
 
