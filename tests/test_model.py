@@ -179,14 +179,17 @@ def test_forebrain_clustering():
     truth = adata.obs["cell_type"].cat.codes
     km = KMeans(8, n_init=20, random_state=0).fit_predict(z)
     ari = adjusted_rand_score(truth, km)
+    ari_argmax = adjusted_rand_score(truth, argmax)
     print(
-        f"forebrain ARI k-means {ari:.3f}, ARI argmax {adjusted_rand_score(truth, argmax):.3f}, "
+        f"forebrain ARI k-means {ari:.3f}, ARI argmax {ari_argmax:.3f}, "
         f"NMI {normalized_mutual_info_score(truth, km):.3f}"
     )
-    # Seed 0, one thread: 0.657 (argmax 0.46, NMI 0.73). Over seeds the defaults give
-    # 0.55-0.66 (benchmarks/NOTES.md), and another CPU's BLAS may round differently and take
-    # another trajectory, so this guards against regressions rather than pinning a value.
+    # Seed 0, one thread: 0.648 (argmax 0.59, NMI 0.72). Over six seeds the defaults give
+    # 0.58-0.66 (argmax 0.51-0.61; benchmarks/NOTES.md), and another CPU's BLAS may round
+    # differently and take another trajectory, so this guards against regressions rather
+    # than pinning a value.
     assert ari >= 0.60
+    assert ari_argmax >= 0.45
 
 
 def test_depth_offset_explains_depth(small_adata):

@@ -116,11 +116,15 @@ def test_likelihood_and_encoder_variance_are_safe_at_extremes() -> None:
     assert (qz_v >= 1e-4).all()
 
 
-def test_fit_gmm_on_collapsed_latent() -> None:
+@pytest.mark.filterwarnings("ignore:Number of distinct clusters")
+@pytest.mark.parametrize("method", ["kmeans", "em"])
+def test_fit_gmm_on_collapsed_latent(method: str) -> None:
     """A latent collapsed onto one point still gives a valid, finite mixture."""
     latent = np.zeros((40, 3))
     latent[:2] += 1e-3
-    weights, means, variances = fit_gmm(latent, n_components=5, seed=0)
+    weights, means, variances = fit_gmm(latent, n_components=5, seed=0, method=method)
+    assert (weights > 0).all()
+    np.testing.assert_allclose(weights.sum(), 1.0)
     assert np.isfinite(weights).all() and np.isfinite(means).all()
     assert (variances > 0).all()
     module = SCALEVAE(n_input=10, n_centroids=5, n_latent=3, n_hidden=(4,))
@@ -181,6 +185,38 @@ def test_guard_lets_finite_training_through() -> None:
     model.train(max_epochs=2, **TRAIN)
     assert model.is_trained
     assert np.isfinite(model.history["train_loss"].to_numpy(dtype=float)).all()
+
+
+def test_fit_gmm_kmeans_reads_the_partition_as_a_mixture() -> None:
+    """k-means: cluster fractions, centroids and within-cluster variances; EM agrees here."""
+    rng = np.random.default_rng(0)
+    sizes, centers = (60, 30, 10), (-4.0, 0.0, 4.0)
+    latent = np.concatenate(
+        [rng.normal(c, 0.3, size=(n, 2)) for n, c in zip(sizes, centers, strict=True)]
+    )
+    weights, means, variances = fit_gmm(latent, 3, seed=0, method="kmeans")
+    order = np.argsort(means[:, 0])
+    np.testing.assert_allclose(weights[order], np.array(sizes) / 100)
+    blocks = np.split(latent, np.cumsum(sizes)[:-1])
+    np.testing.assert_allclose(means[order], [b.mean(0) for b in blocks])
+    np.testing.assert_allclose(variances[order], [b.var(0) + 1e-4 for b in blocks])
+    em_weights, em_means, _ = fit_gmm(latent, 3, seed=0, method="em")
+    em_order = np.argsort(em_means[:, 0])
+    np.testing.assert_allclose(em_weights[em_order], weights[order], atol=1e-3)
+    np.testing.assert_allclose(em_means[em_order], means[order], atol=1e-3)
+    # the posterior variances of each component's cells are added to its variance
+    _, _, widened = fit_gmm(latent, 3, seed=0, posterior_var=np.full_like(latent, 0.5))
+    np.testing.assert_allclose(widened, variances + 0.5)
+
+
+def test_gmm_init_method_is_checked() -> None:
+    with pytest.raises(ValueError, match="method must be 'kmeans' or 'em', got 'gmm'"):
+        fit_gmm(np.zeros((10, 2)), 2, method="gmm")
+    adata = simulate_scatac(n_cells=64, n_peaks=60, n_types=2, seed=2)
+    SCALE.setup_anndata(adata)
+    model = SCALE(adata, n_centroids=3)
+    with pytest.raises(ValueError, match="gmm_init_method must be 'kmeans' or 'em'"):
+        model.train(max_epochs=1, gmm_init_method="gmm")
 
 
 @pytest.mark.parametrize(

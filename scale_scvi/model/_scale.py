@@ -236,6 +236,7 @@ class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, B
         gradient_clip_val: float | None = 10.0,
         n_epochs_kl_warmup: int | None = None,
         gmm_init_epoch: int | None = None,
+        gmm_init_method: Literal["kmeans", "em"] = "kmeans",
         train_size: float | None = 1.0,
         validation_size: float | None = None,
         early_stopping: bool = False,
@@ -282,6 +283,15 @@ class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, B
             Epoch at whose start the prior's mixture is fitted to the posterior means.
             Default: the end of the KL warm-up, so that the mixture is fitted on a trained
             encoder.
+        gmm_init_method
+            How that mixture is fitted (:func:`~scale_scvi.train.fit_gmm`): ``"kmeans"``
+            reads it off a k-means partition of the posterior means; ``"em"`` runs EM on a
+            diagonal Gaussian mixture from there, which moves the partition away from the
+            cell types (forebrain, peaks open in >= 2 % of cells, end of the warm-up: ARI 0.56
+            for the k-means partition, 0.43 after EM). Over five seeds of the defaults,
+            k-means gives ARI (k-means on the final latent) 0.58-0.66, mean 0.64, against
+            0.54-0.66, mean 0.63 with EM, and ARI of the cluster assignments 0.51-0.61, mean
+            0.58, against 0.46-0.54, mean 0.51.
         train_size, validation_size
             Fractions of cells for training and validation (default: all for training).
         early_stopping
@@ -305,6 +315,8 @@ class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, B
             n_epochs_kl_warmup = max(1, max_epochs // 4)
         if gmm_init_epoch is None:
             gmm_init_epoch = min(n_epochs_kl_warmup, max_epochs - 1)
+        if gmm_init_method not in ("kmeans", "em"):
+            raise ValueError(f"gmm_init_method must be 'kmeans' or 'em', got {gmm_init_method!r}.")
         if not 0 <= gmm_init_epoch < max_epochs:
             raise ValueError(
                 f"gmm_init_epoch={gmm_init_epoch} must be in [0, max_epochs={max_epochs})."
@@ -340,6 +352,7 @@ class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, B
                     n_components=self.module.n_centroids,
                     init_epoch=gmm_init_epoch,
                     seed=settings.seed,
+                    method=gmm_init_method,
                 )
             )
         callbacks.append(FiniteLossGuard())

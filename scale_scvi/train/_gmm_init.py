@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from sklearn.cluster import KMeans
 from sklearn.mixture import GaussianMixture
 
 logger = logging.getLogger(__name__)
@@ -19,8 +21,18 @@ def fit_gmm(
     seed: int = 0,
     max_cells: int = 50_000,
     posterior_var: np.ndarray | None = None,
+    method: Literal["kmeans", "em"] = "kmeans",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Fit a diagonal :class:`~sklearn.mixture.GaussianMixture` to posterior means.
+    """Fit a diagonal Gaussian mixture to posterior means.
+
+    With ``method="kmeans"`` the mixture is read off a k-means partition of the means
+    (:class:`~sklearn.cluster.KMeans`, 20 restarts): each cluster's fraction of the cells,
+    centroid and per-dimension variance become a component's weight, mean and variance.
+    With ``method="em"`` it is a diagonal :class:`~sklearn.mixture.GaussianMixture` fitted
+    by EM (started from k-means, as sklearn does). On the forebrain set EM moves the
+    partition away from the cell types (ARI of the mixture's assignments 0.43 against 0.56
+    for the k-means partition it starts from, at the end of the KL warm-up), so k-means is
+    the default.
 
     A mixture fitted to the means alone ignores the spread of each ``q(z|x)``; when
     ``posterior_var`` is given, each component's variance is increased by the
@@ -40,11 +52,15 @@ def fit_gmm(
         The fit uses a random subsample of at most this many cells.
     posterior_var
         Posterior variances, shape ``(n_cells, n_latent)``, or ``None``.
+    method
+        ``"kmeans"`` (a k-means partition read as a mixture) or ``"em"`` (EM).
 
     Returns
     -------
     ``(weights, means, variances)`` of shapes ``(K,)``, ``(K, D)``, ``(K, D)``.
     """
+    if method not in ("kmeans", "em"):
+        raise ValueError(f"method must be 'kmeans' or 'em', got {method!r}.")
     latent = np.asarray(latent, dtype=np.float64)
     if latent.ndim != 2:
         raise ValueError(f"latent must be (n_cells, n_latent), got shape {latent.shape}.")
@@ -63,19 +79,44 @@ def fit_gmm(
         keep = rng.choice(latent.shape[0], max_cells, replace=False)
         latent = latent[keep]
         posterior_var = None if posterior_var is None else posterior_var[keep]
-    gmm = GaussianMixture(
-        n_components=n_components,
-        covariance_type="diag",
-        random_state=seed,
-        reg_covar=1e-4,
-        max_iter=200,
-    ).fit(latent)
-    variances = gmm.covariances_
-    if posterior_var is not None:
-        resp = gmm.predict_proba(latent)  # (N, K)
+    reg_covar = 1e-4
+    if method == "em":
+        gmm = GaussianMixture(
+            n_components=n_components,
+            covariance_type="diag",
+            random_state=seed,
+            reg_covar=reg_covar,
+            max_iter=200,
+        ).fit(latent)
+        weights, means, variances = gmm.weights_, gmm.means_, gmm.covariances_
+        resp = gmm.predict_proba(latent) if posterior_var is not None else None
+    else:
+        weights, means, variances, labels = _kmeans_mixture(latent, n_components, seed)
+        variances = variances + reg_covar
+        resp = np.eye(n_components)[labels] if posterior_var is not None else None
+    if resp is not None:
         weight = resp / np.maximum(resp.sum(0, keepdims=True), 1e-12)
         variances = variances + weight.T @ np.asarray(posterior_var, dtype=np.float64)
-    return gmm.weights_, gmm.means_, variances
+    return weights, means, variances
+
+
+def _kmeans_mixture(
+    latent: np.ndarray, n_components: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Weights, means, variances and labels of a k-means partition of ``latent``.
+
+    A cluster left empty (fewer distinct points than clusters) gets the weight of one cell
+    and the variance of all cells, so that every component stays a valid Gaussian.
+    """
+    kmeans = KMeans(n_clusters=n_components, n_init=20, random_state=seed).fit(latent)
+    labels = kmeans.labels_
+    counts = np.bincount(labels, minlength=n_components)
+    weights = np.maximum(counts, 1) / np.maximum(counts, 1).sum()
+    overall = latent.var(0)
+    variances = np.stack(
+        [latent[labels == j].var(0) if counts[j] > 1 else overall for j in range(n_components)]
+    )
+    return weights, kmeans.cluster_centers_.astype(np.float64), variances, labels
 
 
 class GMMInitCallback(Callback):
@@ -100,6 +141,8 @@ class GMMInitCallback(Callback):
         original SCALE does).
     seed
         Random state of the mixture fit.
+    method
+        How the mixture is fitted (see :func:`fit_gmm`): ``"kmeans"`` or ``"em"``.
     """
 
     def __init__(
@@ -108,12 +151,16 @@ class GMMInitCallback(Callback):
         n_components: int,
         init_epoch: int = 0,
         seed: int = 0,
+        method: Literal["kmeans", "em"] = "kmeans",
     ):
         super().__init__()
+        if method not in ("kmeans", "em"):
+            raise ValueError(f"method must be 'kmeans' or 'em', got {method!r}.")
         self.latent_fn = latent_fn
         self.n_components = n_components
         self.init_epoch = init_epoch
         self.seed = seed
+        self.method = method
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if trainer.current_epoch != self.init_epoch:
@@ -130,7 +177,13 @@ class GMMInitCallback(Callback):
                 module.train(was_training)
             latent, posterior_var = latent if isinstance(latent, tuple) else (latent, None)
             try:
-                fitted = fit_gmm(latent, self.n_components, self.seed, posterior_var=posterior_var)
+                fitted = fit_gmm(
+                    latent,
+                    self.n_components,
+                    self.seed,
+                    posterior_var=posterior_var,
+                    method=self.method,
+                )
                 payload = [torch.as_tensor(p) for p in fitted]
                 logger.info("Initialized the GMM prior on %d posterior means.", latent.shape[0])
             except ValueError as error:
