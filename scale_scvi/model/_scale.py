@@ -25,6 +25,7 @@ from scvi.module._constants import MODULE_KEYS
 
 from scale_scvi.module import SCALEVAE
 from scale_scvi.train import FiniteLossGuard, FusedAdamW, GMMInitCallback
+from scale_scvi.train._gmm_init import check_gmm_init_method
 
 from . import _peaks
 from ._feature_stats import open_fraction
@@ -315,8 +316,7 @@ class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, B
             n_epochs_kl_warmup = max(1, max_epochs // 4)
         if gmm_init_epoch is None:
             gmm_init_epoch = min(n_epochs_kl_warmup, max_epochs - 1)
-        if gmm_init_method not in ("kmeans", "em"):
-            raise ValueError(f"gmm_init_method must be 'kmeans' or 'em', got {gmm_init_method!r}.")
+        check_gmm_init_method(gmm_init_method, "gmm_init_method")
         if not 0 <= gmm_init_epoch < max_epochs:
             raise ValueError(
                 f"gmm_init_epoch={gmm_init_epoch} must be in [0, max_epochs={max_epochs})."

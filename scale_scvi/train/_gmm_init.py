@@ -14,6 +14,14 @@ from sklearn.mixture import GaussianMixture
 
 logger = logging.getLogger(__name__)
 
+GMM_INIT_METHODS = ("kmeans", "em")
+
+
+def check_gmm_init_method(method: str, name: str = "method") -> None:
+    """Raise a ``ValueError`` unless ``method`` is one of :data:`GMM_INIT_METHODS`."""
+    if method not in GMM_INIT_METHODS:
+        raise ValueError(f"{name} must be 'kmeans' or 'em', got {method!r}.")
+
 
 def fit_gmm(
     latent: np.ndarray,
@@ -59,8 +67,7 @@ def fit_gmm(
     -------
     ``(weights, means, variances)`` of shapes ``(K,)``, ``(K, D)``, ``(K, D)``.
     """
-    if method not in ("kmeans", "em"):
-        raise ValueError(f"method must be 'kmeans' or 'em', got {method!r}.")
+    check_gmm_init_method(method)
     latent = np.asarray(latent, dtype=np.float64)
     if latent.ndim != 2:
         raise ValueError(f"latent must be (n_cells, n_latent), got shape {latent.shape}.")
@@ -154,8 +161,7 @@ class GMMInitCallback(Callback):
         method: Literal["kmeans", "em"] = "kmeans",
     ):
         super().__init__()
-        if method not in ("kmeans", "em"):
-            raise ValueError(f"method must be 'kmeans' or 'em', got {method!r}.")
+        check_gmm_init_method(method)
         self.latent_fn = latent_fn
         self.n_components = n_components
         self.init_epoch = init_epoch
