@@ -202,3 +202,41 @@ def test_sparse_backward_gives_the_gradient_norm(n_cat_list):
     everything = torch.cat([p.grad.flatten() for p in enc.parameters()])
     expected = everything.norm() / 1e-3
     torch.testing.assert_close(opt._grad_scale(), expected, rtol=1e-5, atol=0)
+
+
+def test_fused_adamw_flushes_moments_before_they_turn_subnormal():
+    """A parameter whose gradient stays zero has its first moment shrink by beta1 at every
+    step; the optimizer zeroes moments below flush_below every flush_every steps, so none
+    reaches the subnormal range (slow on CPUs), and the parameters follow torch's AdamW."""
+    tiny = torch.finfo(torch.float32).tiny
+    torch.manual_seed(0)
+    w1 = torch.nn.Parameter(torch.randn(64, 8))
+    w2 = torch.nn.Parameter(w1.detach().t().contiguous().t())  # column-major, as the first layer
+    w3 = torch.nn.Parameter(w1.detach().clone())
+    ref = torch.optim.AdamW([w1], lr=1e-3)
+    opt = FusedAdamW([w2], lr=1e-3, flush_every=50)
+    plain = FusedAdamW([w3], lr=1e-3, flush_below=None)
+    for step in range(1200):
+        for w, o in ((w1, ref), (w2, opt), (w3, plain)):
+            o.zero_grad(set_to_none=False)
+            # rows 0-31 get gradients only in the first ten steps, rows 32-63 always
+            w.grad = torch.ones_like(w) * 1e-3
+            if step >= 10:
+                w.grad[:32] = 0.0
+            o.step()
+    m_ref, m_opt, m_plain = (o.state[w]["exp_avg"] for o, w in ((ref, w1), (opt, w2), (plain, w3)))
+
+    def n_subnormal(t):
+        return int(((t != 0) & (t.abs() < tiny)).sum())
+
+    assert n_subnormal(m_ref) > 0 and n_subnormal(m_plain) > 0  # what the flush prevents
+    assert n_subnormal(m_opt) == 0
+    assert torch.all(m_opt[:32] == 0) and torch.all(m_opt[32:] > 1e-4)
+    torch.testing.assert_close(w2, w1, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(w3, w1, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [{"flush_below": -1.0}, {"flush_every": 0}])
+def test_fused_adamw_rejects_bad_flush_settings(kwargs):
+    with pytest.raises(ValueError, match="flush_"):
+        FusedAdamW([torch.nn.Parameter(torch.zeros(2))], **kwargs)

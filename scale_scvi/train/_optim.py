@@ -40,6 +40,19 @@ class FusedAdamW(torch.optim.AdamW):
     max_grad_norm
         Clip the total gradient norm (over all parameters, as ``clip_grad_norm_`` with the
         2-norm) at this value; ``None`` for no clipping.
+    flush_below
+        Every ``flush_every`` steps, moment estimates smaller than this in absolute value are
+        set to zero; ``None`` never does. A parameter whose gradient stays zero (the
+        first-layer weights of peaks absent from the recent minibatches, the weights of an
+        inactive hidden unit) has its first moment multiplied by ``beta1`` at every step and
+        after several hundred steps reaches the subnormal floating-point range, where CPU
+        arithmetic is many times slower: on 50,000 peaks half of the first layer's moments
+        were subnormal after 1,250 steps and a step took 40 % longer. A moment below
+        ``1e-30`` changes an update by less than ``lr * 1e-30 / eps``; it would need about
+        170 more steps to become subnormal, so checking every 100 steps keeps every moment
+        out of that range.
+    flush_every
+        Steps between two such checks.
     """
 
     def __init__(
@@ -50,13 +63,22 @@ class FusedAdamW(torch.optim.AdamW):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         max_grad_norm: float | None = None,
+        flush_below: float | None = 1e-30,
+        flush_every: int = 100,
     ):
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}.")
+        if flush_below is not None and not flush_below >= 0:
+            raise ValueError(f"flush_below must be >= 0 or None, got {flush_below}.")
+        if not (isinstance(flush_every, int) and flush_every >= 1):
+            raise ValueError(f"flush_every must be an integer >= 1, got {flush_every!r}.")
         super().__init__(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True
         )
         self.max_grad_norm = max_grad_norm
+        self.flush_below = flush_below
+        self.flush_every = flush_every
+        self._steps_taken = 0
 
     def _grad_scale(self) -> torch.Tensor | None:
         """``1 / min(1, max_norm / (total_norm + 1e-6))``, as ``clip_grad_norm_`` computes it."""
@@ -151,4 +173,30 @@ class FusedAdamW(torch.optim.AdamW):
                 maximize=False,
                 grad_scale=grad_scale,
             )
+        self._steps_taken += 1
+        if self.flush_below is not None and self._steps_taken % self.flush_every == 0:
+            self.flush_small_moments()
         return loss
+
+    @torch.no_grad()
+    def flush_small_moments(self, chunk: int = 1 << 22) -> None:
+        """Set every moment estimate with ``|value| < flush_below`` to zero, in place.
+
+        Works through each tensor ``chunk`` elements at a time, so the temporary mask stays
+        small next to the moments of a large first layer.
+        """
+        if self.flush_below is None:
+            return
+        for state in self.state.values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                moment = state.get(key)
+                if moment is None:
+                    continue
+                view = _contiguous_view(moment)
+                if not view.is_contiguous():
+                    view.masked_fill_(view.abs() < self.flush_below, 0.0)
+                    continue
+                flat = view.view(-1)
+                for start in range(0, flat.numel(), chunk):
+                    part = flat[start : start + chunk]
+                    part.masked_fill_(part.abs() < self.flush_below, 0.0)
