@@ -61,8 +61,10 @@ def run_scale(X, k: int, seed: int, out: str, train_kwargs: dict) -> dict:
     scvi.settings.seed = seed
     adata = _adata(X)
     SCALE.setup_anndata(adata)
-    model = SCALE(adata, n_centroids=k)
     no_outputs = train_kwargs.pop("no_outputs", False)
+    # the original's encoder has no batch norm: the speed comparison turns it off
+    model_kwargs = {"use_batch_norm": "none"} if train_kwargs.pop("no_batch_norm", False) else {}
+    model = SCALE(adata, n_centroids=k, **model_kwargs)
     timer = EpochTimer()
     t0 = time.perf_counter()
     model.train(callbacks=[timer], enable_progress_bar=False, **train_kwargs)
@@ -150,6 +152,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--load-sparse-tensor", action="store_true")
     parser.add_argument("--no-outputs", action="store_true", help="timing only")
+    parser.add_argument(
+        "--no-batch-norm", action="store_true", help="SCALE without batch norm (the original's)"
+    )
     args = parser.parse_args()
     if args.threads:
         import torch
@@ -164,6 +169,8 @@ def main() -> None:
         train_kwargs["load_sparse_tensor"] = True
     if args.no_outputs:
         train_kwargs["no_outputs"] = True
+    if args.no_batch_norm:
+        train_kwargs["no_batch_norm"] = True
     result = METHODS[args.method](X, k, args.seed, args.out, train_kwargs)
     write_json(Path(args.out + ".json"), result)
 

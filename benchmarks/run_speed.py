@@ -1,8 +1,8 @@
 """Seconds per epoch of this SCALE and the original SCALE, side by side, on the forebrain set.
 
-Same data (1,043 cells x all 140,102 peaks), same architecture (P -> 1024 -> 128 -> 10,
-linear decoder) and the same minibatch size (64, the original's default). The two run one
-after the other in their own processes, alternating, ``--repeats`` times; each time the
+Same data (1,043 cells x all 140,102 peaks), same architecture (P -> 1024 -> 128 -> 10, no
+batch norm, linear decoder) and the same minibatch size (64, the original's default). The two
+run one after the other in their own processes, alternating, ``--repeats`` times; each time the
 original trains ``--orig-iters`` minibatches of one epoch (per-epoch time = per-minibatch time x 16
 (its GMM initialization is skipped; it does not change the cost of a minibatch)) and this SCALE
 ``--epochs`` epochs (median epoch reported; the epoch holding the GMM initialization is
@@ -94,7 +94,8 @@ def main() -> None:
                 out = str(WORK / f"speed_scale_{tag}_{rep}")
                 cmd = [MAIN_PYTHON, "benchmarks/methods.py", "--method", "scale"]
                 cmd += ["--data", str(data), "--out", out, "--batch-size", str(args.batch_size)]
-                cmd += ["--no-outputs", "--max-epochs", str(args.epochs), *extra, *thread_args]
+                cmd += ["--no-outputs", "--max-epochs", str(args.epochs), "--no-batch-norm"]
+                cmd += [*extra, *thread_args]
                 usage = run_child(cmd, WORK / "logs" / f"speed_scale_{tag}_{rep}.log")
                 if usage["returncode"] != 0:
                     print(f"{name} failed; see work/logs", file=sys.stderr)

@@ -157,6 +157,26 @@ def test_batch_covariate(small_adata):
     assert np.isfinite(model.get_latent_representation()).all()
 
 
+@pytest.mark.parametrize("n_cells", [65, 66])
+def test_batch_norm_with_one_cell_left_over(n_cells):
+    """The encoder's batch norm cannot take a minibatch of one cell in training: when the
+    training cells leave exactly one over (65 = 2 x 32 + 1), that cell sits each epoch out;
+    otherwise (66) every cell is used."""
+    from scale_scvi.data import simulate_scatac
+
+    adata = simulate_scatac(n_cells=n_cells, n_peaks=300, n_types=4, seed=1)
+    SCALE.setup_anndata(adata)
+    model = SCALE(adata, n_centroids=4, n_hidden=(64, 32))
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in model.module.modules())
+    model.train(max_epochs=2, batch_size=32, enable_progress_bar=False)
+    assert model.trainer.num_training_batches == (2 if n_cells == 65 else 3)
+    assert np.isfinite(model.get_latent_representation()).all()
+    # without batch norm nothing is dropped
+    plain = SCALE(adata, n_centroids=4, n_hidden=(64, 32), use_batch_norm="none")
+    plain.train(max_epochs=1, batch_size=32, enable_progress_bar=False)
+    assert plain.trainer.num_training_batches == 3
+
+
 @pytest.mark.shared_data
 def test_forebrain_clustering():
     """Real data: adult mouse forebrain snATAC-seq, 8 cell types, the training defaults."""

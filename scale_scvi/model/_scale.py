@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from functools import partial
 from typing import Literal
@@ -356,6 +357,9 @@ class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, B
                 )
             )
         callbacks.append(FiniteLossGuard())
+        datasplitter_kwargs = self._drop_lone_last_cell(
+            datasplitter_kwargs, train_size, batch_size
+        )
         if gradient_clip_val is not None and not clip_in_optimizer:
             trainer_kwargs.setdefault("gradient_clip_val", gradient_clip_val)
         return super().train(
@@ -372,6 +376,29 @@ class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, B
             callbacks=callbacks,
             **trainer_kwargs,
         )
+
+    def _drop_lone_last_cell(
+        self, datasplitter_kwargs: dict | None, train_size: float | None, batch_size: int
+    ) -> dict | None:
+        """``drop_last=True`` when batch norm would get a last minibatch of one cell.
+
+        Batch normalization cannot normalize a single cell in training (torch raises); when
+        the training cells leave exactly one over after the full minibatches, that cell
+        (a different one each epoch, as the minibatches are shuffled) sits the epoch out.
+        """
+        kwargs = dict(datasplitter_kwargs or {})
+        if "drop_last" in kwargs or not any(
+            isinstance(m, torch.nn.BatchNorm1d) for m in self.module.modules()
+        ):
+            return datasplitter_kwargs
+        if kwargs.get("external_indexing") is not None:
+            n_train = len(kwargs["external_indexing"][0])
+        else:
+            n_train = math.ceil((1.0 if train_size is None else train_size) * self.adata.n_obs)
+        if n_train % batch_size == 1:
+            kwargs["drop_last"] = True
+            return kwargs
+        return datasplitter_kwargs
 
     def _gmm_latent_fn(self, batch_size: int):
         def latent_fn(indices: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
