@@ -290,10 +290,10 @@ class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, B
             reads it off a k-means partition of the posterior means; ``"em"`` runs EM on a
             diagonal Gaussian mixture from there, which moves the partition away from the
             cell types (forebrain, peaks open in >= 2 % of cells, end of the warm-up: ARI 0.56
-            for the k-means partition, 0.43 after EM). Over five seeds of the defaults,
-            k-means gives ARI (k-means on the final latent) 0.58-0.66, mean 0.64, against
-            0.54-0.66, mean 0.63 with EM, and ARI of the cluster assignments 0.51-0.61, mean
-            0.58, against 0.46-0.54, mean 0.51.
+            for the k-means partition, 0.43 after EM). Over five seeds (encoder without
+            batch norm), k-means gives ARI (k-means on the final latent) 0.58-0.66, mean 0.64,
+            against 0.54-0.66, mean 0.63 with EM, and ARI of the cluster assignments
+            0.51-0.61, mean 0.58, against 0.46-0.54, mean 0.51.
         train_size, validation_size
             Fractions of cells for training and validation (default: all for training).
         early_stopping
