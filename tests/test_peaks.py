@@ -29,6 +29,7 @@ def planted():
     SCALE.setup_anndata(adata)
     model = SCALE(adata, n_centroids=N_TYPES, n_hidden=(32,))
     model.is_trained_ = True
+    model.module.eval()  # as training leaves it (batch norm on its running statistics)
     z = model.get_latent_representation()
     km = KMeans(N_TYPES, n_init=10, random_state=0).fit(z)
     centres = km.cluster_centers_
