@@ -240,3 +240,36 @@ def test_fused_adamw_flushes_moments_before_they_turn_subnormal():
 def test_fused_adamw_rejects_bad_flush_settings(kwargs):
     with pytest.raises(ValueError, match="flush_"):
         FusedAdamW([torch.nn.Parameter(torch.zeros(2))], **kwargs)
+
+
+def test_input_dropout_zeroes_and_rescales_sparse_and_dense_input():
+    from scale_scvi.module._components import _input_dropout
+
+    dense, sparse = _batch(n_cells=50, n_peaks=400, density=0.3)
+    torch.manual_seed(0)
+    dropped = _input_dropout(sparse, 0.5)
+    assert dropped.layout == torch.sparse_csr
+    kept = dropped.values()
+    # every value is either dropped or doubled; about half of them are dropped
+    scaled = kept[kept != 0]
+    torch.testing.assert_close(scaled, 2 * sparse.values()[kept != 0])
+    assert 0.4 < (kept == 0).float().mean() < 0.6
+    dense_dropped = _input_dropout(dense, 0.5)
+    assert ((dense_dropped == 0) | (dense_dropped == 2 * dense)).all()
+    assert (dense_dropped[dense == 0] == 0).all()
+
+
+def test_input_dropout_acts_in_training_only():
+    torch.manual_seed(0)
+    enc = SCALEEncoder(40, 4, (16, 8), input_dropout=0.5)
+    _, sparse = _batch()
+    enc.eval()
+    m1, _ = enc(sparse)
+    m2, _ = enc(sparse)
+    torch.testing.assert_close(m1, m2)
+    enc.train()
+    torch.manual_seed(1)
+    m3, _ = enc(sparse)
+    assert not torch.allclose(m1, m3)
+    with pytest.raises(ValueError, match="input_dropout"):
+        SCALEEncoder(40, 4, (16, 8), input_dropout=1.0)

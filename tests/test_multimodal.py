@@ -323,6 +323,23 @@ def test_likelihood_scale(mdata):
         SCALE(mdata, n_centroids=3, likelihood_scale={"protein": 2.0}, **SMALL)
 
 
+def test_input_dropout_per_modality(mdata):
+    SCALE.setup_mudata(mdata)
+    model = SCALE(mdata, n_centroids=3, **SMALL)  # default: none
+    assert model.module.encoders["atac"].input_dropout == 0.0
+    assert model.module.encoders["rna"].input_dropout == 0.0
+    model = SCALE(mdata, n_centroids=3, input_dropout={"atac": 0.5, "rna": 0.2}, **SMALL)
+    assert model.module.encoders["atac"].input_dropout == 0.5
+    assert model.module.encoders["rna"].input_dropout == 0.2
+    model.train(max_epochs=1, batch_size=32, enable_progress_bar=False)
+    latent = model.get_latent_representation()
+    np.testing.assert_array_equal(latent, model.get_latent_representation())  # eval: no dropout
+    with pytest.raises(ValueError, match="input_dropout"):
+        SCALE(mdata, n_centroids=3, input_dropout={"protein": 0.5}, **SMALL)
+    with pytest.raises(ValueError, match="input_dropout"):
+        SCALE(mdata, n_centroids=3, input_dropout={"atac": 1.0}, **SMALL)
+
+
 # ---------------------------------------------------------------------- validation
 def test_setup_mudata_rejects_bad_input(mdata):
     with pytest.raises(TypeError, match="MuData"):

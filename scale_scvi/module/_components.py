@@ -217,6 +217,22 @@ def _first_layer(
     return h
 
 
+def _input_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Inverted dropout of the input values; a sparse CSR tensor keeps its layout."""
+    if x.layout == torch.strided:
+        return nn.functional.dropout(x, p=p, training=True)
+    x = x if x.layout == torch.sparse_csr else x.to_sparse_csr()
+    values = nn.functional.dropout(x.values(), p=p, training=True)
+    return torch.sparse_csr_tensor(
+        x.crow_indices(),
+        x.col_indices(),
+        values,
+        size=x.shape,
+        device=x.device,
+        check_invariants=False,
+    )
+
+
 class SCALEEncoder(nn.Module):
     """MLP encoder ``x -> (mean, variance)`` of the diagonal Gaussian ``q(z|x)``.
 
@@ -241,6 +257,9 @@ class SCALEEncoder(nn.Module):
         Inject covariates into every hidden layer rather than only the first.
     var_eps
         Floor added to the posterior variance.
+    input_dropout
+        Probability with which each input value is zeroed in training (the rest are scaled by
+        ``1 / (1 - input_dropout)``), sparse input included.
     """
 
     def __init__(
@@ -255,10 +274,14 @@ class SCALEEncoder(nn.Module):
         use_layer_norm: bool = False,
         deep_inject_covariates: bool = False,
         var_eps: float = 1e-4,
+        input_dropout: float = 0.0,
     ):
         super().__init__()
         if len(n_hidden) < 1:
             raise ValueError("The encoder needs at least one hidden layer: n_hidden=(1024, 128).")
+        if not 0.0 <= input_dropout < 1.0:
+            raise ValueError(f"input_dropout must be in [0, 1), got {input_dropout}.")
+        self.input_dropout = float(input_dropout)
         n_cat_list = list(n_cat_list or [])
         self.var_eps = var_eps
         self.deep_inject_covariates = deep_inject_covariates
@@ -284,6 +307,8 @@ class SCALEEncoder(nn.Module):
         self, x: torch.Tensor, *cat_list: torch.Tensor, cont: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the mean and variance of ``q(z|x)``."""
+        if self.training and self.input_dropout > 0:
+            x = _input_dropout(x, self.input_dropout)
         h = _first_layer(self.layers[0], x, cat_list, cont)
         deep_cont = cont if self.deep_inject_covariates else None
         for layer in self.layers[1:]:

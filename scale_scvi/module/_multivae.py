@@ -121,6 +121,14 @@ class MultiSCALEVAE(BaseModuleClass):
         Weight of each modality's log-likelihood in the training objective, e.g.
         ``{"atac": 5.0}`` to let ATAC count more against RNA's larger likelihood. Omitted
         modalities weigh 1. The marginal likelihood is always that of the unweighted model.
+    input_dropout
+        Probability with which each input value of a modality's encoder is zeroed in training,
+        e.g. ``{"atac": 0.5}``; omitted modalities (and ``None``, the default) get none. A
+        sparse ATAC profile with few open peaks per cell is close to a fingerprint of the
+        cell, and its encoder can learn the training cells' latents by heart instead of a map
+        that holds for new cells; dropping open peaks in each pass is a regularizer against
+        that (on sci-CAR kidney it did not change clustering beyond the spread between seeds:
+        ``benchmarks/RESULTS.md``).
     modality_flags
         One row per category of the registered modality flag: which of ``(atac, rna)``
         a cell of that category has. ``None`` when no flag is registered.
@@ -152,6 +160,7 @@ class MultiSCALEVAE(BaseModuleClass):
         n_particles: int = 1,
         particle_chunk_size: int | None = 16,
         likelihood_scale: Mapping[str, float] | None = None,
+        input_dropout: Mapping[str, float] | None = None,
         modality_flags: Sequence[Sequence[bool]] | None = None,
         min_var: float = 1e-4,
         depth_offset: bool = True,
@@ -172,6 +181,14 @@ class MultiSCALEVAE(BaseModuleClass):
             )
         if any(float(v) <= 0 for v in likelihood_scale.values()):
             raise ValueError(f"likelihood_scale values must be positive, got {likelihood_scale}.")
+        input_dropout = dict(input_dropout or {})
+        unknown = set(input_dropout) - set(MODALITIES)
+        if unknown:
+            raise ValueError(
+                f"input_dropout has unknown modalities {sorted(unknown)}; use keys {MODALITIES}."
+            )
+        if any(not 0.0 <= float(v) < 1.0 for v in input_dropout.values()):
+            raise ValueError(f"input_dropout values must be in [0, 1), got {input_dropout}.")
 
         self.n_input_atac = n_input_atac
         self.n_input_rna = n_input_rna
@@ -217,10 +234,14 @@ class MultiSCALEVAE(BaseModuleClass):
         self.encoders = nn.ModuleDict()
         self.decoders = nn.ModuleDict()
         if n_input_atac > 0:
-            self.encoders[ATAC] = SCALEEncoder(n_input=n_input_atac, **enc_kwargs)
+            self.encoders[ATAC] = SCALEEncoder(
+                n_input=n_input_atac, input_dropout=input_dropout.get(ATAC, 0.0), **enc_kwargs
+            )
             self.decoders[ATAC] = SCALEDecoder(n_output=n_input_atac, **dec_kwargs)
         if n_input_rna > 0:
-            self.encoders[RNA] = SCALEEncoder(n_input=n_input_rna, **enc_kwargs)
+            self.encoders[RNA] = SCALEEncoder(
+                n_input=n_input_rna, input_dropout=input_dropout.get(RNA, 0.0), **enc_kwargs
+            )
             self.decoders[RNA] = SCALEDecoder(n_output=n_input_rna, **dec_kwargs)
             self.px_r = nn.Parameter(torch.randn(n_input_rna))
         self.prior = GaussianMixturePrior(n_centroids, n_latent, min_var=min_var)
