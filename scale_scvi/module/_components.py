@@ -54,6 +54,20 @@ def csr_from_dense(x: torch.Tensor) -> torch.Tensor:
     )  # valid by construction: nonzero is row-major
 
 
+def csr_with_values(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The CSR matrix with the sparsity pattern of ``x`` (CSR or any sparse layout) and
+    ``values`` in place of its stored values."""
+    x = x if x.layout == torch.sparse_csr else x.to_sparse_csr()
+    return torch.sparse_csr_tensor(
+        x.crow_indices(),
+        x.col_indices(),
+        values,
+        size=x.shape,
+        device=x.device,
+        check_invariants=False,  # the indices of a valid CSR tensor
+    )
+
+
 def csr_row_indices(x: torch.Tensor) -> torch.Tensor:
     """Row index of each stored value of a sparse CSR matrix."""
     counts = x.crow_indices().diff()
@@ -218,19 +232,11 @@ def _first_layer(
 
 
 def _input_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Inverted dropout of the input values; a sparse CSR tensor keeps its layout."""
+    """Inverted dropout of the input values; a sparse tensor stays sparse (CSR)."""
     if x.layout == torch.strided:
         return nn.functional.dropout(x, p=p, training=True)
     x = x if x.layout == torch.sparse_csr else x.to_sparse_csr()
-    values = nn.functional.dropout(x.values(), p=p, training=True)
-    return torch.sparse_csr_tensor(
-        x.crow_indices(),
-        x.col_indices(),
-        values,
-        size=x.shape,
-        device=x.device,
-        check_invariants=False,
-    )
+    return csr_with_values(x, nn.functional.dropout(x.values(), p=p, training=True))
 
 
 class SCALEEncoder(nn.Module):

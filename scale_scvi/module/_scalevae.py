@@ -12,7 +12,13 @@ from scvi.module._constants import MODULE_KEYS
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch.distributions import Normal
 
-from ._components import SCALEDecoder, SCALEEncoder, _is_sparse_enough, csr_from_dense
+from ._components import (
+    SCALEDecoder,
+    SCALEEncoder,
+    _is_sparse_enough,
+    csr_from_dense,
+    csr_with_values,
+)
 from ._objectives import (
     bernoulli_log_likelihood,
     gmm_kl,
@@ -74,15 +80,7 @@ def binarize(x: torch.Tensor) -> torch.Tensor:
     if x.layout == torch.strided:
         return (x > 0).to(torch.float32)
     x = x.to_sparse_csr() if x.layout != torch.sparse_csr else x
-    values = (x.values() > 0).to(torch.float32)
-    return torch.sparse_csr_tensor(
-        x.crow_indices(),
-        x.col_indices(),
-        values,
-        size=x.shape,
-        device=x.device,
-        check_invariants=False,  # the indices of a valid CSR tensor
-    )
+    return csr_with_values(x, (x.values() > 0).to(torch.float32))
 
 
 def binarize_for_encoding(x: torch.Tensor) -> torch.Tensor:
