@@ -126,7 +126,7 @@ def test_joint_cluster_probabilities_average_the_experts():
     module = MultiSCALEVAE(n_input_atac=4, n_input_rna=3, n_centroids=3, **SMALL)
     qz_m = torch.randn(2, 3, 4)
     mask = torch.tensor([[True, False, True], [True, True, False]])
-    out = {"qzm_experts": qz_m, "modality_mask": mask}
+    out = {"qzm_components": qz_m, "component_mask": mask}
     got = module.joint_cluster_probabilities(out)
     resp = module.prior.responsibilities(qz_m)
     torch.testing.assert_close(got[0], (resp[0, 0] + resp[1, 0]) / 2)
@@ -338,6 +338,52 @@ def test_input_dropout_per_modality(mdata):
         SCALE(mdata, n_centroids=3, input_dropout={"protein": 0.5}, **SMALL)
     with pytest.raises(ValueError, match="input_dropout"):
         SCALE(mdata, n_centroids=3, input_dropout={"atac": 1.0}, **SMALL)
+
+
+def test_mopoe_adds_the_product_of_the_experts():
+    """posterior="mopoe": the experts' normalized product is one more mixture component."""
+    torch.manual_seed(0)
+    module = MultiSCALEVAE(n_input_atac=20, n_input_rna=15, n_centroids=3, **SMALL)
+    mopoe = MultiSCALEVAE(
+        n_input_atac=20, n_input_rna=15, n_centroids=3, posterior="mopoe", **SMALL
+    )
+    mopoe.load_state_dict(module.state_dict())
+    module.eval(), mopoe.eval()
+    atac = (torch.rand(5, 20) < 0.3).float()
+    rna = torch.poisson(torch.full((5, 15), 3.0))
+    atac[0] = 0.0  # a cell without ATAC: no product, only its RNA expert
+    out_moe = module.inference(x_atac=atac, x_rna=rna)
+    out = mopoe.inference(x_atac=atac, x_rna=rna)
+    qz_ms, qz_vs = out["qzm_experts"], out["qzv_experts"]
+    torch.testing.assert_close(qz_ms, out_moe["qzm_experts"])
+    assert out["qzm_components"].shape == (3, 5, 4)
+    expected_mask = torch.tensor([[False] + [True] * 4, [True] * 5, [False] + [True] * 4])
+    assert torch.equal(out["component_mask"], expected_mask)
+    # the product of two Gaussians, by its definition
+    v = 1.0 / (1.0 / qz_vs[0] + 1.0 / qz_vs[1])
+    m = v * (qz_ms[0] / qz_vs[0] + qz_ms[1] / qz_vs[1])
+    torch.testing.assert_close(out["qzm_components"][2, 1:], m[1:])
+    torch.testing.assert_close(out["qzv_components"][2, 1:], v[1:])
+    # mixture moments: three equal components for a paired cell, one for the RNA-only cell
+    comps = torch.stack([qz_ms[0], qz_ms[1], m])
+    torch.testing.assert_close(out["qzm"][1:], comps.mean(0)[1:])
+    torch.testing.assert_close(out["qzm"][0], qz_ms[1, 0])
+    second = (torch.stack([qz_vs[0], qz_vs[1], v]) + comps.pow(2)).mean(0) - comps.mean(0) ** 2
+    torch.testing.assert_close(out["qzv"][1:], second[1:])
+    with pytest.raises(ValueError, match="posterior"):
+        MultiSCALEVAE(n_input_atac=20, n_input_rna=15, posterior="poe", **SMALL)
+
+
+@pytest.mark.parametrize("objective", ["elbo", "dreg"])
+def test_mopoe_training_and_marginal_ll(mdata, objective):
+    SCALE.setup_mudata(mdata, modality_key="modality")
+    model = SCALE(mdata, n_centroids=3, posterior="mopoe", objective=objective, **SMALL)
+    model.train(max_epochs=2, batch_size=32, enable_progress_bar=False)
+    assert np.isfinite(model.history["elbo_train"].to_numpy(dtype=float)).all()
+    probs = model.get_cluster_probabilities()
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+    assert np.isfinite(model.get_marginal_ll(n_mc_samples=4))
+    assert model.get_latent_representation().shape == (mdata.n_obs, 4)
 
 
 # ---------------------------------------------------------------------- validation

@@ -15,12 +15,12 @@ from scale_scvi.module import MultiSCALEVAE
 from scale_scvi.module._multivae import (
     ATAC,
     ATAC_KEY,
-    MASK_KEY,
+    COMPONENT_MASK_KEY,
     MODALITIES,
     MODALITY_FLAG_KEY,
     PX_RNA_SCALE_KEY,
-    QZM_EXPERTS_KEY,
-    QZV_EXPERTS_KEY,
+    QZM_COMPONENTS_KEY,
+    QZV_COMPONENTS_KEY,
     RNA,
     RNA_KEY,
 )
@@ -321,15 +321,16 @@ class MultimodalMixin:
     def _aggregate_posterior_components(self, inference_outputs: dict):
         """Means and variances of the Gaussians whose mixture is the aggregate posterior.
 
-        For a multimodal model those are the experts of every cell (not the moments of each
-        cell's mixture, which would blur experts that disagree into one wide Gaussian).
+        For a multimodal model those are the mixture components of every cell (its experts,
+        and their product with ``posterior="mopoe"``), not the moments of each cell's mixture,
+        which would blur experts that disagree into one wide Gaussian.
         """
         if not self.is_multimodal:
             return inference_outputs[MODULE_KEYS.QZM_KEY], inference_outputs[MODULE_KEYS.QZV_KEY]
-        mask = inference_outputs[MASK_KEY].bool()  # (M, B)
+        mask = inference_outputs[COMPONENT_MASK_KEY].bool()  # (C, B)
         return (
-            inference_outputs[QZM_EXPERTS_KEY][mask],
-            inference_outputs[QZV_EXPERTS_KEY][mask],
+            inference_outputs[QZM_COMPONENTS_KEY][mask],
+            inference_outputs[QZV_COMPONENTS_KEY][mask],
         )
 
     def _check_has_atac(self) -> None:

@@ -68,7 +68,9 @@ class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, B
     n_particles
         Importance samples per cell for ``"iwae"`` and ``"dreg"``.
     **module_kwargs
-        Further arguments of :class:`~scale_scvi.module.SCALEVAE`.
+        Further arguments of :class:`~scale_scvi.module.SCALEVAE`, or for a MuData of
+        several modalities of :class:`~scale_scvi.module.MultiSCALEVAE` (such as
+        ``likelihood_scale``, ``input_dropout`` and ``posterior="mopoe"``).
 
     Examples
     --------

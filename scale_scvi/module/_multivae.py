@@ -28,6 +28,7 @@ ATAC = "atac"
 RNA = "rna"
 MODALITIES = (ATAC, RNA)
 Modality = Literal["joint", "atac", "rna"]
+Posterior = Literal["moe", "mopoe"]
 
 #: Registry key of the per-cell modality flag (a categorical ``obs`` column).
 MODALITY_FLAG_KEY = "modality_flag"
@@ -42,6 +43,9 @@ FLAG_KEY = "modality_flag"
 MASK_KEY = "modality_mask"
 QZM_EXPERTS_KEY = "qzm_experts"
 QZV_EXPERTS_KEY = "qzv_experts"
+QZM_COMPONENTS_KEY = "qzm_components"
+QZV_COMPONENTS_KEY = "qzv_components"
+COMPONENT_MASK_KEY = "component_mask"
 PX_RNA_KEY = "px_rna"
 PX_RNA_SCALE_KEY = "px_rna_scale"
 
@@ -60,6 +64,19 @@ def _row_has_data(x: torch.Tensor) -> torch.Tensor:
     return nonzero.index_put_((rows,), x.values() != 0, accumulate=True)
 
 
+def product_of_experts(
+    qz_ms: torch.Tensor, qz_vs: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of the normalized product of the Gaussians a cell has.
+
+    ``v = 1 / sum_m (1 / v_m)`` and ``mu = v * sum_m mu_m / v_m`` over the rows of
+    ``qz_ms``/``qz_vs`` (shape ``(M, B, D)``) that ``mask`` (``(M, B)``) marks present.
+    """
+    mask = mask.to(qz_ms.dtype).unsqueeze(-1)
+    precision = (mask / qz_vs).sum(0)
+    return (mask * qz_ms / qz_vs).sum(0) / precision, 1.0 / precision
+
+
 class MultiSCALEVAE(BaseModuleClass):
     """SCALE for paired single-cell RNA and ATAC: a mixture-of-experts VAE with a GMM prior.
 
@@ -75,9 +92,16 @@ class MultiSCALEVAE(BaseModuleClass):
     ``log p(x_1..M|z) + log p(z) - log q(z|x_1..M)`` with the exact mixture densities, and
     combines them by their mean (``"elbo"``) or their log-mean-exp (``"iwae"``, ``"dreg"``).
 
+    With ``posterior="mopoe"`` the mixture has one more component, the normalized product
+    of the experts (a mixture of products of experts over the subsets of the modalities,
+    Sutter et al., ICLR 2021): ``q = 1/3 (q(z|x_atac) + q(z|x_rna) + q(z|x_atac) q(z|x_rna)
+    / Z)`` for a paired cell. Its particles are weighted by the same mixture density, so the
+    objective trains the product to explain both modalities at once, as well as each expert
+    to explain both from its modality alone.
+
     A cell that lacks a modality (all zeros in it, or flagged through ``modality_flags``) is
     modelled by the modalities it has: its mixture and its likelihood leave the missing one
-    out.
+    out (and a product needs two experts it has).
 
     With a single modality the mixture has one expert and the model is a GMM-prior VAE of
     that modality.
@@ -113,8 +137,11 @@ class MultiSCALEVAE(BaseModuleClass):
     objective
         ``"elbo"`` (stratified ELBO), ``"iwae"`` (stratified importance-weighted bound) or
         ``"dreg"`` (the same bound with doubly-reparameterized gradients).
+    posterior
+        ``"moe"``: the mixture of the unimodal experts (MMVAE); ``"mopoe"``: that mixture
+        and the experts' product as one more component (MoPoE). The same with one modality.
     n_particles
-        Particles per expert ``K``.
+        Particles per mixture component ``K``.
     particle_chunk_size
         Particles decoded at a time.
     likelihood_scale
@@ -157,6 +184,7 @@ class MultiSCALEVAE(BaseModuleClass):
         encode_covariates: bool = True,
         deeply_inject_covariates: bool = False,
         objective: Objective = "elbo",
+        posterior: Posterior = "moe",
         n_particles: int = 1,
         particle_chunk_size: int | None = 16,
         likelihood_scale: Mapping[str, float] | None = None,
@@ -181,6 +209,11 @@ class MultiSCALEVAE(BaseModuleClass):
             )
         if any(float(v) <= 0 for v in likelihood_scale.values()):
             raise ValueError(f"likelihood_scale values must be positive, got {likelihood_scale}.")
+        if posterior not in ("moe", "mopoe"):
+            raise ValueError(
+                f"posterior={posterior!r} is not one of 'moe' (mixture of experts) and 'mopoe' "
+                "(mixture of the experts and their product)."
+            )
         input_dropout = dict(input_dropout or {})
         unknown = set(input_dropout) - set(MODALITIES)
         if unknown:
@@ -199,6 +232,7 @@ class MultiSCALEVAE(BaseModuleClass):
         self.n_centroids = n_centroids
         self.n_latent = n_latent
         self.objective = objective
+        self.posterior = posterior
         self.n_particles = n_particles
         self.particle_chunk_size = particle_chunk_size
         self.encode_covariates = encode_covariates
@@ -358,8 +392,10 @@ class MultiSCALEVAE(BaseModuleClass):
 
         Returns the unimodal means and variances (``"qzm_atac"``, ``"qzv_rna"``, ... and
         stacked as ``"qzm_experts"``/``"qzv_experts"``, shape ``(M, B, D)``), the modality
-        mask, the mean and variance of the mixture (``qz_m``, ``qz_v``; ``qz`` is the Gaussian
-        with those moments) and a sample ``z`` of the mixture.
+        mask, the mixture's components (``"qzm_components"``, ``"qzv_components"``,
+        ``"component_mask"``, ``(C, B, ...)``: the experts, and their product with
+        ``posterior="mopoe"``), the mean and variance of the mixture (``qz_m``, ``qz_v``; ``qz``
+        is the Gaussian with those moments) and a sample ``z`` of the mixture.
         """
         if self.encode_covariates:
             cats, cont = self._cat_list(batch_index, cat_covs), cont_covs
@@ -379,25 +415,34 @@ class MultiSCALEVAE(BaseModuleClass):
             variances.append(qz_v)
         qz_ms, qz_vs = torch.stack(means), torch.stack(variances)
         mask = self.modality_mask(x_atac, x_rna, modality_flag)
-        weights = mask.to(qz_ms.dtype) / mask.sum(0).to(qz_ms.dtype)  # (M, B)
+        comp_ms, comp_vs, comp_mask = qz_ms, qz_vs, mask
+        if self.posterior == "mopoe" and len(self.modalities) > 1:
+            poe_m, poe_v = product_of_experts(qz_ms, qz_vs, mask)
+            comp_ms = torch.cat([qz_ms, poe_m.unsqueeze(0)])
+            comp_vs = torch.cat([qz_vs, poe_v.unsqueeze(0)])
+            comp_mask = torch.cat([mask, (mask.sum(0) > 1).unsqueeze(0)])
+        weights = comp_mask.to(comp_ms.dtype) / comp_mask.sum(0).to(comp_ms.dtype)  # (C, B)
         w = weights.unsqueeze(-1)
-        joint_m = (w * qz_ms).sum(0)
-        joint_v = (w * (qz_vs + qz_ms.pow(2))).sum(0) - joint_m.pow(2)
+        joint_m = (w * comp_ms).sum(0)
+        joint_v = (w * (comp_vs + comp_ms.pow(2))).sum(0) - joint_m.pow(2)
         joint_v = joint_v.clamp_min(torch.finfo(joint_v.dtype).tiny)
 
-        # a sample of the mixture: pick an expert per cell among those it has
+        # a sample of the mixture: pick a component per cell among those it has
         shape = (n_samples,) if n_samples > 1 else ()
-        expert = torch.distributions.Categorical(probs=weights.t()).sample(shape)  # (*S, B)
-        eps = torch.randn((*shape, *qz_ms.shape), dtype=qz_ms.dtype, device=qz_ms.device)
-        z_all = qz_ms + qz_vs.sqrt() * eps  # (*S, M, B, D)
-        pick = nn.functional.one_hot(expert, qz_ms.shape[0]).movedim(-1, -2).to(qz_ms.dtype)
-        z = (pick.unsqueeze(-1) * z_all).sum(-3)
+        component = torch.distributions.Categorical(probs=weights.t()).sample(shape)  # (*S, B)
+        eps = torch.randn((*shape, *comp_ms.shape), dtype=comp_ms.dtype, device=comp_ms.device)
+        z_all = comp_ms + comp_vs.sqrt() * eps  # (*S, C, B, D)
+        pick = nn.functional.one_hot(component, comp_ms.shape[0]).movedim(-1, -2)
+        z = (pick.to(comp_ms.dtype).unsqueeze(-1) * z_all).sum(-3)
 
         outputs.update(
             {
                 QZM_EXPERTS_KEY: qz_ms,
                 QZV_EXPERTS_KEY: qz_vs,
                 MASK_KEY: mask,
+                QZM_COMPONENTS_KEY: comp_ms,
+                QZV_COMPONENTS_KEY: comp_vs,
+                COMPONENT_MASK_KEY: comp_mask,
                 MODULE_KEYS.QZ_KEY: Normal(joint_m, joint_v.sqrt()),
                 MODULE_KEYS.QZM_KEY: joint_m,
                 MODULE_KEYS.QZV_KEY: joint_v,
@@ -429,11 +474,11 @@ class MultiSCALEVAE(BaseModuleClass):
         (``qz_m``) is the plain average of the experts' means and sits between them when they
         disagree; this summary leans toward the more certain expert instead.
         """
-        qz_ms = inference_outputs[QZM_EXPERTS_KEY]
-        qz_vs = inference_outputs[QZV_EXPERTS_KEY]
-        mask = inference_outputs[MASK_KEY].to(qz_ms.dtype).unsqueeze(-1)
-        precision = (mask / qz_vs).sum(0)
-        return (mask * qz_ms / qz_vs).sum(0) / precision, 1.0 / precision
+        return product_of_experts(
+            inference_outputs[QZM_EXPERTS_KEY],
+            inference_outputs[QZV_EXPERTS_KEY],
+            inference_outputs[MASK_KEY],
+        )
 
     @auto_move_data
     def generative(
@@ -503,12 +548,14 @@ class MultiSCALEVAE(BaseModuleClass):
     def joint_cluster_probabilities(self, inference_outputs: dict) -> torch.Tensor:
         """``q(c | x_1..M) = E_q(z|x_1..M)[p(c | z)]`` for the mixture of experts, ``(B, K)``.
 
-        The expectation over the mixture is the mean over the experts a cell has, each
-        evaluated at its posterior mean: ``1/M_i sum_m p(c | E_q(z|x_m)[z])``. The mixture's
-        own mean can fall between components when the experts disagree; this cannot.
+        The expectation over the mixture is the mean over the mixture components a cell has
+        (its experts, and their product with ``posterior="mopoe"``), each evaluated at its
+        mean: ``1/C_i sum_c p(c | E_q_c[z])``. The mixture's own mean can fall between
+        components of the prior when the experts disagree; this cannot.
         """
-        mask = inference_outputs[MASK_KEY].to(inference_outputs[QZM_EXPERTS_KEY].dtype)
-        resp = self.prior.responsibilities(inference_outputs[QZM_EXPERTS_KEY])  # (M, B, K)
+        mask = inference_outputs[COMPONENT_MASK_KEY]
+        mask = mask.to(inference_outputs[QZM_COMPONENTS_KEY].dtype)
+        resp = self.prior.responsibilities(inference_outputs[QZM_COMPONENTS_KEY])  # (C, B, K)
         return (mask.unsqueeze(-1) * resp).sum(0) / mask.sum(0).unsqueeze(-1)
 
     def loss(
@@ -534,13 +581,13 @@ class MultiSCALEVAE(BaseModuleClass):
             Override of the module's objective.
         """
         objective = objective or self.objective
-        qz_ms = inference_outputs[QZM_EXPERTS_KEY]
-        mask = inference_outputs[MASK_KEY]
+        qz_ms = inference_outputs[QZM_COMPONENTS_KEY]
+        mask = inference_outputs[COMPONENT_MASK_KEY]
         log_w, log_lik = moe_importance_log_weights(
-            self._log_likelihood_fn(tensors, mask, qz_ms.device, scaled=True),
+            self._log_likelihood_fn(tensors, inference_outputs[MASK_KEY], qz_ms.device, True),
             self.prior,
             qz_ms,
-            inference_outputs[QZV_EXPERTS_KEY],
+            inference_outputs[QZV_COMPONENTS_KEY],
             mask,
             n_particles=self.n_particles,
             kl_weight=kl_weight,
@@ -564,7 +611,7 @@ class MultiSCALEVAE(BaseModuleClass):
     ) -> torch.Tensor | float:
         """Stratified importance-sampled estimate of ``log p(x_1..M)`` (higher is better).
 
-        ``n_mc_samples`` particles are drawn from each expert of the mixture the cell has;
+        ``n_mc_samples`` particles are drawn from each component of the mixture the cell has;
         the likelihood is that of the unweighted model (``likelihood_scale`` is ignored).
 
         Parameters
@@ -579,13 +626,13 @@ class MultiSCALEVAE(BaseModuleClass):
             Particles decoded at a time (memory); defaults to ``particle_chunk_size``.
         """
         inference_outputs = self.inference(**self._get_inference_input(tensors))
-        qz_ms = inference_outputs[QZM_EXPERTS_KEY]
-        mask = inference_outputs[MASK_KEY]
+        qz_ms = inference_outputs[QZM_COMPONENTS_KEY]
+        mask = inference_outputs[COMPONENT_MASK_KEY]
         log_w, _ = moe_importance_log_weights(
-            self._log_likelihood_fn(tensors, mask, qz_ms.device, scaled=False),
+            self._log_likelihood_fn(tensors, inference_outputs[MASK_KEY], qz_ms.device, False),
             self.prior,
             qz_ms,
-            inference_outputs[QZV_EXPERTS_KEY],
+            inference_outputs[QZV_COMPONENTS_KEY],
             mask,
             n_particles=n_mc_samples,
             chunk_size=n_mc_samples_per_pass or self.particle_chunk_size,
