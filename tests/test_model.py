@@ -6,6 +6,7 @@ import pytest
 import scipy.sparse as sp
 import scvi
 import torch
+from scvi import REGISTRY_KEYS
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
@@ -110,7 +111,17 @@ def test_sparse_minibatches_agree_with_dense(small_adata):
     m1.train(max_epochs=3, enable_progress_bar=False)
     scvi.settings.seed = 0
     m2 = SCALE(small_adata, n_centroids=4, n_hidden=(64, 32))
+    layouts = set()
+    forward = m2.module.forward
+
+    def spy(tensors, *args, **kwargs):
+        layouts.add(tensors[REGISTRY_KEYS.X_KEY].layout)
+        return forward(tensors, *args, **kwargs)
+
+    m2.module.forward = spy
     m2.train(max_epochs=3, enable_progress_bar=False, load_sparse_tensor=True)
+    # the module computes with the CSR minibatch itself: nothing densifies it on the way
+    assert layouts == {torch.sparse_csr}
     np.testing.assert_allclose(
         m1.get_latent_representation(), m2.get_latent_representation(), rtol=1e-4, atol=1e-4
     )

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import scvi
 import torch
 from scvi import REGISTRY_KEYS
 
@@ -372,6 +373,30 @@ def test_mopoe_adds_the_product_of_the_experts():
     torch.testing.assert_close(out["qzv"][1:], second[1:])
     with pytest.raises(ValueError, match="posterior"):
         MultiSCALEVAE(n_input_atac=20, n_input_rna=15, posterior="poe", **SMALL)
+
+
+def test_sparse_minibatches_reach_the_module(mdata):
+    """load_sparse_tensor=True: both modalities reach the module as CSR and train as dense."""
+    SCALE.setup_mudata(mdata, modality_key="modality")
+    torch.manual_seed(0)
+    scvi.settings.seed = 0
+    dense = SCALE(mdata, n_centroids=3, **SMALL)
+    dense.train(max_epochs=2, batch_size=32, enable_progress_bar=False)
+    scvi.settings.seed = 0
+    model = SCALE(mdata, n_centroids=3, **SMALL)
+    layouts = set()
+    forward = model.module.forward
+
+    def spy(tensors, *args, **kwargs):
+        layouts.update(tensors[k].layout for k in (REGISTRY_KEYS.X_KEY, REGISTRY_KEYS.ATAC_X_KEY))
+        return forward(tensors, *args, **kwargs)
+
+    model.module.forward = spy
+    model.train(max_epochs=2, batch_size=32, enable_progress_bar=False, load_sparse_tensor=True)
+    assert layouts == {torch.sparse_csr}
+    np.testing.assert_allclose(
+        model.get_latent_representation(), dense.get_latent_representation(), atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("objective", ["elbo", "dreg"])

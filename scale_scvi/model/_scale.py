@@ -25,7 +25,7 @@ from scvi.model.base import ArchesMixin, BaseModelClass, UnsupervisedTrainingMix
 from scvi.module._constants import MODULE_KEYS
 
 from scale_scvi.module import SCALEVAE
-from scale_scvi.train import FiniteLossGuard, FusedAdamW, GMMInitCallback
+from scale_scvi.train import FiniteLossGuard, FusedAdamW, GMMInitCallback, SparseDataSplitter
 from scale_scvi.train._gmm_init import check_gmm_init_method
 
 from . import _peaks
@@ -82,6 +82,7 @@ class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, B
     """
 
     _module_cls = SCALEVAE
+    _data_splitter_cls = SparseDataSplitter
 
     def __init__(
         self,
@@ -301,7 +302,8 @@ class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, B
         early_stopping
             Stop when the validation ELBO stops improving (needs ``train_size < 1``).
         load_sparse_tensor
-            Load minibatches as sparse tensors (pays off on a GPU with very sparse data).
+            Load minibatches as sparse (CSR) tensors and compute with them as they are: no
+            dense ``(batch, peaks)`` minibatch is ever built, on the CPU or the GPU.
         accelerator, devices
             Lightning accelerator and devices; ``strategy="ddp_find_unused_parameters_true"``
             with ``devices > 1`` trains on several processes.
