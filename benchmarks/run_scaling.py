@@ -9,9 +9,14 @@ inference: the latent (posterior means) and the thresholded imputation
 child (``ru_maxrss`` after the phase, which is the maximum so far), and the whole child's
 from ``os.wait4``. Writes ``results/scaling.csv`` and ``results/scaling.png``.
 
+With ``--accelerator gpu`` the same runs train and infer on one GPU; their rows carry the
+device's name and are kept beside the CPU rows (a row is replaced only by a run of the same
+size on the same kind of device).
+
 Usage::
 
     .venv/bin/python benchmarks/run_scaling.py --cells 10000 50000 100000
+    .venv/bin/python benchmarks/run_scaling.py --cells 100000 --accelerator gpu
 """
 
 from __future__ import annotations
@@ -96,7 +101,21 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def child(n_cells: int, n_peaks: int, epochs: int, out: str) -> None:
+def device_name(accelerator: str) -> str:
+    """The GPU's name, or the CPU model, that a run on ``accelerator`` uses."""
+    import torch
+
+    if accelerator != "cpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    for line in (
+        Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    ):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "cpu"
+
+
+def child(n_cells: int, n_peaks: int, epochs: int, out: str, accelerator: str = "cpu") -> None:
     """Generate, train and infer in this process; write ``out`` (JSON)."""
     import anndata as ad
     import scvi
@@ -108,6 +127,7 @@ def child(n_cells: int, n_peaks: int, epochs: int, out: str) -> None:
     t0 = time.perf_counter()
     X, _ = load_matrix(dataset_path(n_cells, n_peaks))
     res = {"n_cells": n_cells, "n_peaks": n_peaks, "density": X.nnz / (n_cells * n_peaks)}
+    res["accelerator"], res["device"] = accelerator, device_name(accelerator)
     res["load_s"] = time.perf_counter() - t0
     res["data_mb"] = (X.data.nbytes + X.indices.nbytes + X.indptr.nbytes) / 2**20
     res["rss_after_data_mb"] = _rss_mb()
@@ -116,7 +136,13 @@ def child(n_cells: int, n_peaks: int, epochs: int, out: str) -> None:
     model = SCALE(adata, n_centroids=10)
     timer = EpochTimer()
     t0 = time.perf_counter()
-    model.train(max_epochs=epochs, callbacks=[timer], enable_progress_bar=False)
+    model.train(
+        max_epochs=epochs,
+        accelerator=accelerator,
+        devices=1,
+        callbacks=[timer],
+        enable_progress_bar=False,
+    )
     res["train_total_s"] = time.perf_counter() - t0
     res["train_s_per_epoch"] = float(np.median(timer.times))
     res["train_cpu_s_per_epoch"] = float(np.median(timer.cpu_times))
@@ -143,6 +169,7 @@ def plot(df: pd.DataFrame, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    df = df[df.accelerator == "cpu"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     n = df.n_cells / 1000
     ax1.plot(n, df.train_cpu_s_per_epoch, "o-", label="training, CPU s / epoch")
@@ -168,21 +195,25 @@ def main() -> None:
     parser.add_argument("--cells", nargs="+", type=int, default=[10_000, 50_000, 100_000])
     parser.add_argument("--peaks", type=int, default=50_000)
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--accelerator", default="cpu", help="cpu (default) or gpu")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        child(args.child, args.peaks, args.epochs, args.out)
+        child(args.child, args.peaks, args.epochs, args.out, args.accelerator)
         return
     rows = []
     old = pd.read_csv(CSV) if CSV.exists() else pd.DataFrame()
+    if not old.empty and "accelerator" not in old:
+        old["accelerator"] = "cpu"
     for n in args.cells:
-        out = WORK / f"scaling_{n}.json"
+        out = WORK / f"scaling_{n}_{args.accelerator}.json"
         t0 = time.perf_counter()
         dataset_path(n, args.peaks)
         print(f"{n} cells: data ready in {time.perf_counter() - t0:.0f} s", flush=True)
         cmd = [MAIN_PYTHON, "benchmarks/run_scaling.py", "--child", str(n)]
         cmd += ["--peaks", str(args.peaks), "--epochs", str(args.epochs), "--out", str(out)]
+        cmd += ["--accelerator", args.accelerator]
         usage = run_child(cmd, WORK / "logs" / f"scaling_{n}.log")
         if usage["returncode"] != 0:
             print(f"{n} cells failed; see work/logs", file=sys.stderr)
@@ -195,8 +226,9 @@ def main() -> None:
         print(row, flush=True)
     df = pd.DataFrame(rows)
     if not old.empty:
-        df = pd.concat([old[~old.n_cells.isin(df.n_cells)], df], ignore_index=True)
-    df = df.sort_values("n_cells")
+        replaced = old.n_cells.isin(df.n_cells) & (old.accelerator == args.accelerator)
+        df = pd.concat([old[~replaced], df], ignore_index=True)
+    df = df.sort_values(["accelerator", "n_cells"], kind="stable")
     RESULTS.mkdir(parents=True, exist_ok=True)
     df.to_csv(CSV, index=False)
     plot(df, RESULTS / "scaling.png")
