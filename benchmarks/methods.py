@@ -150,7 +150,12 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--load-sparse-tensor", action="store_true")
+    parser.add_argument(
+        "--minibatches",
+        choices=["default", "sparse", "dense"],
+        default="default",
+        help="SCALE's load_sparse_tensor: its default (sparse on the CPU), True or False",
+    )
     parser.add_argument("--no-outputs", action="store_true", help="timing only")
     parser.add_argument(
         "--no-batch-norm", action="store_true", help="SCALE without batch norm (the original's)"
@@ -165,8 +170,8 @@ def main() -> None:
     train_kwargs = {} if args.max_epochs is None else {"max_epochs": args.max_epochs}
     if args.batch_size is not None:
         train_kwargs["batch_size"] = args.batch_size
-    if args.load_sparse_tensor:
-        train_kwargs["load_sparse_tensor"] = True
+    if args.minibatches != "default":
+        train_kwargs["load_sparse_tensor"] = args.minibatches == "sparse"
     if args.no_outputs:
         train_kwargs["no_outputs"] = True
     if args.no_batch_norm:

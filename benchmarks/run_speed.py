@@ -72,8 +72,8 @@ def main() -> None:
     have_original = ensure_original_venv()
     rows = []
     variants = [
-        ("this SCALE (dense minibatches)", []),
-        ("this SCALE (load_sparse_tensor=True)", ["--load-sparse-tensor"]),
+        ("this SCALE (dense minibatches)", ["--minibatches", "dense"]),
+        ("this SCALE (load_sparse_tensor=True)", ["--minibatches", "sparse"]),
     ]
     for rep in range(args.repeats):
         for threads in args.threads:

@@ -376,12 +376,12 @@ def test_mopoe_adds_the_product_of_the_experts():
 
 
 def test_sparse_minibatches_reach_the_module(mdata):
-    """load_sparse_tensor=True: both modalities reach the module as CSR and train as dense."""
+    """Sparse loading (the CPU's default): both modalities reach the module as CSR."""
     SCALE.setup_mudata(mdata, modality_key="modality")
     torch.manual_seed(0)
     scvi.settings.seed = 0
     dense = SCALE(mdata, n_centroids=3, **SMALL)
-    dense.train(max_epochs=2, batch_size=32, enable_progress_bar=False)
+    dense.train(max_epochs=2, batch_size=32, enable_progress_bar=False, load_sparse_tensor=False)
     scvi.settings.seed = 0
     model = SCALE(mdata, n_centroids=3, **SMALL)
     layouts = set()
@@ -392,7 +392,7 @@ def test_sparse_minibatches_reach_the_module(mdata):
         return forward(tensors, *args, **kwargs)
 
     model.module.forward = spy
-    model.train(max_epochs=2, batch_size=32, enable_progress_bar=False, load_sparse_tensor=True)
+    model.train(max_epochs=2, batch_size=32, enable_progress_bar=False, accelerator="cpu")
     assert layouts == {torch.sparse_csr}
     np.testing.assert_allclose(
         model.get_latent_representation(), dense.get_latent_representation(), atol=1e-4
