@@ -584,7 +584,9 @@ class MultiSCALEVAE(BaseModuleClass):
         qz_ms = inference_outputs[QZM_COMPONENTS_KEY]
         mask = inference_outputs[COMPONENT_MASK_KEY]
         log_w, log_lik = moe_importance_log_weights(
-            self._log_likelihood_fn(tensors, inference_outputs[MASK_KEY], qz_ms.device, True),
+            self._log_likelihood_fn(
+                tensors, inference_outputs[MASK_KEY], qz_ms.device, scaled=True
+            ),
             self.prior,
             qz_ms,
             inference_outputs[QZV_COMPONENTS_KEY],
@@ -629,7 +631,9 @@ class MultiSCALEVAE(BaseModuleClass):
         qz_ms = inference_outputs[QZM_COMPONENTS_KEY]
         mask = inference_outputs[COMPONENT_MASK_KEY]
         log_w, _ = moe_importance_log_weights(
-            self._log_likelihood_fn(tensors, inference_outputs[MASK_KEY], qz_ms.device, False),
+            self._log_likelihood_fn(
+                tensors, inference_outputs[MASK_KEY], qz_ms.device, scaled=False
+            ),
             self.prior,
             qz_ms,
             inference_outputs[QZV_COMPONENTS_KEY],
