@@ -143,18 +143,22 @@ def write_json(path: Path, obj: dict) -> None:
         json.dump(obj, fh, indent=1)
 
 
+def cpu_model() -> str:
+    """The CPU's model name, from ``/proc/cpuinfo`` (``"unknown"`` where that is absent)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
 def machine_info() -> dict[str, str]:
     """CPU model, cores, RAM, OS and the versions of the packages that matter."""
     from importlib.metadata import PackageNotFoundError, version
 
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     mem_gb = "unknown"
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():

@@ -31,7 +31,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from _common import MAIN_PYTHON, RESULTS, WORK, load_matrix, read_json, run_child, save_matrix
+from _common import (
+    MAIN_PYTHON,
+    RESULTS,
+    WORK,
+    cpu_model,
+    load_matrix,
+    read_json,
+    run_child,
+    save_matrix,
+)
 
 CSV = RESULTS / "scaling.csv"
 
@@ -107,12 +116,7 @@ def device_name(accelerator: str) -> str:
 
     if accelerator != "cpu" and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    for line in (
-        Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    ):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "cpu"
+    return cpu_model()
 
 
 def child(n_cells: int, n_peaks: int, epochs: int, out: str, accelerator: str = "cpu") -> None:
@@ -214,7 +218,7 @@ def main() -> None:
         cmd = [MAIN_PYTHON, "benchmarks/run_scaling.py", "--child", str(n)]
         cmd += ["--peaks", str(args.peaks), "--epochs", str(args.epochs), "--out", str(out)]
         cmd += ["--accelerator", args.accelerator]
-        usage = run_child(cmd, WORK / "logs" / f"scaling_{n}.log")
+        usage = run_child(cmd, WORK / "logs" / f"scaling_{n}_{args.accelerator}.log")
         if usage["returncode"] != 0:
             print(f"{n} cells failed; see work/logs", file=sys.stderr)
             continue

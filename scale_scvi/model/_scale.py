@@ -314,9 +314,9 @@ class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, B
         load_sparse_tensor
             Load minibatches of a sparse matrix as sparse (CSR) tensors and compute with them
             as they are: no dense ``(batch, peaks)`` minibatch is ever built. ``None``
-            (default): yes when training on the CPU (the same model, bit for bit, and faster:
-            3.6 against 4.0 s per forebrain epoch at one thread), no on a GPU, where
-            sparse-dense products are not deterministic.
+            (default): yes when training on the CPU (the same model as with dense
+            minibatches, faster: 3.6 against 4.0 s per forebrain epoch at one thread), no on a
+            GPU, where sparse-dense products are not deterministic.
         accelerator, devices
             Lightning accelerator and devices; ``strategy="ddp_find_unused_parameters_true"``
             with ``devices > 1`` trains on several processes.
