@@ -532,6 +532,9 @@ def run(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``scale-scvi`` console script; returns the exit status."""
+    # Transparent huge pages for PyTorch's large CPU allocations; read once, when torch
+    # starts, which is after this line (docs/scaling.md). THP_MEM_ALLOC_ENABLE=0 opts out.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.debug:

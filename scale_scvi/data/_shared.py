@@ -6,7 +6,9 @@ import os
 from pathlib import Path
 
 DATA_ENV = "SCALE_SCVI_DATA"
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+#: Used without ``$SCALE_SCVI_DATA``, relative to the current working directory (the
+#: repository root, for the tests and benchmarks run from there).
+DEFAULT_DATA_DIR = Path("..") / "shared" / "data"
 
 FOREBRAIN = "preissl2018_forebrain_1043cells.h5ad"
 CELL_LINES = "schep2017_celllines_600cells.h5ad"
@@ -15,7 +17,8 @@ SCICAR_RNA = "scicar_mouse_kidney_rna.h5ad"
 
 
 def shared_data_dir() -> Path:
-    """Folder of the labeled datasets: ``$SCALE_SCVI_DATA``, else ``../shared/data``."""
+    """Folder of the labeled datasets: ``$SCALE_SCVI_DATA``, else ``../shared/data`` from
+    the current working directory."""
     return Path(os.environ.get(DATA_ENV, DEFAULT_DATA_DIR)).resolve()
 
 

@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
-from scvi.module._constants import MODULE_KEYS
+from scvi.model.base import BaseModelClass
 
-if TYPE_CHECKING:
-    from ._scale import SCALE
+from scale_scvi.module import ATAC, MODULE_KEYS
 
 _EPS = 1e-6
 
 
-def _decoder_covariates(model: SCALE, n: int, batch: str | None) -> dict[str, torch.Tensor | None]:
+def _decoder_covariates(
+    model: BaseModelClass, n: int, batch: str | None
+) -> dict[str, torch.Tensor | None]:
     """Covariates at which the component means are decoded.
 
     The batch is ``batch`` (default: the first category); further categorical covariates take
@@ -47,7 +48,7 @@ def _decoder_covariates(model: SCALE, n: int, batch: str | None) -> dict[str, to
     return covs
 
 
-def peak_names(model: SCALE, adata=None) -> pd.Index:
+def peak_names(model: BaseModelClass, adata=None) -> pd.Index:
     """Names of the peaks: ``var_names`` of the AnnData, or of the ATAC modality of a MuData."""
     data = model._validate_anndata(adata)
     registry = model.adata_manager.registry
@@ -62,7 +63,9 @@ def peak_names(model: SCALE, adata=None) -> pd.Index:
     return data.mod[mod].var_names
 
 
-def used_components(model: SCALE, adata: AnnData | None, batch_size: int | None) -> list[int]:
+def used_components(
+    model: BaseModelClass, adata: AnnData | None, batch_size: int | None
+) -> list[int]:
     """Components that are the most probable one of at least one cell."""
     probs = model.get_cluster_probabilities(adata, batch_size=batch_size)
     return sorted(np.unique(probs.argmax(1)).tolist())
@@ -70,7 +73,7 @@ def used_components(model: SCALE, adata: AnnData | None, batch_size: int | None)
 
 @torch.inference_mode()
 def component_accessibility(
-    model: SCALE,
+    model: BaseModelClass,
     components: Sequence[int],
     batch: str | None = None,
 ) -> np.ndarray:
@@ -83,8 +86,7 @@ def component_accessibility(
     module = model.module
     means = module.prior.means[torch.as_tensor(list(components), device=model.device)]
     covs = _decoder_covariates(model, len(components), batch)
-    logits = module.generative(z=means, **covs)[MODULE_KEYS.PX_KEY]
-    return torch.sigmoid(logits).cpu().numpy()
+    return module.decode(means, ATAC, **covs).cpu().numpy()
 
 
 def rank_specific_peaks(
@@ -151,7 +153,7 @@ def rank_specific_peaks(
 
 
 def mean_accessibility(
-    model: SCALE,
+    model: BaseModelClass,
     adata: AnnData | None,
     indices: np.ndarray,
     batch_size: int,
@@ -168,7 +170,7 @@ def mean_accessibility(
 
 
 def differential_accessibility(
-    model: SCALE,
+    model: BaseModelClass,
     adata: AnnData | None,
     groupby: str,
     group1: str,

@@ -22,15 +22,19 @@ from scvi.data.fields import (
     NumericalJointObsField,
 )
 from scvi.model.base import ArchesMixin, BaseModelClass, UnsupervisedTrainingMixin, VAEMixin
-from scvi.module._constants import MODULE_KEYS
 
-from scale_scvi.module import SCALEVAE
-from scale_scvi.train import FiniteLossGuard, FusedAdamW, GMMInitCallback, SparseDataSplitter
+from scale_scvi.module import ATAC, JOINT, RNA, SCALEVAE, Modality, module_class
+from scale_scvi.train import (
+    FiniteLossGuard,
+    FusedAdamW,
+    GMMInitCallback,
+    SparseDataSplitter,
+    flush_denormal,
+)
 from scale_scvi.train._gmm_init import check_gmm_init_method
 
 from . import _peaks
-from ._feature_stats import open_fraction
-from ._multimodal import MultimodalMixin
+from ._mudata import MuDataSetupMixin
 from ._validation import (
     get_matrix,
     validate_accessibility_matrix,
@@ -53,11 +57,20 @@ def _trains_on_cpu(accelerator: str) -> bool:
     return not torch.cuda.is_available() and not (mps is not None and mps.is_available())
 
 
-class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
+class SCALE(MuDataSetupMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
     """SCALE: single-cell ATAC-seq analysis via latent feature extraction.
 
     A variational autoencoder whose prior is a Gaussian mixture, so that its components
     are cell clusters (Xiong et al., Nat. Commun. 2019), on scvi-tools.
+
+    One class for scATAC-seq (:meth:`setup_anndata`) and for RNA + ATAC
+    (:meth:`setup_mudata`): the registered modalities choose the module
+    (:class:`~scale_scvi.module.SCALEVAE` for ATAC alone,
+    :class:`~scale_scvi.module.MultiSCALEVAE` otherwise; the instance's ``_module_cls``),
+    and every method reads it through the interface of
+    :class:`~scale_scvi.module.SCALEModuleBase`, so the outputs have the same names and
+    meaning for both. (scvi-tools keeps PEAKVI and MULTIVI apart because their outputs
+    differ; here they do not, and one class keeps one ``train()`` and one set of defaults.)
 
     Parameters
     ----------
@@ -78,8 +91,8 @@ class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, B
     n_particles
         Importance samples per cell for ``"iwae"`` and ``"dreg"``.
     **module_kwargs
-        Further arguments of :class:`~scale_scvi.module.SCALEVAE`, or for a MuData of
-        several modalities of :class:`~scale_scvi.module.MultiSCALEVAE` (such as
+        Further arguments of the module: :class:`~scale_scvi.module.SCALEVAE`, or for a
+        MuData with RNA :class:`~scale_scvi.module.MultiSCALEVAE` (such as
         ``likelihood_scale``, ``input_dropout`` and ``posterior="mopoe"``).
 
     Examples
@@ -91,6 +104,8 @@ class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, B
     >>> adata.obs["scale_cluster"] = model.get_cluster_assignments()
     """
 
+    #: The module of an AnnData model; a model set up with ``setup_mudata`` on RNA sets its
+    #: own (:func:`~scale_scvi.module.module_class` of the registered modalities).
     _module_cls = SCALEVAE
     _data_splitter_cls = SparseDataSplitter
 
@@ -115,12 +130,10 @@ class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, B
             if REGISTRY_KEYS.CAT_COVS_KEY in self.adata_manager.data_registry
             else []
         )
-        if self._registered_modalities() != ("atac",):
-            module_cls, n_input = self._multimodal_module, {}
-        else:
-            module_cls, n_input = self._module_cls, {"n_input": self.summary_stats.n_vars}
-        self.module = module_cls(
-            **n_input,
+        self._module_cls = module_class(self._registered_modalities())
+        inputs = self._module_cls.input_arguments(self._n_features(), self._modality_flags())
+        self.module = self._module_cls(
+            **inputs,
             n_batch=self.summary_stats.n_batch,
             n_centroids=n_centroids,
             n_latent=n_latent,
@@ -133,15 +146,17 @@ class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, B
             n_particles=n_particles,
             **module_kwargs,
         )
-        if module_cls is self._module_cls:
-            matrix = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
-            frac = open_fraction(matrix)
-            self.module.init_decoder_bias(frac, mean_depth=frac.sum())
+        self.module.init_from_data(
+            {
+                m: self.adata_manager.get_from_registry(self.module.registry_key(m))
+                for m in self.module.modalities
+            }
+        )
         self._model_summary_string = (
             f"SCALE model with n_centroids: {n_centroids}, n_latent: {n_latent}, "
             f"encoder: {tuple(n_hidden)}, decoder: {tuple(n_hidden_decoder) or 'linear'}, "
             f"objective: {objective} (n_particles: {n_particles}), "
-            f"modalities: {self._registered_modalities()}"
+            f"modalities: {self.module.modalities}"
         )
         self.init_params_ = self._get_init_params(locals())
 
@@ -352,6 +367,7 @@ class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, B
                     eps=eps,
                     weight_decay=weight_decay,
                     max_grad_norm=gradient_clip_val if clip_in_optimizer else None,
+                    in_place_layers=self.module.in_place_layers(),
                 ),
                 "lr": lr,
                 "weight_decay": weight_decay,
@@ -381,20 +397,21 @@ class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, B
         )
         if gradient_clip_val is not None and not clip_in_optimizer:
             trainer_kwargs.setdefault("gradient_clip_val", gradient_clip_val)
-        return super().train(
-            max_epochs=max_epochs,
-            accelerator=accelerator,
-            devices=devices,
-            train_size=train_size,
-            validation_size=validation_size,
-            batch_size=batch_size,
-            early_stopping=early_stopping,
-            load_sparse_tensor=load_sparse_tensor,
-            datasplitter_kwargs=datasplitter_kwargs,
-            plan_kwargs=plan_kwargs,
-            callbacks=callbacks,
-            **trainer_kwargs,
-        )
+        with flush_denormal():
+            return super().train(
+                max_epochs=max_epochs,
+                accelerator=accelerator,
+                devices=devices,
+                train_size=train_size,
+                validation_size=validation_size,
+                batch_size=batch_size,
+                early_stopping=early_stopping,
+                load_sparse_tensor=load_sparse_tensor,
+                datasplitter_kwargs=datasplitter_kwargs,
+                plan_kwargs=plan_kwargs,
+                callbacks=callbacks,
+                **trainer_kwargs,
+            )
 
     def _drop_lone_last_cell(
         self, datasplitter_kwargs: dict | None, train_size: float | None, batch_size: int
@@ -428,19 +445,88 @@ class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, B
     # ------------------------------------------------------------------ outputs
     @torch.inference_mode()
     def _posterior_moments(self, adata, indices, batch_size) -> tuple[np.ndarray, np.ndarray]:
-        """Means and variances of ``q(z|x)`` of the given cells.
+        """Means and variances of the components of the aggregate posterior of the cells.
 
-        For a multimodal model, those of every expert of each cell's mixture (one row per
-        cell and modality it has): the components of the aggregate posterior.
+        One row per cell for ATAC alone; for RNA + ATAC, one per cell and mixture component
+        it has (see :meth:`~scale_scvi.module.SCALEModuleBase.aggregate_posterior_components`).
         """
         loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
         means, variances = [], []
         for tensors in loader:
             out = self.module.inference(**self.module._get_inference_input(tensors))
-            qz_m, qz_v = self._aggregate_posterior_components(out)
+            qz_m, qz_v = self.module.aggregate_posterior_components(out)
             means.append(qz_m.cpu())
             variances.append(qz_v.cpu())
         return torch.cat(means).numpy(), torch.cat(variances).numpy()
+
+    @torch.inference_mode()
+    def get_latent_representation(
+        self,
+        adata=None,
+        indices: Sequence[int] | None = None,
+        give_mean: bool = True,
+        mc_samples: int = 5000,
+        batch_size: int | None = None,
+        return_dist: bool = False,
+        modality: Modality = "joint",
+        joint_mean: Literal["mixture", "precision"] = "mixture",
+        **kwargs,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Latent representation of each cell.
+
+        Parameters
+        ----------
+        adata, indices, batch_size
+            Cells to embed, as in scvi-tools.
+        give_mean
+            Posterior means (default) rather than one sample per cell.
+        mc_samples
+            Unused; kept for scvi-tools' signature.
+        return_dist
+            Return the posterior's ``(means, variances)`` instead.
+        modality
+            ``"joint"``: the posterior of all the modalities the model has (for RNA + ATAC
+            the mixture of experts, whose mean is the average of the means of the modalities
+            the cell has); ``"atac"`` or ``"rna"``: that modality's posterior alone.
+        joint_mean
+            For ``modality="joint"`` of a model with both modalities: ``"mixture"`` (the
+            mixture of experts' own mean and variance) or ``"precision"`` (the normalized
+            product of the experts the cell has, each weighted by its certainty; see
+            :meth:`~scale_scvi.module.MultiSCALEVAE.precision_weighted_moments`). With one
+            modality, or for one expert, both are the same.
+        **kwargs
+            Further arguments of :meth:`_make_data_loader` (scvi-tools' signature).
+
+        Returns
+        -------
+        Array of shape ``(n_cells, n_latent)``, or the pair of means and variances.
+        """
+        if joint_mean not in ("mixture", "precision"):
+            raise ValueError(
+                f"joint_mean={joint_mean!r} is not one of 'mixture' (the mixture of experts' "
+                "mean) and 'precision' (the precision-weighted product of the experts)."
+            )
+        self.module.check_modality(modality)
+        self._check_if_trained(warn=False)
+        adata = self._validate_anndata(adata)
+        loader = self._make_data_loader(
+            adata=adata, indices=indices, batch_size=batch_size, **kwargs
+        )
+        points, variances = [], []
+        for tensors in loader:
+            out = self.module.inference(**self.module._get_inference_input(tensors))
+            qz_m, qz_v = self.module.latent_moments(out, modality, joint_mean)
+            if return_dist or give_mean:
+                point = qz_m
+            elif modality == JOINT and joint_mean == "mixture":
+                point = self.module.latent_sample(out, modality)
+            else:
+                point = qz_m + qz_v.sqrt() * torch.randn_like(qz_m)
+            points.append(point.cpu())
+            variances.append(qz_v.cpu())
+        if return_dist:
+            return torch.cat(points).numpy(), torch.cat(variances).numpy()
+        return torch.cat(points).numpy()
 
     @torch.inference_mode()
     def get_cluster_probabilities(
@@ -448,7 +534,7 @@ class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, B
         adata: AnnData | None = None,
         indices: Sequence[int] | None = None,
         batch_size: int | None = None,
-        modality: Literal["joint", "atac", "rna"] = "joint",
+        modality: Modality = "joint",
     ) -> np.ndarray:
         """Posterior cluster probabilities ``p(c | z)`` at the posterior mean of each cell.
 
@@ -460,13 +546,14 @@ class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, B
         -------
         Array of shape ``(n_cells, n_centroids)`` whose rows sum to one.
         """
+        self.module.check_modality(modality)
         self._check_if_trained(warn=False)
         adata = self._validate_anndata(adata)
         loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
         probs = []
         for tensors in loader:
             out = self.module.inference(**self.module._get_inference_input(tensors))
-            probs.append(self._cluster_probabilities(out, modality).cpu())
+            probs.append(self.module.posterior_cluster_probabilities(out, modality).cpu())
         return torch.cat(probs).numpy()
 
     def get_cluster_assignments(
@@ -576,7 +663,7 @@ class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, B
         batch_size: int | None = None,
         threshold: float | None = None,
         use_z_mean: bool = True,
-        modality: Literal["joint", "atac", "rna"] = "joint",
+        modality: Modality = "joint",
     ) -> np.ndarray | sp.csr_matrix:
         """Imputed accessibility: the decoder's probability that each peak is open.
 
@@ -600,24 +687,94 @@ class SCALE(MultimodalMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, B
         """
         if threshold is not None and not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}.")
-        self._check_has_atac()
-        self._check_if_trained(warn=False)
-        adata = self._validate_anndata(adata)
-        loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
-        blocks = []
-        for tensors in loader:
-            inf = self.module.inference(**self.module._get_inference_input(tensors))
-            z = self._latent_point(inf, modality, use_z_mean)
-            gen_in = self.module._get_generative_input(tensors, {MODULE_KEYS.Z_KEY: z})
-            p = torch.sigmoid(self.module.generative(**gen_in)[MODULE_KEYS.PX_KEY])
-            if threshold is None:
-                blocks.append(p.cpu().numpy())
-            else:
-                p = torch.where(p >= threshold, p, torch.zeros_like(p)).cpu().numpy()
-                blocks.append(sp.csr_matrix(p))
+        if ATAC not in self.module.modalities:
+            raise ValueError(
+                "This model has no ATAC modality: set it up with SCALE.setup_mudata and an "
+                "'atac_layer' modality to impute accessibility."
+            )
+        self.module.check_modality(modality)
+        blocks = [
+            p if threshold is None else sp.csr_matrix(np.where(p >= threshold, p, np.float32(0)))
+            for p in self._decoded(adata, indices, batch_size, ATAC, modality, use_z_mean)
+        ]
         if threshold is None:
             return np.concatenate(blocks, axis=0)
         return sp.vstack(blocks, format="csr")
+
+    @torch.inference_mode()
+    def get_normalized_expression(
+        self,
+        adata=None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        modality: Modality = "joint",
+        library_size: float | Literal["observed"] = 1.0,
+        use_z_mean: bool = True,
+    ) -> np.ndarray:
+        """Expected expression: the RNA decoder's gene proportions times a library size.
+
+        With ``modality="atac"`` the cells are encoded from their accessibility alone, which
+        predicts expression from ATAC (cross-modal prediction).
+
+        Parameters
+        ----------
+        adata, indices, batch_size
+            Cells, as in scvi-tools.
+        modality
+            Posterior to decode: ``"joint"``, ``"atac"`` (RNA from ATAC) or ``"rna"``.
+        library_size
+            Scale of each row: a number (1 gives proportions summing to one), or
+            ``"observed"`` for each cell's RNA library size (0 for cells without RNA).
+        use_z_mean
+            Decode the posterior mean (default) rather than a sample.
+
+        Returns
+        -------
+        ``float32`` array of shape ``(n_cells, n_genes)``.
+        """
+        if RNA not in self.module.modalities:
+            raise ValueError(
+                "get_normalized_expression needs RNA: set the model up with SCALE.setup_mudata "
+                "and an 'rna_layer' modality."
+            )
+        if not (library_size == "observed" or isinstance(library_size, int | float)):
+            raise ValueError(f"library_size must be a number or 'observed', got {library_size!r}.")
+        self.module.check_modality(modality)
+        scale = None if library_size == "observed" else float(library_size)
+        blocks = self._decoded(adata, indices, batch_size, RNA, modality, use_z_mean, scale)
+        return np.concatenate(list(blocks), axis=0)
+
+    def _decoded(
+        self,
+        adata,
+        indices,
+        batch_size,
+        target: str,
+        modality: Modality,
+        use_z_mean: bool,
+        library_size: float | None = 1.0,
+    ):
+        """Yield, minibatch by minibatch, ``target`` decoded from ``modality``'s posterior,
+        times ``library_size`` (``None``: each cell's observed library)."""
+        self._check_if_trained(warn=False)
+        adata = self._validate_anndata(adata)
+        loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
+        for tensors in loader:
+            out = self.module.inference(**self.module._get_inference_input(tensors))
+            if use_z_mean:
+                z = self.module.latent_moments(out, modality)[0]
+            else:
+                z = self.module.latent_sample(out, modality)
+            covs = {
+                k: v.to(z.device) if v is not None else None
+                for k, v in self.module.covariates(tensors).items()
+            }
+            value = self.module.decode(z, target, **covs)
+            if library_size is None:
+                value = value * self.module.observed_library(tensors, target).to(value.device)
+            elif library_size != 1.0:
+                value = value * library_size
+            yield value.cpu().numpy()
 
     @torch.inference_mode()
     def get_elbo(

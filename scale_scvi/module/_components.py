@@ -35,14 +35,6 @@ def column_major(linear: nn.Linear) -> None:
     )
 
 
-SPARSE_PATH_MAX_DENSITY = 0.1
-
-
-def _is_sparse_enough(x: torch.Tensor) -> bool:
-    """Whether a dense minibatch has few enough nonzeros for the gather path to pay off."""
-    return torch.count_nonzero(x).item() <= SPARSE_PATH_MAX_DENSITY * x.numel()
-
-
 def csr_from_dense(x: torch.Tensor) -> torch.Tensor:
     """``x.to_sparse_csr()`` for a 2-d tensor, built from ``nonzero`` (several times faster
     on the CPU for a (64, 140,000) minibatch)."""
@@ -74,6 +66,14 @@ def csr_row_indices(x: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(x.shape[0], device=x.device), counts)
 
 
+def binarize(x: torch.Tensor) -> torch.Tensor:
+    """``(x > 0)`` as float, keeping a sparse tensor sparse (CSR) and a dense one dense."""
+    if x.layout == torch.strided:
+        return (x > 0).to(torch.float32)
+    x = x.to_sparse_csr() if x.layout != torch.sparse_csr else x
+    return csr_with_values(x, (x.values() > 0).to(torch.float32))
+
+
 def _sparse_linear(
     x: torch.Tensor, weight_t: torch.Tensor, covs: torch.Tensor | None
 ) -> torch.Tensor:
@@ -91,32 +91,150 @@ def _sparse_linear(
     return h
 
 
+class SparseFirstLayer:
+    """The encoder's first linear layer on sparse input, and the gradient it writes itself.
+
+    The layer is the first ``nn.Linear`` of an :class:`~scvi.nn.FCLayers` (whose parameters
+    stay those of ``FCLayers``, so scArches' freezing hooks and query mapping see them). On a
+    sparse CSR minibatch, ``x W^T`` is an :func:`~torch.nn.functional.embedding_bag` sum
+    over the rows of ``W^T`` of the open peaks, and in training the weight's gradient is
+    added straight into ``weight.grad`` (created once, column-major like the weight) as
+    ``x^T grad_h`` instead of handing autograd a new dense ``(n_out, n_in)`` tensor each
+    step: no per-step allocation and zero-fill of the model's largest tensor (570 MB for
+    140,000 peaks). A dense minibatch is multiplied as it is (autograd's own gradient).
+
+    An optimizer talks to it through two methods (:class:`~scale_scvi.train.FusedAdamW`
+    does): :meth:`zero_grad`, which zeroes only the gradient rows written since the last
+    call (the open peaks of the minibatches, about 40 % of the gradient at 64 cells of
+    140,000-peak data) and keeps the tensor; and :meth:`grad_sq_norm`, this weight's share
+    of the squared gradient norm, known from the backward pass without reading the gradient.
+
+    Parameters
+    ----------
+    linear
+        The layer (its weight stored column-major, see :func:`column_major`).
+    """
+
+    def __init__(self, linear: nn.Linear):
+        self.linear = linear
+        # Rows of the transposed gradient written since the last zero_grad; None: any row
+        # may be nonzero (autograd accumulated into it).
+        self._rows_written: list[torch.Tensor] | None = []
+        self._sq_norm: tuple[torch.Tensor, int] | None = None
+        self._own_grad: torch.Tensor | None = None  # the gradient tensor this layer created
+
+    @property
+    def weight(self) -> nn.Parameter:
+        """The layer's weight, ``(n_out, n_in + n_cov)``."""
+        return self.linear.weight
+
+    def __call__(self, x: torch.Tensor, cov: torch.Tensor | None) -> torch.Tensor:
+        """``[x, cov] W^T`` (no bias) for a dense or sparse CSR ``x``."""
+        weight = self.linear.weight
+        weight_t = weight.t()
+        n_in = x.shape[-1]
+        if x.layout == torch.strided:
+            h = x @ weight_t[:n_in]
+            if cov is not None:
+                h = h + cov @ weight_t[n_in:]
+            return self._mark_autograd_accumulation(h)
+        x = x if x.layout == torch.sparse_csr else x.to_sparse_csr()
+        if self._inplace_grad_ok():
+            return _SparseInputLinear.apply(x, cov, weight, self)
+        return self._mark_autograd_accumulation(_sparse_linear(x, weight_t, cov))
+
+    # ------------------------------------------------------------------ optimizer interface
+    def zero_grad(self) -> bool:
+        """Zero the gradient rows written since the last call; whether to keep the tensor.
+
+        Returns ``True`` when the gradient is the tensor this layer created (then zeroed
+        here, and to be kept rather than freed), ``False`` when autograd created it.
+        """
+        grad = self.linear.weight.grad
+        owned = grad is not None and grad is self._own_grad
+        if not owned:
+            self._own_grad = None
+        else:
+            if self._rows_written is None:
+                grad.zero_()
+            else:
+                grad_t = grad.t()
+                for rows in self._rows_written:
+                    grad_t.index_fill_(0, rows, 0.0)
+        self._rows_written = []
+        self._sq_norm = None
+        return owned
+
+    def grad_sq_norm(self) -> torch.Tensor | None:
+        """Squared norm of the weight's gradient, when the backward pass knows it.
+
+        Known while the gradient is exactly one sparse product (one backward pass since
+        :meth:`zero_grad`, and nothing has written to it since); ``None`` otherwise.
+        """
+        grad = self.linear.weight.grad
+        if self._sq_norm is None or grad is None or self._sq_norm[1] != grad._version:
+            return None
+        return self._sq_norm[0]
+
+    # ------------------------------------------------------------------ internals
+    def _inplace_grad_ok(self) -> bool:
+        """Whether the gradient may bypass autograd's accumulation."""
+        weight = self.linear.weight
+        if not (torch.is_grad_enabled() and weight.requires_grad):
+            return False
+        if weight._backward_hooks or getattr(weight, "_post_accumulate_grad_hooks", None):
+            return False  # e.g. scArches' hooks that zero the frozen columns' gradients
+        dist = torch.distributed
+        # DDP reduces gradients from autograd's accumulation hooks.
+        return not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+
+    def _mark_autograd_accumulation(self, h: torch.Tensor) -> torch.Tensor:
+        """Make the backward through ``h`` note that autograd writes the gradient whole.
+
+        Noted in the backward pass, when autograd accumulates, and not in the forward:
+        Lightning zeroes the gradients between the two.
+        """
+        if torch.is_grad_enabled() and self.linear.weight.requires_grad:
+            return _AutogradAccumulation.apply(h, self)
+        return h
+
+    def _written_by_autograd(self) -> None:
+        self._rows_written = None
+        self._sq_norm = None
+
+    def _written_in_place(self, rows: torch.Tensor, sq_norm) -> None:
+        first = self._rows_written is not None and not self._rows_written
+        if self._rows_written is not None:
+            self._rows_written.append(rows)
+        grad = self.linear.weight.grad
+        self._sq_norm = (sq_norm(), grad._version) if first else None
+
+    def __getstate__(self) -> dict:
+        # the written rows are tensors of the current step; a copy starts clean
+        return {"linear": self.linear, "_rows_written": None, "_sq_norm": None, "_own_grad": None}
+
+
 class _SparseInputLinear(torch.autograd.Function):
     """``x W^T[:n_in] + covs W^T[n_in:]`` for a sparse CSR ``x``, writing dW in place.
 
-    The backward adds the weight's gradient straight into ``weight.grad`` (created once,
-    column-major like the weight) as ``x^T grad_h`` (a sparse-dense product) instead of
-    handing autograd a new dense ``(n_out, n_in)`` tensor each step: no per-step allocation
-    and zero-fill of the largest tensor of the model (570 MB for 140,000 peaks). Gradients
-    accumulate over backward passes exactly as autograd's would. Used only when nothing else
-    needs to see that gradient pass by (no tensor hooks on the weight, no distributed data
-    parallel); see :func:`_first_layer`.
+    Gradients accumulate over backward passes exactly as autograd's would. Used only when
+    nothing else needs to see that gradient pass by (no tensor hooks on the weight, no
+    distributed data parallel); see :meth:`SparseFirstLayer._inplace_grad_ok`.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, covs: torch.Tensor | None, weight: torch.Tensor):
-        ctx.x, ctx.covs, ctx.weight = x, covs, weight
+    def forward(ctx, x, covs, weight, layer: SparseFirstLayer):
+        ctx.x, ctx.covs, ctx.weight, ctx.layer = x, covs, weight, layer
         return _sparse_linear(x, weight.t(), covs)
 
     @staticmethod
     def backward(ctx, grad_h: torch.Tensor):
-        x, covs, weight = ctx.x, ctx.covs, ctx.weight
+        x, covs, weight, layer = ctx.x, ctx.covs, ctx.weight, ctx.layer
         n_in = x.shape[-1]
         if weight.grad is None:
             weight.grad = torch.zeros_like(weight, memory_format=torch.preserve_format)
-            weight._grad_rows_written = []
-        # FusedAdamW.zero_grad then zeroes this gradient in place instead of freeing it
-        weight._grad_written_in_place = True
+            layer._own_grad = weight.grad
+            layer._rows_written = []
         grad_t = weight.grad.t()
         x_csc = x.to_sparse_csc()  # the CSR of x^T, (n_in, B)
         x_t = torch.sparse_csr_tensor(
@@ -126,108 +244,62 @@ class _SparseInputLinear(torch.autograd.Function):
             (n_in, x.shape[0]),
             check_invariants=False,
         )
-        # Rows of the transposed gradient written since it was last zeroed (None: any row
-        # may be nonzero, autograd accumulated into it), for FusedAdamW.zero_grad to zero
-        # only those: at 64 cells of 140,000-peak data, about 40 % of the 570 MB gradient.
-        written_rows = getattr(weight, "_grad_rows_written", None)
         grad_t[:n_in].addmm_(x_t, grad_h)
         written = torch.nonzero(x_t.crow_indices().diff()).squeeze(-1)  # the open peaks
         if covs is not None:
             grad_t[n_in:].addmm_(covs.t(), grad_h)
             written = torch.cat([written, torch.arange(n_in, grad_t.shape[0], device=x.device)])
-        if written_rows is not None:
-            written_rows.append(written)
-        # ||x^T g||^2 = sum((x x^T) * (g g^T)): two (B, B) products instead of a pass over
-        # the whole gradient, for the optimizer's norm clipping (valid while the gradient is
-        # exactly this product, which its version counter tells).
-        weight._grad_sq_norm = None
-        if written_rows is not None and len(written_rows) == 1:  # only this product
-            sq_norm = ((x @ x_t).to_dense() * (grad_h @ grad_h.t())).sum()
+
+        def sq_norm() -> torch.Tensor:
+            # ||x^T g||^2 = sum((x x^T) * (g g^T)): two (B, B) products instead of a pass
+            # over the whole gradient
+            value = ((x @ x_t).to_dense() * (grad_h @ grad_h.t())).sum()
             if covs is not None:
-                sq_norm = sq_norm + (covs.t() @ grad_h).pow(2).sum()
-            weight._grad_sq_norm = (sq_norm, weight.grad._version)
-        ctx.x = ctx.covs = ctx.weight = None
-        return None, None, None
+                value = value + (covs.t() @ grad_h).pow(2).sum()
+            return value
 
-
-def _inplace_grad_ok(weight: torch.Tensor) -> bool:
-    """Whether the first layer's gradient may bypass autograd's accumulation."""
-    if not (torch.is_grad_enabled() and weight.requires_grad):
-        return False
-    if weight._backward_hooks or getattr(weight, "_post_accumulate_grad_hooks", None):
-        return False  # e.g. scArches' hooks that zero the frozen columns' gradients
-    dist = torch.distributed
-    # DDP reduces gradients from autograd's accumulation hooks.
-    return not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+        layer._written_in_place(written, sq_norm)
+        ctx.x = ctx.covs = ctx.weight = ctx.layer = None
+        return None, None, None, None
 
 
 class _AutogradAccumulation(torch.autograd.Function):
-    """Identity on ``h`` whose backward notes that autograd writes ``weight.grad`` whole."""
+    """Identity on ``h`` whose backward tells the layer autograd writes its gradient."""
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.weight = weight
+    def forward(ctx, h: torch.Tensor, layer: SparseFirstLayer) -> torch.Tensor:
+        ctx.layer = layer
         return h.view_as(h)
 
     @staticmethod
     def backward(ctx, grad_h: torch.Tensor):
-        ctx.weight._grad_rows_written = None
-        ctx.weight = None
+        ctx.layer._written_by_autograd()
+        ctx.layer = None
         return grad_h, None
 
 
-def _mark_autograd_accumulation(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Make the backward through ``h`` flag ``weight.grad`` as possibly nonzero everywhere.
-
-    Flagged in the backward pass, when autograd accumulates, and not in the forward: Lightning
-    zeroes the gradients between the two.
-    """
-    if torch.is_grad_enabled() and weight.requires_grad:
-        return _AutogradAccumulation.apply(h, weight)
-    return h
-
-
 def _first_layer(
-    fc: FCLayers, x: torch.Tensor, cat_list: Sequence[torch.Tensor], cont: torch.Tensor | None
+    fc: FCLayers,
+    layer: SparseFirstLayer,
+    x: torch.Tensor,
+    cat_list: Sequence[torch.Tensor],
+    cont: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Run a one-layer :class:`FCLayers` on an input that may be a sparse tensor.
+    """Run a one-layer :class:`FCLayers` whose linear map is ``layer``, on dense or CSR ``x``.
 
-    The linear map of ``FCLayers`` acts on ``[x, covariates]``. Here it is applied through the
-    transposed weight ``W^T`` (``n_in + n_cov`` rows, contiguous when the weight is stored
-    column-major, see :func:`column_major`): a sparse CSR minibatch is a bag of peak indices
-    per cell with their values, so ``x W^T`` is an :func:`~torch.nn.functional.embedding_bag`
-    sum over the rows of ``W^T`` of the open peaks, and the minibatch is never densified.
-    A dense minibatch with at most ``SPARSE_PATH_MAX_DENSITY`` nonzeros (scATAC usually has
-    1-5 %) takes the same path after conversion to CSR. The covariate part uses the
-    remaining rows of ``W^T``. In training, the weight's gradient is written in place
-    (:class:`_SparseInputLinear`) unless hooks or distributed training need autograd's
-    own accumulation. The parameters (and so scArches' freezing hooks and query mapping)
-    stay those of ``FCLayers``.
+    The linear map of ``FCLayers`` acts on ``[x, covariates]``; the covariate part uses the
+    rows of ``W^T`` after the input's. The minibatch is used in the layout it comes in:
+    the data loader decides it (``load_sparse_tensor`` of ``SCALE.train``).
     """
     block = fc.fc_layers[0]
-    linear: nn.Linear = block[0]
-    n_in = x.shape[-1]
-    weight_t = linear.weight.t()
-    if x.layout == torch.strided and x.dim() == 2 and _is_sparse_enough(x):
-        x = csr_from_dense(x)
     covs = _covariate_list(fc, x, cat_list, cont)
-    cov = torch.cat(covs, dim=-1).to(weight_t.dtype) if covs else None
-    if x.layout == torch.strided:
-        h = x @ weight_t[:n_in]
-        if cov is not None:
-            h = h + cov @ weight_t[n_in:]
-        h = _mark_autograd_accumulation(h, linear.weight)
-    else:
-        x = x if x.layout == torch.sparse_csr else x.to_sparse_csr()
-        if _inplace_grad_ok(linear.weight):
-            h = _SparseInputLinear.apply(x, cov, linear.weight)
-        else:
-            h = _mark_autograd_accumulation(_sparse_linear(x, weight_t, cov), linear.weight)
-    if linear.bias is not None:
-        h = h + linear.bias
-    for layer in list(block)[1:]:
-        if layer is not None:
-            h = layer(h)
+    cov = torch.cat(covs, dim=-1).to(layer.weight.dtype) if covs else None
+    h = layer(x, cov)
+    if layer.linear.bias is not None:
+        h = h + layer.linear.bias
+    for module in list(block)[1:]:
+        if module is not None:
+            h = module(h)
     return h
 
 
@@ -242,8 +314,9 @@ def _input_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
 class SCALEEncoder(nn.Module):
     """MLP encoder ``x -> (mean, variance)`` of the diagonal Gaussian ``q(z|x)``.
 
-    The first layer takes sparse minibatches directly; its weight is stored column-major
-    (:func:`column_major`), which makes the sparse product and its gradient cheap.
+    The first layer takes sparse minibatches directly (:class:`SparseFirstLayer`, the
+    encoder's ``first_layer``); its weight is stored column-major (:func:`column_major`),
+    which makes the sparse product and its gradient cheap.
 
     Parameters
     ----------
@@ -306,6 +379,7 @@ class SCALEEncoder(nn.Module):
             for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=True))
         )
         column_major(self.layers[0].fc_layers[0][0])
+        self.first_layer = SparseFirstLayer(self.layers[0].fc_layers[0][0])
         self.mean_encoder = nn.Linear(dims[-1], n_output)
         self.var_encoder = nn.Linear(dims[-1], n_output)
 
@@ -315,7 +389,7 @@ class SCALEEncoder(nn.Module):
         """Return the mean and variance of ``q(z|x)``."""
         if self.training and self.input_dropout > 0:
             x = _input_dropout(x, self.input_dropout)
-        h = _first_layer(self.layers[0], x, cat_list, cont)
+        h = _first_layer(self.layers[0], self.first_layer, x, cat_list, cont)
         deep_cont = cont if self.deep_inject_covariates else None
         for layer in self.layers[1:]:
             h = layer(h, *cat_list, cont=deep_cont)

@@ -5,49 +5,36 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal
 
-import numpy as np
 import torch
-from scvi import REGISTRY_KEYS
 from scvi.distributions import NegativeBinomial
-from scvi.module._constants import MODULE_KEYS
-from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
+from scvi.module.base import LossOutput, auto_move_data
 from torch import nn
 from torch.distributions import Normal
 
-from ._components import SCALEDecoder, SCALEEncoder, csr_row_indices
+from ._base import Normalization, Objective, SCALEModuleBase
+from ._components import binarize, csr_row_indices
+from ._constants import (
+    ATAC,
+    ATAC_KEY,
+    JOINT,
+    MODALITIES,
+    MODALITY_FLAG_KEY,
+    MODULE_KEYS,
+    RNA,
+    RNA_KEY,
+    Modality,
+    expert_keys,
+)
+from ._feature_stats import mean_proportion, open_fraction
 from ._objectives import (
     bernoulli_log_likelihood,
     moe_elbo_bound,
     moe_importance_log_weights,
     moe_iwae_bound,
 )
-from ._prior import GaussianMixturePrior
-from ._scalevae import Objective, allow_missing_depth_offset, binarize, validate_objective
 
-ATAC = "atac"
-RNA = "rna"
-MODALITIES = (ATAC, RNA)
-Modality = Literal["joint", "atac", "rna"]
 Posterior = Literal["moe", "mopoe"]
-
-#: Registry key of the per-cell modality flag (a categorical ``obs`` column).
-MODALITY_FLAG_KEY = "modality_flag"
-#: Registry keys of the two data matrices: RNA in ``X`` and ATAC beside it, as in MultiVI.
-RNA_KEY = REGISTRY_KEYS.X_KEY
-ATAC_KEY = REGISTRY_KEYS.ATAC_X_KEY
-
-X_ATAC_KEY = "x_atac"
-X_RNA_KEY = "x_rna"
-LIBRARY_KEY = MODULE_KEYS.LIBRARY_KEY
-FLAG_KEY = "modality_flag"
-MASK_KEY = "modality_mask"
-QZM_EXPERTS_KEY = "qzm_experts"
-QZV_EXPERTS_KEY = "qzv_experts"
-QZM_COMPONENTS_KEY = "qzm_components"
-QZV_COMPONENTS_KEY = "qzv_components"
-COMPONENT_MASK_KEY = "component_mask"
-PX_RNA_KEY = "px_rna"
-PX_RNA_SCALE_KEY = "px_rna_scale"
+K = MODULE_KEYS
 
 
 def _dense(x: torch.Tensor) -> torch.Tensor:
@@ -77,7 +64,7 @@ def product_of_experts(
     return (mask * qz_ms / qz_vs).sum(0) / precision, 1.0 / precision
 
 
-class MultiSCALEVAE(BaseModuleClass):
+class MultiSCALEVAE(SCALEModuleBase):
     """SCALE for paired single-cell RNA and ATAC: a mixture-of-experts VAE with a GMM prior.
 
     Generative model, shared by the modalities: ``c ~ Cat(pi)``,
@@ -129,7 +116,8 @@ class MultiSCALEVAE(BaseModuleClass):
     dropout_rate
         Dropout in the encoders.
     use_batch_norm, use_layer_norm
-        Normalization in ``"encoder"``, ``"decoder"``, ``"both"`` or ``"none"``.
+        Normalization in ``"encoder"``, ``"decoder"``, ``"both"`` or ``"none"``; batch norm
+        in the encoders by default, as in :class:`~scale_scvi.module.SCALEVAE`.
     encode_covariates
         Give the covariates to the encoders too (they always reach the decoders).
     deeply_inject_covariates
@@ -179,8 +167,8 @@ class MultiSCALEVAE(BaseModuleClass):
         n_continuous_cov: int = 0,
         n_cats_per_cov: Iterable[int] | None = None,
         dropout_rate: float = 0.0,
-        use_batch_norm: Literal["encoder", "decoder", "none", "both"] = "none",
-        use_layer_norm: Literal["encoder", "decoder", "none", "both"] = "none",
+        use_batch_norm: Normalization = "encoder",
+        use_layer_norm: Normalization = "none",
         encode_covariates: bool = True,
         deeply_inject_covariates: bool = False,
         objective: Objective = "elbo",
@@ -193,8 +181,19 @@ class MultiSCALEVAE(BaseModuleClass):
         min_var: float = 1e-4,
         depth_offset: bool = True,
     ):
-        super().__init__()
-        validate_objective(objective, n_particles, particle_chunk_size)
+        super().__init__(
+            n_batch=n_batch,
+            n_centroids=n_centroids,
+            n_latent=n_latent,
+            n_continuous_cov=n_continuous_cov,
+            n_cats_per_cov=n_cats_per_cov,
+            encode_covariates=encode_covariates,
+            objective=objective,
+            n_particles=n_particles,
+            particle_chunk_size=particle_chunk_size,
+            min_var=min_var,
+            depth_offset=depth_offset,
+        )
         if n_input_atac < 0 or n_input_rna < 0 or n_input_atac + n_input_rna == 0:
             raise ValueError(
                 "MultiSCALEVAE needs at least one modality: set n_input_atac and/or n_input_rna "
@@ -228,17 +227,8 @@ class MultiSCALEVAE(BaseModuleClass):
         self.modalities = tuple(
             m for m, n in zip(MODALITIES, (n_input_atac, n_input_rna), strict=True) if n > 0
         )
-        self.n_batch = n_batch
-        self.n_centroids = n_centroids
-        self.n_latent = n_latent
-        self.objective = objective
         self.posterior = posterior
-        self.n_particles = n_particles
-        self.particle_chunk_size = particle_chunk_size
-        self.encode_covariates = encode_covariates
         self.likelihood_scale = {m: float(likelihood_scale.get(m, 1.0)) for m in self.modalities}
-        self.depth_offset = depth_offset
-        self.register_buffer("log_mean_depth", torch.zeros(()))  # ATAC: open peaks per cell
 
         if modality_flags is None:
             flags = torch.ones((1, len(MODALITIES)), dtype=torch.bool)
@@ -246,111 +236,46 @@ class MultiSCALEVAE(BaseModuleClass):
             flags = torch.as_tensor(modality_flags, dtype=torch.bool).reshape(-1, len(MODALITIES))
         self.register_buffer("modality_flags", flags)
 
-        cat_list = [n_batch] + list(n_cats_per_cov or [])
-        enc_kwargs = {
-            "n_output": n_latent,
-            "n_hidden": tuple(n_hidden),
-            "n_cat_list": cat_list if encode_covariates else None,
-            "n_cont": n_continuous_cov if encode_covariates else 0,
-            "dropout_rate": dropout_rate,
-            "use_batch_norm": use_batch_norm in ("encoder", "both"),
-            "use_layer_norm": use_layer_norm in ("encoder", "both"),
-            "deep_inject_covariates": deeply_inject_covariates,
-        }
-        dec_kwargs = {
-            "n_input": n_latent,
-            "n_hidden": tuple(n_hidden_decoder),
-            "n_cat_list": cat_list,
-            "n_cont": n_continuous_cov,
-            "use_batch_norm": use_batch_norm in ("decoder", "both"),
-            "use_layer_norm": use_layer_norm in ("decoder", "both"),
-        }
+        n_inputs = {ATAC: n_input_atac, RNA: n_input_rna}
         self.encoders = nn.ModuleDict()
         self.decoders = nn.ModuleDict()
-        if n_input_atac > 0:
-            self.encoders[ATAC] = SCALEEncoder(
-                n_input=n_input_atac, input_dropout=input_dropout.get(ATAC, 0.0), **enc_kwargs
+        for m in self.modalities:
+            self.encoders[m] = self._make_encoder(
+                n_inputs[m],
+                n_hidden,
+                dropout_rate,
+                use_batch_norm,
+                use_layer_norm,
+                deeply_inject_covariates,
+                input_dropout=input_dropout.get(m, 0.0),
             )
-            self.decoders[ATAC] = SCALEDecoder(n_output=n_input_atac, **dec_kwargs)
-        if n_input_rna > 0:
-            self.encoders[RNA] = SCALEEncoder(
-                n_input=n_input_rna, input_dropout=input_dropout.get(RNA, 0.0), **enc_kwargs
+            self.decoders[m] = self._make_decoder(
+                n_inputs[m], n_hidden_decoder, use_batch_norm, use_layer_norm
             )
-            self.decoders[RNA] = SCALEDecoder(n_output=n_input_rna, **dec_kwargs)
+        if RNA in self.modalities:
             self.px_r = nn.Parameter(torch.randn(n_input_rna))
-        self.prior = GaussianMixturePrior(n_centroids, n_latent, min_var=min_var)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        allow_missing_depth_offset(self, state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    @torch.no_grad()
-    def init_decoder_bias(
-        self,
-        atac_open_fraction: np.ndarray | None = None,
-        rna_mean_proportion: np.ndarray | None = None,
-    ) -> None:
-        """Start each decoder at the data's average cell.
-
-        The ATAC output bias becomes ``logit(open fraction)`` of each peak (and the mean
-        number of open peaks per cell the reference of the ATAC depth offset, as in
-        :class:`~scale_scvi.module.SCALEVAE`); the RNA output bias becomes the log of each
-        gene's mean share of the counts, so the softmax starts at the average profile.
-        """
-        if atac_open_fraction is not None and ATAC in self.modalities:
-            frac = np.asarray(atac_open_fraction, dtype=np.float64)
-            self.log_mean_depth.fill_(float(np.log(max(frac.sum(), 1.0))))
-            bias = self.decoders[ATAC].output.fc_layers[0][0].bias
-            frac_t = torch.as_tensor(frac, dtype=bias.dtype, device=bias.device)
-            bias.copy_(torch.logit(frac_t.clamp(1e-4, 1 - 1e-4)))
-        if rna_mean_proportion is not None and RNA in self.modalities:
-            bias = self.decoders[RNA].output.fc_layers[0][0].bias
-            prop = torch.as_tensor(rna_mean_proportion, dtype=bias.dtype, device=bias.device)
-            log_prop = prop.clamp_min(1e-8).log()
-            bias.copy_(log_prop - log_prop.mean())
-
-    def _atac_depth_offset(self, x_atac: torch.Tensor) -> torch.Tensor | float:
-        """ATAC logit offset ``log(open peaks) - log(mean open peaks)`` per cell, ``(B, 1)``."""
-        if not self.depth_offset:
-            return 0.0
-        depth = x_atac.sum(-1, keepdim=True).clamp_min(1.0)
-        return depth.log() - self.log_mean_depth
+        self._add_prior()
 
     # ------------------------------------------------------------------ inputs
-    @staticmethod
-    def _covariates(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
-        return {
-            MODULE_KEYS.BATCH_INDEX_KEY: tensors.get(REGISTRY_KEYS.BATCH_KEY),
-            MODULE_KEYS.CONT_COVS_KEY: tensors.get(REGISTRY_KEYS.CONT_COVS_KEY),
-            MODULE_KEYS.CAT_COVS_KEY: tensors.get(REGISTRY_KEYS.CAT_COVS_KEY),
-        }
-
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict:
         return {
-            X_ATAC_KEY: tensors.get(ATAC_KEY) if ATAC in self.modalities else None,
-            X_RNA_KEY: tensors.get(RNA_KEY) if RNA in self.modalities else None,
-            FLAG_KEY: tensors.get(MODALITY_FLAG_KEY),
-            **self._covariates(tensors),
+            K.X_ATAC_KEY: tensors.get(ATAC_KEY) if ATAC in self.modalities else None,
+            K.X_RNA_KEY: tensors.get(RNA_KEY) if RNA in self.modalities else None,
+            K.MODALITY_FLAG_KEY: tensors.get(MODALITY_FLAG_KEY),
+            **self.covariates(tensors),
         }
 
     def _get_generative_input(
         self, tensors: dict[str, torch.Tensor], inference_outputs: dict
     ) -> dict:
-        library = inference_outputs.get(LIBRARY_KEY)
+        library = inference_outputs.get(K.LIBRARY_KEY)
         if library is None and RNA in self.modalities:
             library = _dense(tensors[RNA_KEY]).sum(-1, keepdim=True)
         return {
-            MODULE_KEYS.Z_KEY: inference_outputs[MODULE_KEYS.Z_KEY],
-            LIBRARY_KEY: library,
-            **self._covariates(tensors),
+            K.Z_KEY: inference_outputs[K.Z_KEY],
+            K.LIBRARY_KEY: library,
+            **self.covariates(tensors),
         }
-
-    @staticmethod
-    def _cat_list(batch_index, cat_covs) -> list[torch.Tensor]:
-        cats = [batch_index] if batch_index is not None else []
-        if cat_covs is not None:
-            cats += list(torch.split(cat_covs, 1, dim=1))
-        return cats
 
     def modality_mask(
         self,
@@ -397,10 +322,7 @@ class MultiSCALEVAE(BaseModuleClass):
         ``posterior="mopoe"``), the mean and variance of the mixture (``qz_m``, ``qz_v``; ``qz``
         is the Gaussian with those moments) and a sample ``z`` of the mixture.
         """
-        if self.encode_covariates:
-            cats, cont = self._cat_list(batch_index, cat_covs), cont_covs
-        else:
-            cats, cont = [], None
+        cats, cont = self._encoder_covariates(batch_index, cat_covs, cont_covs)
         outputs: dict[str, torch.Tensor | Normal] = {}
         means, variances = [], []
         for m, x in zip(MODALITIES, (x_atac, x_rna), strict=True):
@@ -410,7 +332,8 @@ class MultiSCALEVAE(BaseModuleClass):
                 raise ValueError(f"The {m} matrix is missing from the minibatch.")
             h = binarize(x) if m == ATAC else torch.log1p(_dense(x))
             qz_m, qz_v = self.encoders[m](h, *cats, cont=cont)
-            outputs[f"qzm_{m}"], outputs[f"qzv_{m}"] = qz_m, qz_v
+            key_m, key_v = expert_keys(m)
+            outputs[key_m], outputs[key_v] = qz_m, qz_v
             means.append(qz_m)
             variances.append(qz_v)
         qz_ms, qz_vs = torch.stack(means), torch.stack(variances)
@@ -437,35 +360,48 @@ class MultiSCALEVAE(BaseModuleClass):
 
         outputs.update(
             {
-                QZM_EXPERTS_KEY: qz_ms,
-                QZV_EXPERTS_KEY: qz_vs,
-                MASK_KEY: mask,
-                QZM_COMPONENTS_KEY: comp_ms,
-                QZV_COMPONENTS_KEY: comp_vs,
-                COMPONENT_MASK_KEY: comp_mask,
-                MODULE_KEYS.QZ_KEY: Normal(joint_m, joint_v.sqrt()),
-                MODULE_KEYS.QZM_KEY: joint_m,
-                MODULE_KEYS.QZV_KEY: joint_v,
-                MODULE_KEYS.Z_KEY: z,
+                K.QZM_EXPERTS_KEY: qz_ms,
+                K.QZV_EXPERTS_KEY: qz_vs,
+                K.MODALITY_MASK_KEY: mask,
+                K.QZM_COMPONENTS_KEY: comp_ms,
+                K.QZV_COMPONENTS_KEY: comp_vs,
+                K.COMPONENT_MASK_KEY: comp_mask,
+                K.QZ_KEY: Normal(joint_m, joint_v.sqrt()),
+                K.QZM_KEY: joint_m,
+                K.QZV_KEY: joint_v,
+                K.Z_KEY: z,
             }
         )
         if x_rna is not None and RNA in self.modalities:
-            outputs[LIBRARY_KEY] = _dense(x_rna).sum(-1, keepdim=True)
+            outputs[K.LIBRARY_KEY] = _dense(x_rna).sum(-1, keepdim=True)
         return outputs
 
-    def latent_mean(self, inference_outputs: dict, modality: Modality = "joint") -> torch.Tensor:
-        """Posterior mean of the mixture (``"joint"``) or of one modality's expert."""
-        if modality == "joint":
-            return inference_outputs[MODULE_KEYS.QZM_KEY]
-        if modality not in self.modalities:
+    def latent_moments(
+        self,
+        inference_outputs: Mapping,
+        modality: Modality = "joint",
+        joint_mean: Literal["mixture", "precision"] = "mixture",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of the mixture (``"joint"``) or of one modality's expert.
+
+        For ``"joint"``, ``joint_mean="mixture"`` gives the mixture's own moments, and
+        ``"precision"`` those of :meth:`precision_weighted_moments`.
+        """
+        self.check_modality(modality)
+        if joint_mean not in ("mixture", "precision"):
             raise ValueError(
-                f"modality={modality!r} is not registered; use 'joint' or one of "
-                f"{self.modalities}."
+                f"joint_mean={joint_mean!r} is not one of 'mixture' (the mixture of experts' "
+                "mean) and 'precision' (the precision-weighted product of the experts)."
             )
-        return inference_outputs[f"qzm_{modality}"]
+        if modality != JOINT:
+            key_m, key_v = expert_keys(modality)
+            return inference_outputs[key_m], inference_outputs[key_v]
+        if joint_mean == "precision":
+            return self.precision_weighted_moments(inference_outputs)
+        return inference_outputs[K.QZM_KEY], inference_outputs[K.QZV_KEY]
 
     def precision_weighted_moments(
-        self, inference_outputs: dict
+        self, inference_outputs: Mapping
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and variance of the normalized product of the experts each cell has.
 
@@ -475,10 +411,87 @@ class MultiSCALEVAE(BaseModuleClass):
         disagree; this summary leans toward the more certain expert instead.
         """
         return product_of_experts(
-            inference_outputs[QZM_EXPERTS_KEY],
-            inference_outputs[QZV_EXPERTS_KEY],
-            inference_outputs[MASK_KEY],
+            inference_outputs[K.QZM_EXPERTS_KEY],
+            inference_outputs[K.QZV_EXPERTS_KEY],
+            inference_outputs[K.MODALITY_MASK_KEY],
         )
+
+    def posterior_cluster_probabilities(
+        self, inference_outputs: Mapping, modality: Modality = "joint"
+    ) -> torch.Tensor:
+        """``q(c | x)``: of the mixture for ``"joint"`` (:meth:`joint_cluster_probabilities`),
+        else ``p(c | z)`` at the mean of that modality's expert."""
+        if modality == JOINT:
+            return self.joint_cluster_probabilities(inference_outputs)
+        return super().posterior_cluster_probabilities(inference_outputs, modality)
+
+    def aggregate_posterior_components(
+        self, inference_outputs: Mapping
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mixture components of every cell (its experts, and their product with
+        ``posterior="mopoe"``), one row per cell and component it has.
+
+        Not the moments of each cell's mixture, which would blur experts that disagree into
+        one wide Gaussian.
+        """
+        mask = inference_outputs[K.COMPONENT_MASK_KEY].bool()  # (C, B)
+        return (
+            inference_outputs[K.QZM_COMPONENTS_KEY][mask],
+            inference_outputs[K.QZV_COMPONENTS_KEY][mask],
+        )
+
+    @classmethod
+    def input_arguments(
+        cls, n_features: Mapping[str, int], modality_flags: Sequence | None = None
+    ) -> dict:
+        """Constructor arguments for the registered features and modality flags."""
+        return {
+            "n_input_atac": n_features.get(ATAC, 0),
+            "n_input_rna": n_features.get(RNA, 0),
+            "modality_flags": modality_flags,
+        }
+
+    def registry_key(self, modality: str) -> str:
+        """Registry key of a modality's matrix: RNA in ``X``, ATAC beside it."""
+        self.check_modality(modality)
+        return {ATAC: ATAC_KEY, RNA: RNA_KEY}[modality]
+
+    def init_from_data(self, matrices: Mapping[str, object]) -> None:
+        """Start each decoder at the data's average cell.
+
+        The ATAC output bias becomes ``logit(open fraction)`` of each peak (and the mean
+        number of open peaks per cell the reference of the ATAC depth offset); the RNA
+        output bias becomes the log of each gene's mean share of the counts, so the softmax
+        starts at the average profile.
+        """
+        if ATAC in self.modalities:
+            self._init_bernoulli_decoder(self.decoders[ATAC], open_fraction(matrices[ATAC]))
+        if RNA in self.modalities:
+            with torch.no_grad():
+                bias = self.decoders[RNA].output.fc_layers[0][0].bias
+                prop = torch.as_tensor(
+                    mean_proportion(matrices[RNA]), dtype=bias.dtype, device=bias.device
+                )
+                log_prop = prop.clamp_min(1e-8).log()
+                bias.copy_(log_prop - log_prop.mean())
+
+    def decode(
+        self,
+        z: torch.Tensor,
+        modality: str,
+        batch_index: torch.Tensor | None = None,
+        cont_covs: torch.Tensor | None = None,
+        cat_covs: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Peak probabilities (``"atac"``, at the mean depth) or gene proportions (``"rna"``)
+        at ``z``."""
+        if modality not in self.modalities:
+            self.check_modality(modality)
+            raise ValueError(f"modality={modality!r}: decode one modality, not the joint one.")
+        out = self.generative(z, batch_index=batch_index, cont_covs=cont_covs, cat_covs=cat_covs)
+        if modality == ATAC:
+            return torch.sigmoid(out[K.PX_KEY])
+        return out[K.PX_RNA_SCALE_KEY]
 
     @auto_move_data
     def generative(
@@ -493,12 +506,12 @@ class MultiSCALEVAE(BaseModuleClass):
         cats = self._cat_list(batch_index, cat_covs)
         outputs: dict[str, torch.Tensor | NegativeBinomial] = {}
         if ATAC in self.modalities:
-            outputs[MODULE_KEYS.PX_KEY] = self.decoders[ATAC](z, *cats, cont=cont_covs)
+            outputs[K.PX_KEY] = self.decoders[ATAC](z, *cats, cont=cont_covs)
         if RNA in self.modalities:
             scale = torch.softmax(self.decoders[RNA](z, *cats, cont=cont_covs), dim=-1)
-            outputs[PX_RNA_SCALE_KEY] = scale
+            outputs[K.PX_RNA_SCALE_KEY] = scale
             if library is not None:
-                outputs[PX_RNA_KEY] = NegativeBinomial(mu=library * scale, theta=self.px_r.exp())
+                outputs[K.PX_RNA_KEY] = NegativeBinomial(mu=library * scale, theta=self.px_r.exp())
         return outputs
 
     # ------------------------------------------------------------------ objective
@@ -510,16 +523,13 @@ class MultiSCALEVAE(BaseModuleClass):
         scaled: bool,
     ) -> Callable[[torch.Tensor], torch.Tensor]:
         """``z (N, B, D) -> sum_m scale_m log p(x_m|z)`` over the modalities each cell has."""
-        covs = self._covariates(tensors)
-        cats = self._cat_list(covs[MODULE_KEYS.BATCH_INDEX_KEY], covs[MODULE_KEYS.CAT_COVS_KEY])
-        cats = [c.to(device) for c in cats]
-        cont = covs[MODULE_KEYS.CONT_COVS_KEY]
-        cont = cont.to(device) if cont is not None else None
+        cats, cont = self._decoder_covariates(tensors, device)
         data = {}
         atac_offset: torch.Tensor | float = 0.0
         if ATAC in self.modalities:
-            data[ATAC] = _dense(binarize(tensors[ATAC_KEY].to(device)))
-            atac_offset = self._atac_depth_offset(data[ATAC])
+            # binarized in its layout: a sparse minibatch stays CSR (the sparse Bernoulli term)
+            data[ATAC] = binarize(tensors[ATAC_KEY].to(device))
+            atac_offset = self.depth_logit_offset(data[ATAC])
         if RNA in self.modalities:
             data[RNA] = _dense(tensors[RNA_KEY].to(device))
         present = dict(zip(self.modalities, mask.bool(), strict=True))
@@ -541,10 +551,6 @@ class MultiSCALEVAE(BaseModuleClass):
 
         return log_likelihood
 
-    def cluster_probabilities(self, qz_m: torch.Tensor) -> torch.Tensor:
-        """``p(c | z)`` at a posterior mean, shape ``(B, K)``."""
-        return self.prior.responsibilities(qz_m)
-
     def joint_cluster_probabilities(self, inference_outputs: dict) -> torch.Tensor:
         """``q(c | x_1..M) = E_q(z|x_1..M)[p(c | z)]`` for the mixture of experts, ``(B, K)``.
 
@@ -553,9 +559,9 @@ class MultiSCALEVAE(BaseModuleClass):
         mean: ``1/C_i sum_c p(c | E_q_c[z])``. The mixture's own mean can fall between
         components of the prior when the experts disagree; this cannot.
         """
-        mask = inference_outputs[COMPONENT_MASK_KEY]
-        mask = mask.to(inference_outputs[QZM_COMPONENTS_KEY].dtype)
-        resp = self.prior.responsibilities(inference_outputs[QZM_COMPONENTS_KEY])  # (C, B, K)
+        mask = inference_outputs[K.COMPONENT_MASK_KEY]
+        mask = mask.to(inference_outputs[K.QZM_COMPONENTS_KEY].dtype)
+        resp = self.prior.responsibilities(inference_outputs[K.QZM_COMPONENTS_KEY])  # (C, B, K)
         return (mask.unsqueeze(-1) * resp).sum(0) / mask.sum(0).unsqueeze(-1)
 
     def loss(
@@ -581,15 +587,15 @@ class MultiSCALEVAE(BaseModuleClass):
             Override of the module's objective.
         """
         objective = objective or self.objective
-        qz_ms = inference_outputs[QZM_COMPONENTS_KEY]
-        mask = inference_outputs[COMPONENT_MASK_KEY]
+        qz_ms = inference_outputs[K.QZM_COMPONENTS_KEY]
+        mask = inference_outputs[K.COMPONENT_MASK_KEY]
         log_w, log_lik = moe_importance_log_weights(
             self._log_likelihood_fn(
-                tensors, inference_outputs[MASK_KEY], qz_ms.device, scaled=True
+                tensors, inference_outputs[K.MODALITY_MASK_KEY], qz_ms.device, scaled=True
             ),
             self.prior,
             qz_ms,
-            inference_outputs[QZV_COMPONENTS_KEY],
+            inference_outputs[K.QZV_COMPONENTS_KEY],
             mask,
             n_particles=self.n_particles,
             kl_weight=kl_weight,
@@ -628,15 +634,15 @@ class MultiSCALEVAE(BaseModuleClass):
             Particles decoded at a time (memory); defaults to ``particle_chunk_size``.
         """
         inference_outputs = self.inference(**self._get_inference_input(tensors))
-        qz_ms = inference_outputs[QZM_COMPONENTS_KEY]
-        mask = inference_outputs[COMPONENT_MASK_KEY]
+        qz_ms = inference_outputs[K.QZM_COMPONENTS_KEY]
+        mask = inference_outputs[K.COMPONENT_MASK_KEY]
         log_w, _ = moe_importance_log_weights(
             self._log_likelihood_fn(
-                tensors, inference_outputs[MASK_KEY], qz_ms.device, scaled=False
+                tensors, inference_outputs[K.MODALITY_MASK_KEY], qz_ms.device, scaled=False
             ),
             self.prior,
             qz_ms,
-            inference_outputs[QZV_COMPONENTS_KEY],
+            inference_outputs[K.QZV_COMPONENTS_KEY],
             mask,
             n_particles=n_mc_samples,
             chunk_size=n_mc_samples_per_pass or self.particle_chunk_size,
@@ -645,4 +651,4 @@ class MultiSCALEVAE(BaseModuleClass):
         return log_px.mean().item() if return_mean else log_px
 
 
-__all__ = ["MultiSCALEVAE", "MODALITY_FLAG_KEY"]
+__all__ = ["MultiSCALEVAE"]

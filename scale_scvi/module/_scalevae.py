@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
 
-import numpy as np
 import torch
 from scvi import REGISTRY_KEYS
-from scvi.module._constants import MODULE_KEYS
-from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
+from scvi.module.base import LossOutput, auto_move_data
 from torch.distributions import Normal
 
-from ._components import (
-    SCALEDecoder,
-    SCALEEncoder,
-    _is_sparse_enough,
-    csr_from_dense,
-    csr_with_values,
-)
+from ._base import OBJECTIVES, Normalization, Objective, SCALEModuleBase
+from ._components import binarize
+from ._constants import ATAC, JOINT, MODULE_KEYS, Modality
+from ._feature_stats import open_fraction
 from ._objectives import (
     bernoulli_log_likelihood,
     gmm_kl,
@@ -27,82 +22,14 @@ from ._objectives import (
     log_mean_exp,
     mean_field_responsibilities,
 )
-from ._prior import GaussianMixturePrior
-
-Objective = Literal["elbo", "iwae", "dreg"]
-OBJECTIVES = ("elbo", "iwae", "dreg")
-X_BINARIZED_KEY = "x_binarized"
 
 
-def validate_objective(
-    objective: str, n_particles: int, particle_chunk_size: int | None = None
-) -> None:
-    """Raise a ``ValueError`` for an unknown objective or a bad particle setting."""
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}.")
-    if n_particles < 1:
-        raise ValueError(f"n_particles must be >= 1, got {n_particles}.")
-    if particle_chunk_size is not None and particle_chunk_size < 1:
-        raise ValueError(f"particle_chunk_size must be >= 1 or None, got {particle_chunk_size}.")
-
-
-def allow_missing_depth_offset(module: torch.nn.Module, state_dict: dict, prefix: str) -> None:
-    """Load a state dict saved before the depth offset existed as it was trained.
-
-    Such models (version 0.1.0) have no ``log_mean_depth`` buffer: it is filled with zeros and
-    the module's ``depth_offset`` is turned off.
-    """
-    key = prefix + "log_mean_depth"
-    if key not in state_dict:
-        state_dict[key] = torch.zeros_like(module.log_mean_depth)
-        module.depth_offset = False
-
-
-def allow_missing_batch_norm(module: torch.nn.Module, state_dict: dict, prefix: str) -> None:
-    """Load a state dict saved without the encoder's batch norm as it was trained.
-
-    Models saved before batch norm became the encoder's default (version 0.1.0) have no
-    batch-norm parameters: each batch-norm layer the state dict lacks is replaced by an
-    identity, which is the network those models were trained as.
-    """
-    for name, child in list(module.named_modules()):
-        if not isinstance(child, torch.nn.BatchNorm1d):
-            continue
-        if prefix + name + ".running_mean" in state_dict:
-            continue
-        parent_name, _, child_name = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, child_name, torch.nn.Identity())
-
-
-def binarize(x: torch.Tensor) -> torch.Tensor:
-    """``(x > 0)`` as float, keeping a sparse tensor sparse."""
-    if x.layout == torch.strided:
-        return (x > 0).to(torch.float32)
-    x = x.to_sparse_csr() if x.layout != torch.sparse_csr else x
-    return csr_with_values(x, (x.values() > 0).to(torch.float32))
-
-
-def binarize_for_encoding(x: torch.Tensor) -> torch.Tensor:
-    """Binarize a minibatch into the form the model computes with.
-
-    A sparse minibatch stays sparse (CSR); a dense one with at most
-    ``SPARSE_PATH_MAX_DENSITY`` nonzeros (scATAC usually has 1-5 %) becomes CSR, so that the
-    encoder's first layer and the reconstruction term cost what its open peaks cost; a
-    denser one stays dense.
-    """
-    if x.layout != torch.strided or x.dim() != 2:
-        return binarize(x)
-    is_open = x > 0
-    return binarize(csr_from_dense(is_open)) if _is_sparse_enough(is_open) else is_open.float()
-
-
-class SCALEVAE(BaseModuleClass):
+class SCALEVAE(SCALEModuleBase):
     """Variational autoencoder with a Gaussian-mixture prior for binarized scATAC-seq.
 
     Generative model: ``c ~ Cat(pi)``, ``z | c ~ N(mu_c, diag(sigma2_c))``,
     ``x_p | z ~ Bernoulli(sigmoid(f(z))_p)``; inference ``q(z|x) = N(m(x), diag(s2(x)))``
-    and ``q(c|x) = p(c|z)`` (the responsibilities).
+    and ``q(c|x) = p(c|z)`` (the responsibilities). Its one modality is ``"atac"``.
 
     Parameters
     ----------
@@ -168,8 +95,8 @@ class SCALEVAE(BaseModuleClass):
         n_continuous_cov: int = 0,
         n_cats_per_cov: Iterable[int] | None = None,
         dropout_rate: float = 0.0,
-        use_batch_norm: Literal["encoder", "decoder", "none", "both"] = "encoder",
-        use_layer_norm: Literal["encoder", "decoder", "none", "both"] = "none",
+        use_batch_norm: Normalization = "encoder",
+        use_layer_norm: Normalization = "none",
         encode_covariates: bool = True,
         deeply_inject_covariates: bool = False,
         objective: Objective = "elbo",
@@ -179,63 +106,42 @@ class SCALEVAE(BaseModuleClass):
         min_var: float = 1e-4,
         depth_offset: bool = True,
     ):
-        super().__init__()
-        validate_objective(objective, n_particles, particle_chunk_size)
+        super().__init__(
+            n_batch=n_batch,
+            n_centroids=n_centroids,
+            n_latent=n_latent,
+            n_continuous_cov=n_continuous_cov,
+            n_cats_per_cov=n_cats_per_cov,
+            encode_covariates=encode_covariates,
+            objective=objective,
+            n_particles=n_particles,
+            particle_chunk_size=particle_chunk_size,
+            min_var=min_var,
+            depth_offset=depth_offset,
+        )
         if gamma_from not in ("mean", "sample", "expected"):
             raise ValueError(
                 f"gamma_from must be 'mean', 'sample' or 'expected', got {gamma_from!r}."
             )
         self.n_input = n_input
-        self.n_batch = n_batch
-        self.n_centroids = n_centroids
-        self.n_latent = n_latent
-        self.objective = objective
-        self.n_particles = n_particles
-        self.particle_chunk_size = particle_chunk_size
+        self.modalities = (ATAC,)
         self.gamma_from = gamma_from
-        self.depth_offset = depth_offset
-        self.register_buffer("log_mean_depth", torch.zeros(()))
-        self.encode_covariates = encode_covariates
-
-        cat_list = [n_batch] + list(n_cats_per_cov or [])
-        self.z_encoder = SCALEEncoder(
-            n_input=n_input,
-            n_output=n_latent,
-            n_hidden=tuple(n_hidden),
-            n_cat_list=cat_list if encode_covariates else None,
-            n_cont=n_continuous_cov if encode_covariates else 0,
-            dropout_rate=dropout_rate,
-            use_batch_norm=use_batch_norm in ("encoder", "both"),
-            use_layer_norm=use_layer_norm in ("encoder", "both"),
-            deep_inject_covariates=deeply_inject_covariates,
+        self.z_encoder = self._make_encoder(
+            n_input,
+            n_hidden,
+            dropout_rate,
+            use_batch_norm,
+            use_layer_norm,
+            deeply_inject_covariates,
         )
-        self.decoder = SCALEDecoder(
-            n_input=n_latent,
-            n_output=n_input,
-            n_hidden=tuple(n_hidden_decoder),
-            n_cat_list=cat_list,
-            n_cont=n_continuous_cov,
-            use_batch_norm=use_batch_norm in ("decoder", "both"),
-            use_layer_norm=use_layer_norm in ("decoder", "both"),
+        self.decoder = self._make_decoder(
+            n_input, n_hidden_decoder, use_batch_norm, use_layer_norm
         )
-        self.prior = GaussianMixturePrior(n_centroids, n_latent, min_var=min_var)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        allow_missing_depth_offset(self, state_dict, prefix)
-        allow_missing_batch_norm(self, state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._add_prior()
 
     # ------------------------------------------------------------------ inputs
-    @staticmethod
-    def _covariates(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
-        return {
-            MODULE_KEYS.BATCH_INDEX_KEY: tensors.get(REGISTRY_KEYS.BATCH_KEY),
-            MODULE_KEYS.CONT_COVS_KEY: tensors.get(REGISTRY_KEYS.CONT_COVS_KEY),
-            MODULE_KEYS.CAT_COVS_KEY: tensors.get(REGISTRY_KEYS.CAT_COVS_KEY),
-        }
-
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict:
-        return {MODULE_KEYS.X_KEY: tensors[REGISTRY_KEYS.X_KEY], **self._covariates(tensors)}
+        return {MODULE_KEYS.X_KEY: tensors[REGISTRY_KEYS.X_KEY], **self.covariates(tensors)}
 
     def _get_generative_input(
         self, tensors: dict[str, torch.Tensor], inference_outputs: dict
@@ -243,30 +149,8 @@ class SCALEVAE(BaseModuleClass):
         return {
             MODULE_KEYS.Z_KEY: inference_outputs[MODULE_KEYS.Z_KEY],
             MODULE_KEYS.LIBRARY_KEY: inference_outputs.get(MODULE_KEYS.LIBRARY_KEY),
-            **self._covariates(tensors),
+            **self.covariates(tensors),
         }
-
-    @staticmethod
-    def _log_depth(x: torch.Tensor) -> torch.Tensor:
-        """``log`` of the number of open peaks of each cell (at least 1), shape ``(B,)``."""
-        if x.layout == torch.strided:
-            depth = x.sum(-1)
-        else:
-            depth = torch.diff(x.crow_indices()).to(torch.float32)
-        return depth.clamp_min(1.0).log()
-
-    def _depth_logit_offset(self, library: torch.Tensor | None) -> torch.Tensor | float:
-        """Logit offset ``log(depth) - log(mean depth)`` per cell, shape ``(B, 1)``."""
-        if not self.depth_offset or library is None:
-            return 0.0
-        return (library - self.log_mean_depth).unsqueeze(-1)
-
-    @staticmethod
-    def _cat_list(batch_index, cat_covs) -> list[torch.Tensor]:
-        cats = [batch_index] if batch_index is not None else []
-        if cat_covs is not None:
-            cats += list(torch.split(cat_covs, 1, dim=1))
-        return cats
 
     # ------------------------------------------------------------------ model
     @auto_move_data
@@ -280,15 +164,13 @@ class SCALEVAE(BaseModuleClass):
     ) -> dict[str, torch.Tensor | Normal]:
         """Encode the binarized peaks into ``q(z|x)`` and draw ``z``.
 
-        The binarized minibatch (CSR when sparse enough) is returned under
-        ``"x_binarized"``, for the loss to reuse.
+        The binarized minibatch (in the layout it came in: dense, or sparse CSR) is returned
+        under ``"x_binarized"`` for the loss to reuse, and the depth offset of each cell
+        under ``"library"``.
         """
-        x = binarize_for_encoding(x)
-        if self.encode_covariates:
-            cats, cont = self._cat_list(batch_index, cat_covs), cont_covs
-        else:
-            cats, cont = [], None
-        library = self._log_depth(x)
+        x = binarize(x)
+        cats, cont = self._encoder_covariates(batch_index, cat_covs, cont_covs)
+        library = self.depth_logit_offset(x)
         qz_m, qz_v = self.z_encoder(x, *cats, cont=cont)
         # No argument validation: a diverging run must reach the loss, where training stops
         # with an error that names the epoch (FiniteLossGuard), not fail inside Normal.
@@ -300,7 +182,7 @@ class SCALEVAE(BaseModuleClass):
             MODULE_KEYS.QZV_KEY: qz_v,
             MODULE_KEYS.Z_KEY: z,
             MODULE_KEYS.LIBRARY_KEY: library,
-            X_BINARIZED_KEY: x,
+            MODULE_KEYS.X_BINARIZED_KEY: x,
         }
 
     @auto_move_data
@@ -314,44 +196,73 @@ class SCALEVAE(BaseModuleClass):
     ) -> dict[str, torch.Tensor]:
         """Decode ``z`` into Bernoulli logits of every peak (key ``"px"``).
 
-        With ``library`` (log depth) and ``depth_offset``, the logits are those of a cell of
-        that depth; without it, those of a cell of the training data's mean depth.
+        With ``library`` (the depth offset of :meth:`depth_logit_offset`), the logits are
+        those of a cell of that depth; without it, those of a cell of the training data's
+        mean depth.
         """
         logits = self.decoder(z, *self._cat_list(batch_index, cat_covs), cont=cont_covs)
-        offset = self._depth_logit_offset(library)
+        offset = library if library is not None else 0.0
         if isinstance(offset, torch.Tensor):
             # in place: one pass less over the (B, P) logits; nothing saved them for backward
             logits = logits.add_(offset) if logits.dtype == offset.dtype else logits + offset
         return {MODULE_KEYS.PX_KEY: logits}
 
     def _log_likelihood_fn(self, x: torch.Tensor, tensors: dict[str, torch.Tensor]):
-        covs = self._covariates(tensors)
-        cats = self._cat_list(covs[MODULE_KEYS.BATCH_INDEX_KEY], covs[MODULE_KEYS.CAT_COVS_KEY])
-        cont = covs[MODULE_KEYS.CONT_COVS_KEY]
-
-        offset = self._depth_logit_offset(self._log_depth(x))
+        cats, cont = self._decoder_covariates(tensors, x.device)
+        offset = self.depth_logit_offset(x)
 
         def log_likelihood(z: torch.Tensor) -> torch.Tensor:
             return bernoulli_log_likelihood(self.decoder(z, *cats, cont=cont) + offset, x)
 
         return log_likelihood
 
-    @torch.no_grad()
-    def init_decoder_bias(self, open_fraction: torch.Tensor, mean_depth: float) -> None:
-        """Start the decoder at each peak's observed open fraction.
+    # ------------------------------------------------------------------ interface
+    @classmethod
+    def input_arguments(
+        cls, n_features: Mapping[str, int], modality_flags: Sequence | None = None
+    ) -> dict:
+        """Constructor arguments for the registered features: ``n_input`` peaks."""
+        return {"n_input": n_features[ATAC]}
 
-        Sets the output bias to ``logit(open_fraction)`` so that training does not spend
-        its first hundreds of steps learning the overall sparsity of the data, and records
-        the mean number of open peaks per cell (the reference of the depth offset).
-        """
-        self.log_mean_depth.fill_(float(np.log(max(mean_depth, 1.0))))
-        bias = self.decoder.output.fc_layers[0][0].bias
-        frac = torch.as_tensor(open_fraction, dtype=bias.dtype, device=bias.device)
-        bias.copy_(torch.logit(frac.clamp(1e-4, 1 - 1e-4)))
+    def registry_key(self, modality: str) -> str:
+        """Registry key of the peak matrix (``modality="atac"``)."""
+        self.check_modality(modality)
+        return REGISTRY_KEYS.X_KEY
 
-    def cluster_probabilities(self, qz_m: torch.Tensor) -> torch.Tensor:
-        """``p(c | z)`` at the posterior mean, shape ``(B, K)``."""
-        return self.prior.responsibilities(qz_m)
+    def init_from_data(self, matrices: Mapping[str, object]) -> None:
+        """Decoder bias ``logit(open fraction)`` of each peak, from ``matrices["atac"]``."""
+        self._init_bernoulli_decoder(self.decoder, open_fraction(matrices[ATAC]))
+
+    def latent_moments(
+        self,
+        inference_outputs: Mapping,
+        modality: Modality = "joint",
+        joint_mean: Literal["mixture", "precision"] = "mixture",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of ``q(z|x)`` (``"joint"`` and ``"atac"`` are the same)."""
+        self.check_modality(modality)
+        return inference_outputs[MODULE_KEYS.QZM_KEY], inference_outputs[MODULE_KEYS.QZV_KEY]
+
+    def aggregate_posterior_components(
+        self, inference_outputs: Mapping
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of each cell's ``q(z|x)``."""
+        return self.latent_moments(inference_outputs, JOINT)
+
+    def decode(
+        self,
+        z: torch.Tensor,
+        modality: str = ATAC,
+        batch_index: torch.Tensor | None = None,
+        cont_covs: torch.Tensor | None = None,
+        cat_covs: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Probability that each peak is open at ``z``, for a cell of the mean depth."""
+        self.check_modality(modality)
+        logits = self.generative(
+            z, batch_index=batch_index, cont_covs=cont_covs, cat_covs=cat_covs
+        )
+        return torch.sigmoid(logits[MODULE_KEYS.PX_KEY])
 
     def loss(
         self,
@@ -385,9 +296,9 @@ class SCALEVAE(BaseModuleClass):
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}.")
         qz_m = inference_outputs[MODULE_KEYS.QZM_KEY]
         qz_v = inference_outputs[MODULE_KEYS.QZV_KEY]
-        x = inference_outputs.get(X_BINARIZED_KEY)
+        x = inference_outputs.get(MODULE_KEYS.X_BINARIZED_KEY)
         if x is None:
-            x = binarize_for_encoding(tensors[REGISTRY_KEYS.X_KEY].to(qz_m.device))
+            x = binarize(tensors[REGISTRY_KEYS.X_KEY].to(qz_m.device))
 
         if objective == "elbo":
             z = inference_outputs[MODULE_KEYS.Z_KEY]
@@ -451,7 +362,7 @@ class SCALEVAE(BaseModuleClass):
         """
         inference_outputs = self.inference(**self._get_inference_input(tensors))
         qz_m = inference_outputs[MODULE_KEYS.QZM_KEY]
-        x = inference_outputs[X_BINARIZED_KEY]
+        x = inference_outputs[MODULE_KEYS.X_BINARIZED_KEY]
         log_w, _ = importance_log_weights(
             self._log_likelihood_fn(x, tensors),
             self.prior,

@@ -1,15 +1,18 @@
 """Training utilities."""
 
 from ._datasplitter import SparseDataSplitter
+from ._denormal import flush_denormal
 from ._finite_guard import FiniteLossGuard, NonFiniteLossError
 from ._gmm_init import GMMInitCallback, fit_gmm
-from ._optim import FusedAdamW
+from ._optim import FusedAdamW, InPlaceGradient
 
 __all__ = [
     "FiniteLossGuard",
     "FusedAdamW",
     "GMMInitCallback",
+    "InPlaceGradient",
     "NonFiniteLossError",
     "SparseDataSplitter",
     "fit_gmm",
+    "flush_denormal",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 import torch
 from torch.optim.adamw import adamw
@@ -15,6 +16,22 @@ def _contiguous_view(t: torch.Tensor) -> torch.Tensor:
     return t.t() if t.t().is_contiguous() else t
 
 
+class InPlaceGradient(Protocol):
+    """A layer that writes its weight's gradient itself (the encoders' sparse first
+    layers, :class:`~scale_scvi.module.SparseFirstLayer`)."""
+
+    @property
+    def weight(self) -> torch.nn.Parameter:
+        """The parameter whose gradient the layer writes."""
+
+    def zero_grad(self) -> bool:
+        """Zero what the layer wrote into ``weight.grad`` since the last call, in place;
+        return whether that tensor is the layer's own (kept, not freed)."""
+
+    def grad_sq_norm(self) -> torch.Tensor | None:
+        """Squared norm of ``weight.grad`` if the layer knows it, else ``None``."""
+
+
 class FusedAdamW(torch.optim.AdamW):
     """:class:`torch.optim.AdamW` that always runs the fused (single-kernel) update.
 
@@ -24,12 +41,21 @@ class FusedAdamW(torch.optim.AdamW):
     stores its ``(n_hidden, n_peaks)`` weight column-major so that a sparse minibatch can
     gather whole peak rows (see :mod:`scale_scvi.module._components`), and this optimizer
     hands the kernel the contiguous transposed views of such a parameter, its gradient and
-    its moment estimates, which it updates in place.
+    its moment estimates, which it updates in place (measured in ``benchmarks/NOTES.md``:
+    a third of the time of ``torch.optim.AdamW(fused=True)`` on such a weight).
 
     With ``max_grad_norm``, the gradients are clipped to that total norm inside the update:
     the same update as :func:`torch.nn.utils.clip_grad_norm_` followed by the step, but the
     scaling is the fused kernel's ``grad_scale`` instead of a separate pass that multiplies
     every gradient (a pass over the 570 MB first-layer gradient of a 140,000-peak model).
+
+    Layers that write their weight's gradient themselves (``in_place_layers``, see
+    :class:`InPlaceGradient`) give their share of the norm when they know it, and in
+    :meth:`zero_grad` zero what they wrote; their gradient tensor is kept, not freed.
+
+    Moments that decay toward zero (the first-layer weights of peaks absent from recent
+    minibatches) reach the subnormal range, where CPU arithmetic is slow; training handles
+    that with ``torch.set_flush_denormal`` (:func:`~scale_scvi.train.flush_denormal`).
 
     Parameters
     ----------
@@ -40,19 +66,8 @@ class FusedAdamW(torch.optim.AdamW):
     max_grad_norm
         Clip the total gradient norm (over all parameters, as ``clip_grad_norm_`` with the
         2-norm) at this value; ``None`` for no clipping.
-    flush_below
-        Every ``flush_every`` steps, moment estimates smaller than this in absolute value are
-        set to zero; ``None`` never does. A parameter whose gradient stays zero (the
-        first-layer weights of peaks absent from the recent minibatches, the weights of an
-        inactive hidden unit) has its first moment multiplied by ``beta1`` at every step and
-        after several hundred steps reaches the subnormal floating-point range, where CPU
-        arithmetic is many times slower: on 50,000 peaks half of the first layer's moments
-        were subnormal after 1,250 steps and a step took 40 % longer. A moment below
-        ``1e-30`` changes an update by less than ``lr * 1e-30 / eps``; it would need about
-        170 more steps to become subnormal, so checking every 100 steps keeps every moment
-        out of that range.
-    flush_every
-        Steps between two such checks.
+    in_place_layers
+        Layers that write their weight's gradient in place.
     """
 
     def __init__(
@@ -63,36 +78,29 @@ class FusedAdamW(torch.optim.AdamW):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         max_grad_norm: float | None = None,
-        flush_below: float | None = 1e-30,
-        flush_every: int = 100,
+        in_place_layers: Iterable[InPlaceGradient] = (),
     ):
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}.")
-        if flush_below is not None and not flush_below >= 0:
-            raise ValueError(f"flush_below must be >= 0 or None, got {flush_below}.")
-        if not (isinstance(flush_every, int) and flush_every >= 1):
-            raise ValueError(f"flush_every must be an integer >= 1, got {flush_every!r}.")
         super().__init__(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True
         )
         self.max_grad_norm = max_grad_norm
-        self.flush_below = flush_below
-        self.flush_every = flush_every
-        self._steps_taken = 0
+        self.in_place_layers = list(in_place_layers)
 
     def _grad_scale(self) -> torch.Tensor | None:
         """``1 / min(1, max_norm / (total_norm + 1e-6))``, as ``clip_grad_norm_`` computes it."""
         if self.max_grad_norm is None:
             return None
-        norms, grads = [], []
+        known = {}
+        for layer in self.in_place_layers:
+            sq_norm = layer.grad_sq_norm()
+            if sq_norm is not None:
+                known[id(layer.weight)] = sq_norm.sqrt()
+        norms, grads = list(known.values()), []
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                cached = getattr(p, "_grad_sq_norm", None)
-                if cached is not None and cached[1] == p.grad._version:
-                    norms.append(cached[0].sqrt())  # the sparse first layer's, see its backward
-                else:
+                if p.grad is not None and id(p) not in known:
                     grads.append(p.grad)
         norms += list(torch._foreach_norm(grads)) if grads else []
         if not norms:
@@ -102,28 +110,14 @@ class FusedAdamW(torch.optim.AdamW):
         return (1.0 / coef).to(torch.float32)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Reset the gradients; those the encoder writes in place are zeroed, not freed.
-
-        The sparse first layer adds its weight's gradient into ``weight.grad`` directly
-        (:class:`scale_scvi.module._components._SparseInputLinear`); keeping that tensor
-        saves allocating and zero-filling the model's largest tensor at every step.
-        """
-        keep = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and getattr(p, "_grad_written_in_place", False):
-                    keep.append((p, p.grad))
+        """Reset the gradients; those of ``in_place_layers`` are zeroed where those layers
+        wrote, not freed: that saves allocating and zero-filling the model's largest tensor
+        at every step."""
+        keep = [(layer.weight, layer.weight.grad) for layer in self.in_place_layers]
+        keep = [(w, g) for (w, g), layer in zip(keep, self.in_place_layers) if layer.zero_grad()]
         super().zero_grad(set_to_none=set_to_none)
-        for p, grad in keep:
-            rows = getattr(p, "_grad_rows_written", None)
-            if rows is None:
-                grad.zero_()
-            else:  # only the rows the sparse first layer wrote (its minibatches' peaks)
-                grad_t = grad.t()
-                for written in rows:
-                    grad_t.index_fill_(0, written, 0.0)
-            p.grad = grad
-            p._grad_rows_written = []
+        for weight, grad in keep:
+            weight.grad = grad
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -173,30 +167,4 @@ class FusedAdamW(torch.optim.AdamW):
                 maximize=False,
                 grad_scale=grad_scale,
             )
-        self._steps_taken += 1
-        if self.flush_below is not None and self._steps_taken % self.flush_every == 0:
-            self.flush_small_moments()
         return loss
-
-    @torch.no_grad()
-    def flush_small_moments(self, chunk: int = 1 << 22) -> None:
-        """Set every moment estimate with ``|value| < flush_below`` to zero, in place.
-
-        Works through each tensor ``chunk`` elements at a time, so the temporary mask stays
-        small next to the moments of a large first layer.
-        """
-        if self.flush_below is None:
-            return
-        for state in self.state.values():
-            for key in ("exp_avg", "exp_avg_sq"):
-                moment = state.get(key)
-                if moment is None:
-                    continue
-                view = _contiguous_view(moment)
-                if not view.is_contiguous():
-                    view.masked_fill_(view.abs() < self.flush_below, 0.0)
-                    continue
-                flat = view.view(-1)
-                for start in range(0, flat.numel(), chunk):
-                    part = flat[start : start + chunk]
-                    part.masked_fill_(part.abs() < self.flush_below, 0.0)

@@ -1,0 +1,348 @@
+"""What SCALE's modules share, and the interface the model reads them through."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+from scvi import REGISTRY_KEYS
+from scvi.module.base import BaseModuleClass
+
+from ._components import SCALEDecoder, SCALEEncoder, SparseFirstLayer
+from ._constants import JOINT, MODULE_KEYS, Modality
+from ._prior import GaussianMixturePrior
+
+Objective = Literal["elbo", "iwae", "dreg"]
+OBJECTIVES = ("elbo", "iwae", "dreg")
+Normalization = Literal["encoder", "decoder", "none", "both"]
+
+
+def validate_objective(
+    objective: str, n_particles: int, particle_chunk_size: int | None = None
+) -> None:
+    """Raise a ``ValueError`` for an unknown objective or a bad particle setting."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}.")
+    if n_particles < 1:
+        raise ValueError(f"n_particles must be >= 1, got {n_particles}.")
+    if particle_chunk_size is not None and particle_chunk_size < 1:
+        raise ValueError(f"particle_chunk_size must be >= 1 or None, got {particle_chunk_size}.")
+
+
+def allow_missing_depth_offset(module: torch.nn.Module, state_dict: dict, prefix: str) -> None:
+    """Load a state dict saved before the depth offset existed as it was trained.
+
+    Such models (version 0.1.0) have no ``log_mean_depth`` buffer: it is filled with zeros and
+    the module's ``depth_offset`` is turned off.
+    """
+    key = prefix + "log_mean_depth"
+    if key not in state_dict:
+        state_dict[key] = torch.zeros_like(module.log_mean_depth)
+        module.depth_offset = False
+
+
+def allow_missing_batch_norm(module: torch.nn.Module, state_dict: dict, prefix: str) -> None:
+    """Load a state dict saved without the encoder's batch norm as it was trained.
+
+    Models saved before batch norm became the encoders' default (version 0.1.0) have no
+    batch-norm parameters: each batch-norm layer the state dict lacks is replaced by an
+    identity, which is the network those models were trained as.
+    """
+    for name, child in list(module.named_modules()):
+        if not isinstance(child, torch.nn.BatchNorm1d):
+            continue
+        if prefix + name + ".running_mean" in state_dict:
+            continue
+        parent_name, _, child_name = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, child_name, torch.nn.Identity())
+
+
+def log_depth(x: torch.Tensor) -> torch.Tensor:
+    """``log`` of the number of open peaks of each cell (at least 1), shape ``(B,)``.
+
+    ``x`` is the binarized minibatch, dense or sparse CSR (one stored value per open peak).
+    """
+    if x.layout == torch.strided:
+        depth = x.sum(-1)
+    else:
+        depth = torch.diff(x.crow_indices()).to(torch.float32)
+    return depth.clamp_min(1.0).log()
+
+
+class SCALEModuleBase(BaseModuleClass):
+    """Base of SCALE's modules: the shared prior, covariates, depth offset and checkpoints.
+
+    A module computes with a Gaussian-mixture prior ``p(z) = sum_c pi_c N(mu_c, sigma2_c)``
+    (:attr:`prior`) shared by all its modalities, binarized ATAC under a Bernoulli likelihood
+    (dense or sparse CSR minibatches alike), and the covariates of scvi-tools' registry.
+
+    The model (:class:`~scale_scvi.SCALE`) reads every module through this interface and
+    never asks which module it has:
+
+    - :attr:`modalities`: the modalities the module models (``"atac"``, ``"rna"``);
+    - :meth:`input_arguments`: its constructor arguments for the registered data;
+    - :meth:`registry_key`: the registry key of each modality's matrix;
+    - :meth:`init_from_data`: start the decoders at the data's average cell;
+    - :meth:`latent_moments` / :meth:`latent_sample`: the posterior of all modalities
+      (``"joint"``) or of one;
+    - :meth:`posterior_cluster_probabilities`: ``q(c | x)`` from that posterior;
+    - :meth:`aggregate_posterior_components`: the Gaussians whose mixture over cells is the
+      aggregate posterior (the GMM initialization is fitted to them);
+    - :meth:`decode`: a modality's expected normalized output at ``z`` (peak probabilities,
+      gene proportions), and :meth:`observed_library`;
+    - :meth:`in_place_layers`: layers that write their gradients themselves, for the
+      optimizer;
+    - ``loss`` (``objective`` override, ``kl_weight``) and ``marginal_ll``.
+
+    Parameters
+    ----------
+    n_batch
+        Number of batches (0 or 1: none).
+    n_centroids
+        Number of mixture components ``K``.
+    n_latent
+        Latent dimensionality ``D``.
+    n_continuous_cov
+        Number of continuous covariates.
+    n_cats_per_cov
+        Number of categories of each extra categorical covariate.
+    encode_covariates
+        Give the covariates to the encoders too (they always reach the decoders).
+    objective, n_particles, particle_chunk_size
+        The training objective and its importance samples (see the subclasses).
+    min_var
+        Variance floor of the prior components.
+    depth_offset
+        Add ``log(open peaks / mean open peaks)`` of each cell to its ATAC logits, so that
+        sequencing depth is explained by the likelihood and not by the latent (and so not by
+        the clusters). ``False`` is the original SCALE.
+    """
+
+    #: The modalities the module models; set by each subclass.
+    modalities: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        n_batch: int = 0,
+        n_centroids: int = 30,
+        n_latent: int = 10,
+        n_continuous_cov: int = 0,
+        n_cats_per_cov: Iterable[int] | None = None,
+        encode_covariates: bool = True,
+        objective: Objective = "elbo",
+        n_particles: int = 1,
+        particle_chunk_size: int | None = 16,
+        min_var: float = 1e-4,
+        depth_offset: bool = True,
+    ):
+        super().__init__()
+        validate_objective(objective, n_particles, particle_chunk_size)
+        self.n_batch = n_batch
+        self.n_centroids = n_centroids
+        self.n_latent = n_latent
+        self.n_continuous_cov = n_continuous_cov
+        self.cat_list = [n_batch] + list(n_cats_per_cov or [])
+        self.encode_covariates = encode_covariates
+        self.objective = objective
+        self.n_particles = n_particles
+        self.particle_chunk_size = particle_chunk_size
+        self.depth_offset = depth_offset
+        # log of the mean number of open peaks per cell: the reference of the depth offset
+        self.register_buffer("log_mean_depth", torch.zeros(()))
+        self.min_var = min_var
+
+    def _add_prior(self) -> None:
+        """Create the prior; subclasses call it after their networks, so that the networks
+        draw their random initial weights in the same order as in earlier versions."""
+        self.prior = GaussianMixturePrior(self.n_centroids, self.n_latent, min_var=self.min_var)
+
+    # ------------------------------------------------------------------ networks
+    def _make_encoder(
+        self,
+        n_input: int,
+        n_hidden: Sequence[int],
+        dropout_rate: float,
+        use_batch_norm: Normalization,
+        use_layer_norm: Normalization,
+        deeply_inject_covariates: bool,
+        input_dropout: float = 0.0,
+    ) -> SCALEEncoder:
+        """An encoder ``x -> q(z|x)`` of ``n_input`` features with the module's covariates."""
+        return SCALEEncoder(
+            n_input=n_input,
+            n_output=self.n_latent,
+            n_hidden=tuple(n_hidden),
+            n_cat_list=self.cat_list if self.encode_covariates else None,
+            n_cont=self.n_continuous_cov if self.encode_covariates else 0,
+            dropout_rate=dropout_rate,
+            use_batch_norm=use_batch_norm in ("encoder", "both"),
+            use_layer_norm=use_layer_norm in ("encoder", "both"),
+            deep_inject_covariates=deeply_inject_covariates,
+            input_dropout=input_dropout,
+        )
+
+    def _make_decoder(
+        self,
+        n_output: int,
+        n_hidden: Sequence[int],
+        use_batch_norm: Normalization,
+        use_layer_norm: Normalization,
+    ) -> SCALEDecoder:
+        """A decoder ``z -> n_output`` values with the module's covariates."""
+        return SCALEDecoder(
+            n_input=self.n_latent,
+            n_output=n_output,
+            n_hidden=tuple(n_hidden),
+            n_cat_list=self.cat_list,
+            n_cont=self.n_continuous_cov,
+            use_batch_norm=use_batch_norm in ("decoder", "both"),
+            use_layer_norm=use_layer_norm in ("decoder", "both"),
+        )
+
+    def in_place_layers(self) -> list[SparseFirstLayer]:
+        """The encoders' sparse first layers (they write their weight gradients in place)."""
+        return [m.first_layer for m in self.modules() if isinstance(m, SCALEEncoder)]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        allow_missing_depth_offset(self, state_dict, prefix)
+        allow_missing_batch_norm(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # ------------------------------------------------------------------ covariates
+    @staticmethod
+    def covariates(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        """The covariates of a minibatch, under the modules' argument names."""
+        return {
+            MODULE_KEYS.BATCH_INDEX_KEY: tensors.get(REGISTRY_KEYS.BATCH_KEY),
+            MODULE_KEYS.CONT_COVS_KEY: tensors.get(REGISTRY_KEYS.CONT_COVS_KEY),
+            MODULE_KEYS.CAT_COVS_KEY: tensors.get(REGISTRY_KEYS.CAT_COVS_KEY),
+        }
+
+    @staticmethod
+    def _cat_list(batch_index, cat_covs) -> list[torch.Tensor]:
+        cats = [batch_index] if batch_index is not None else []
+        if cat_covs is not None:
+            cats += list(torch.split(cat_covs, 1, dim=1))
+        return cats
+
+    def _encoder_covariates(self, batch_index, cat_covs, cont_covs):
+        """``(categorical list, continuous)`` for the encoders (none without
+        ``encode_covariates``)."""
+        if not self.encode_covariates:
+            return [], None
+        return self._cat_list(batch_index, cat_covs), cont_covs
+
+    def _decoder_covariates(self, tensors: Mapping[str, torch.Tensor], device: torch.device):
+        """``(categorical list, continuous)`` of a minibatch for the decoders, on ``device``."""
+        covs = self.covariates(tensors)
+        cats = self._cat_list(covs[MODULE_KEYS.BATCH_INDEX_KEY], covs[MODULE_KEYS.CAT_COVS_KEY])
+        cont = covs[MODULE_KEYS.CONT_COVS_KEY]
+        return [c.to(device) for c in cats], (cont.to(device) if cont is not None else None)
+
+    # ------------------------------------------------------------------ ATAC
+    def depth_logit_offset(self, x_atac: torch.Tensor | None) -> torch.Tensor | float:
+        """ATAC logit offset ``log(open peaks) - log(mean open peaks)`` per cell, ``(B, 1)``.
+
+        ``x_atac`` is the binarized minibatch (dense or CSR); ``0.0`` without it or with
+        ``depth_offset=False``, i.e. the logits of a cell of the training data's mean depth.
+        """
+        if not self.depth_offset or x_atac is None:
+            return 0.0
+        return (log_depth(x_atac) - self.log_mean_depth).unsqueeze(-1)
+
+    @torch.no_grad()
+    def _init_bernoulli_decoder(self, decoder: SCALEDecoder, open_fraction) -> None:
+        """Output bias ``logit(open fraction)`` of each peak; the mean number of open peaks
+        per cell becomes the reference of the depth offset."""
+        frac = np.asarray(open_fraction, dtype=np.float64)
+        self.log_mean_depth.fill_(float(np.log(max(frac.sum(), 1.0))))
+        bias = decoder.output.fc_layers[0][0].bias
+        frac_t = torch.as_tensor(frac, dtype=bias.dtype, device=bias.device)
+        bias.copy_(torch.logit(frac_t.clamp(1e-4, 1 - 1e-4)))
+
+    # ------------------------------------------------------------------ interface
+    @classmethod
+    def input_arguments(
+        cls, n_features: Mapping[str, int], modality_flags: Sequence | None = None
+    ) -> dict:
+        """Constructor arguments that say what the module models, from the number of
+        features of each registered modality (and the modality flags' categories)."""
+        raise NotImplementedError
+
+    def registry_key(self, modality: str) -> str:
+        """Registry key of the matrix of ``modality``."""
+        raise NotImplementedError
+
+    def init_from_data(self, matrices: Mapping[str, object]) -> None:
+        """Start the decoders at the data's average cell, given each modality's matrix.
+
+        So that training does not spend its first hundreds of steps learning the overall
+        sparsity of the data.
+        """
+        raise NotImplementedError
+
+    def check_modality(self, modality: str) -> None:
+        """Raise a ``ValueError`` unless ``modality`` is ``"joint"`` or one the module has."""
+        if modality != JOINT and modality not in self.modalities:
+            choices = ", ".join(repr(m) for m in (JOINT, *self.modalities))
+            raise ValueError(
+                f"modality={modality!r} is not a modality of this model ({choices}); a model "
+                "of RNA and ATAC is set up with SCALE.setup_mudata."
+            )
+
+    def latent_moments(
+        self,
+        inference_outputs: Mapping,
+        modality: Modality = "joint",
+        joint_mean: Literal["mixture", "precision"] = "mixture",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of the posterior of all modalities (``"joint"``) or of one.
+
+        ``joint_mean`` chooses the summary of a posterior over several modalities (see
+        :class:`~scale_scvi.module.MultiSCALEVAE`); with one modality both are the same.
+        """
+        raise NotImplementedError
+
+    def latent_sample(self, inference_outputs: Mapping, modality: Modality = "joint"):
+        """One sample of that posterior per cell."""
+        if modality == JOINT:
+            return inference_outputs[MODULE_KEYS.Z_KEY]
+        qz_m, qz_v = self.latent_moments(inference_outputs, modality)
+        return qz_m + qz_v.sqrt() * torch.randn_like(qz_m)
+
+    def cluster_probabilities(self, qz_m: torch.Tensor) -> torch.Tensor:
+        """``p(c | z)`` at a posterior mean, shape ``(B, K)``."""
+        return self.prior.responsibilities(qz_m)
+
+    def posterior_cluster_probabilities(
+        self, inference_outputs: Mapping, modality: Modality = "joint"
+    ) -> torch.Tensor:
+        """``q(c | x)``: ``p(c | z)`` at the mean of that posterior, shape ``(B, K)``."""
+        return self.cluster_probabilities(self.latent_moments(inference_outputs, modality)[0])
+
+    def aggregate_posterior_components(
+        self, inference_outputs: Mapping
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Means and variances (``(N, D)``) of the Gaussians of the aggregate posterior."""
+        raise NotImplementedError
+
+    def decode(
+        self,
+        z: torch.Tensor,
+        modality: str,
+        batch_index: torch.Tensor | None = None,
+        cont_covs: torch.Tensor | None = None,
+        cat_covs: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Expected normalized output of ``modality`` at ``z``: the probability that each
+        peak is open (at the mean depth), or each gene's share of the counts."""
+        raise NotImplementedError
+
+    def observed_library(self, tensors: Mapping[str, torch.Tensor], modality: str):
+        """Each cell's total of ``modality``'s matrix, shape ``(B, 1)``."""
+        x = tensors[self.registry_key(modality)]
+        x = x if x.layout == torch.strided else x.to_dense()
+        return x.sum(-1, keepdim=True)
