@@ -138,7 +138,9 @@ def test_sparse_minibatches_agree_with_dense(small_adata):
         for p in module.parameters():
             p.grad = None
         torch.manual_seed(0)
-        _, _, loss = module({REGISTRY_KEYS.X_KEY: batch})
+        _, _, loss = module(
+            {REGISTRY_KEYS.X_KEY: batch, REGISTRY_KEYS.BATCH_KEY: torch.zeros(32, 1)}
+        )
         loss.loss.backward()
         grads.append([loss.loss.detach()] + [p.grad.clone() for p in module.parameters()])
     for a, b in zip(*grads, strict=True):
@@ -251,7 +253,8 @@ def test_depth_offset_explains_depth(small_adata):
     with torch.no_grad():
         batch = torch.zeros(8, 1, dtype=torch.long)
         plain = module.generative(z, batch_index=batch)["px"]
-        shifted = module.generative(z, library=module._log_depth(x), batch_index=batch)["px"]
+        offset = module.depth_logit_offset(x)
+        shifted = module.generative(z, library=offset, batch_index=batch)["px"]
     torch.testing.assert_close(
         shifted - plain, (depth.log() - module.log_mean_depth).unsqueeze(-1).expand(-1, 300)
     )

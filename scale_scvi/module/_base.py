@@ -102,17 +102,38 @@ class SCALEModuleBase(BaseModuleClass):
     n_batch
         Number of batches (0 or 1: none).
     n_centroids
-        Number of mixture components ``K``.
+        Number of mixture components ``K`` of the prior.
     n_latent
         Latent dimensionality ``D``.
+    n_hidden
+        Hidden-layer widths of each encoder.
+    n_hidden_decoder
+        Hidden-layer widths of each decoder; ``()`` gives SCALE's linear decoders.
     n_continuous_cov
         Number of continuous covariates.
     n_cats_per_cov
         Number of categories of each extra categorical covariate.
+    dropout_rate
+        Dropout in the encoders.
+    use_batch_norm
+        Batch normalization of the hidden layers in ``"encoder"`` (default), ``"decoder"``,
+        ``"both"`` or ``"none"``. Without it, most of the encoder's ReLU units stop
+        responding to any cell during training and the clustering is worse (measured in
+        ``benchmarks/NOTES.md``). ``"none"`` is the original SCALE's encoder.
+    use_layer_norm
+        Layer normalization, in ``"encoder"``, ``"decoder"``, ``"both"`` or ``"none"``.
     encode_covariates
         Give the covariates to the encoders too (they always reach the decoders).
-    objective, n_particles, particle_chunk_size
-        The training objective and its importance samples (see the subclasses).
+    deeply_inject_covariates
+        Inject covariates into every hidden layer of the encoders.
+    objective
+        ``"elbo"``, ``"iwae"`` or ``"dreg"`` (the importance-weighted bound with
+        ``n_particles`` samples, with the doubly-reparameterized gradient for ``"dreg"``);
+        what ``"elbo"`` computes differs between the modules (see each).
+    n_particles
+        Number of importance samples (per mixture component of a multimodal posterior).
+    particle_chunk_size
+        Particles decoded at a time in the importance-weighted objectives.
     min_var
         Variance floor of the prior components.
     depth_offset
@@ -129,9 +150,15 @@ class SCALEModuleBase(BaseModuleClass):
         n_batch: int = 0,
         n_centroids: int = 30,
         n_latent: int = 10,
+        n_hidden: Sequence[int] = (1024, 128),
+        n_hidden_decoder: Sequence[int] = (),
         n_continuous_cov: int = 0,
         n_cats_per_cov: Iterable[int] | None = None,
+        dropout_rate: float = 0.0,
+        use_batch_norm: Normalization = "encoder",
+        use_layer_norm: Normalization = "none",
         encode_covariates: bool = True,
+        deeply_inject_covariates: bool = False,
         objective: Objective = "elbo",
         n_particles: int = 1,
         particle_chunk_size: int | None = 16,
@@ -146,6 +173,12 @@ class SCALEModuleBase(BaseModuleClass):
         self.n_continuous_cov = n_continuous_cov
         self.cat_list = [n_batch] + list(n_cats_per_cov or [])
         self.encode_covariates = encode_covariates
+        self.n_hidden = tuple(n_hidden)
+        self.n_hidden_decoder = tuple(n_hidden_decoder)
+        self.dropout_rate = dropout_rate
+        self.use_batch_norm = use_batch_norm
+        self.use_layer_norm = use_layer_norm
+        self.deeply_inject_covariates = deeply_inject_covariates
         self.objective = objective
         self.n_particles = n_particles
         self.particle_chunk_size = particle_chunk_size
@@ -160,46 +193,31 @@ class SCALEModuleBase(BaseModuleClass):
         self.prior = GaussianMixturePrior(self.n_centroids, self.n_latent, min_var=self.min_var)
 
     # ------------------------------------------------------------------ networks
-    def _make_encoder(
-        self,
-        n_input: int,
-        n_hidden: Sequence[int],
-        dropout_rate: float,
-        use_batch_norm: Normalization,
-        use_layer_norm: Normalization,
-        deeply_inject_covariates: bool,
-        input_dropout: float = 0.0,
-    ) -> SCALEEncoder:
+    def _make_encoder(self, n_input: int, input_dropout: float = 0.0) -> SCALEEncoder:
         """An encoder ``x -> q(z|x)`` of ``n_input`` features with the module's covariates."""
         return SCALEEncoder(
             n_input=n_input,
             n_output=self.n_latent,
-            n_hidden=tuple(n_hidden),
+            n_hidden=self.n_hidden,
             n_cat_list=self.cat_list if self.encode_covariates else None,
             n_cont=self.n_continuous_cov if self.encode_covariates else 0,
-            dropout_rate=dropout_rate,
-            use_batch_norm=use_batch_norm in ("encoder", "both"),
-            use_layer_norm=use_layer_norm in ("encoder", "both"),
-            deep_inject_covariates=deeply_inject_covariates,
+            dropout_rate=self.dropout_rate,
+            use_batch_norm=self.use_batch_norm in ("encoder", "both"),
+            use_layer_norm=self.use_layer_norm in ("encoder", "both"),
+            deep_inject_covariates=self.deeply_inject_covariates,
             input_dropout=input_dropout,
         )
 
-    def _make_decoder(
-        self,
-        n_output: int,
-        n_hidden: Sequence[int],
-        use_batch_norm: Normalization,
-        use_layer_norm: Normalization,
-    ) -> SCALEDecoder:
+    def _make_decoder(self, n_output: int) -> SCALEDecoder:
         """A decoder ``z -> n_output`` values with the module's covariates."""
         return SCALEDecoder(
             n_input=self.n_latent,
             n_output=n_output,
-            n_hidden=tuple(n_hidden),
+            n_hidden=self.n_hidden_decoder,
             n_cat_list=self.cat_list,
             n_cont=self.n_continuous_cov,
-            use_batch_norm=use_batch_norm in ("decoder", "both"),
-            use_layer_norm=use_layer_norm in ("decoder", "both"),
+            use_batch_norm=self.use_batch_norm in ("decoder", "both"),
+            use_layer_norm=self.use_layer_norm in ("decoder", "both"),
         )
 
     def in_place_layers(self) -> list[SparseFirstLayer]:
@@ -338,7 +356,16 @@ class SCALEModuleBase(BaseModuleClass):
         cat_covs: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Expected normalized output of ``modality`` at ``z``: the probability that each
-        peak is open (at the mean depth), or each gene's share of the counts."""
+        peak is open (``"atac"``, for a cell of the mean depth), or each gene's share of the
+        counts (``"rna"``)."""
+        if modality not in self.modalities:
+            self.check_modality(modality)
+            raise ValueError(f"modality={modality!r}: decode one modality, not the joint one.")
+        out = self.generative(z, batch_index=batch_index, cont_covs=cont_covs, cat_covs=cat_covs)
+        return self._normalized_output(out, modality)
+
+    def _normalized_output(self, generative_outputs: Mapping, modality: str) -> torch.Tensor:
+        """The normalized output of ``modality`` among the generative outputs."""
         raise NotImplementedError
 
     def observed_library(self, tensors: Mapping[str, torch.Tensor], modality: str):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -11,7 +11,7 @@ from scvi.module.base import LossOutput, auto_move_data
 from torch import nn
 from torch.distributions import Normal
 
-from ._base import Normalization, Objective, SCALEModuleBase
+from ._base import Objective, SCALEModuleBase
 from ._components import binarize, csr_row_indices
 from ._constants import (
     ATAC,
@@ -99,39 +99,9 @@ class MultiSCALEVAE(SCALEModuleBase):
         Number of peaks (0: no ATAC modality).
     n_input_rna
         Number of genes (0: no RNA modality).
-    n_batch
-        Number of batches.
-    n_centroids
-        Number of mixture components ``K`` of the prior.
-    n_latent
-        Latent dimensionality.
-    n_hidden
-        Hidden-layer widths of each encoder.
-    n_hidden_decoder
-        Hidden-layer widths of each decoder; ``()`` gives linear decoders, as in SCALE.
-    n_continuous_cov
-        Number of continuous covariates.
-    n_cats_per_cov
-        Number of categories of each extra categorical covariate.
-    dropout_rate
-        Dropout in the encoders.
-    use_batch_norm, use_layer_norm
-        Normalization in ``"encoder"``, ``"decoder"``, ``"both"`` or ``"none"``; batch norm
-        in the encoders by default, as in :class:`~scale_scvi.module.SCALEVAE`.
-    encode_covariates
-        Give the covariates to the encoders too (they always reach the decoders).
-    deeply_inject_covariates
-        Inject covariates into every hidden layer of the encoders.
-    objective
-        ``"elbo"`` (stratified ELBO), ``"iwae"`` (stratified importance-weighted bound) or
-        ``"dreg"`` (the same bound with doubly-reparameterized gradients).
     posterior
         ``"moe"``: the mixture of the unimodal experts (MMVAE); ``"mopoe"``: that mixture
         and the experts' product as one more component (MoPoE). The same with one modality.
-    n_particles
-        Particles per mixture component ``K``.
-    particle_chunk_size
-        Particles decoded at a time.
     likelihood_scale
         Weight of each modality's log-likelihood in the training objective, e.g.
         ``{"atac": 5.0}`` to let ATAC count more against RNA's larger likelihood. Omitted
@@ -142,58 +112,29 @@ class MultiSCALEVAE(SCALEModuleBase):
         sparse ATAC profile with few open peaks per cell is close to a fingerprint of the
         cell, and its encoder can learn the training cells' latents by heart instead of a map
         that holds for new cells; dropping open peaks in each pass is a regularizer against
-        that (on sci-CAR kidney it did not change clustering beyond the spread between seeds:
-        ``benchmarks/RESULTS.md``).
+        that (measured in ``benchmarks/RESULTS.md``).
     modality_flags
         One row per category of the registered modality flag: which of ``(atac, rna)``
         a cell of that category has. ``None`` when no flag is registered.
-    min_var
-        Variance floor of the prior components.
-    depth_offset
-        Add ``log(open peaks / mean open peaks)`` of each cell to its ATAC logits, so that
-        sequencing depth is explained by the likelihood rather than the latent (as in
-        :class:`~scale_scvi.module.SCALEVAE`).
+    **kwargs
+        The arguments of :class:`~scale_scvi.module.SCALEModuleBase` (``n_centroids``,
+        ``n_latent``, networks, covariates, ``objective``, ...). Here ``objective="elbo"``
+        is the stratified Monte-Carlo ELBO with the exact mixture prior (``n_particles``
+        per component), not :class:`~scale_scvi.module.SCALEVAE`'s closed form: their values
+        are not comparable.
     """
 
     def __init__(
         self,
         n_input_atac: int = 0,
         n_input_rna: int = 0,
-        n_batch: int = 0,
-        n_centroids: int = 30,
-        n_latent: int = 10,
-        n_hidden: Sequence[int] = (1024, 128),
-        n_hidden_decoder: Sequence[int] = (),
-        n_continuous_cov: int = 0,
-        n_cats_per_cov: Iterable[int] | None = None,
-        dropout_rate: float = 0.0,
-        use_batch_norm: Normalization = "encoder",
-        use_layer_norm: Normalization = "none",
-        encode_covariates: bool = True,
-        deeply_inject_covariates: bool = False,
-        objective: Objective = "elbo",
         posterior: Posterior = "moe",
-        n_particles: int = 1,
-        particle_chunk_size: int | None = 16,
         likelihood_scale: Mapping[str, float] | None = None,
         input_dropout: Mapping[str, float] | None = None,
         modality_flags: Sequence[Sequence[bool]] | None = None,
-        min_var: float = 1e-4,
-        depth_offset: bool = True,
+        **kwargs,
     ):
-        super().__init__(
-            n_batch=n_batch,
-            n_centroids=n_centroids,
-            n_latent=n_latent,
-            n_continuous_cov=n_continuous_cov,
-            n_cats_per_cov=n_cats_per_cov,
-            encode_covariates=encode_covariates,
-            objective=objective,
-            n_particles=n_particles,
-            particle_chunk_size=particle_chunk_size,
-            min_var=min_var,
-            depth_offset=depth_offset,
-        )
+        super().__init__(**kwargs)
         if n_input_atac < 0 or n_input_rna < 0 or n_input_atac + n_input_rna == 0:
             raise ValueError(
                 "MultiSCALEVAE needs at least one modality: set n_input_atac and/or n_input_rna "
@@ -240,18 +181,8 @@ class MultiSCALEVAE(SCALEModuleBase):
         self.encoders = nn.ModuleDict()
         self.decoders = nn.ModuleDict()
         for m in self.modalities:
-            self.encoders[m] = self._make_encoder(
-                n_inputs[m],
-                n_hidden,
-                dropout_rate,
-                use_batch_norm,
-                use_layer_norm,
-                deeply_inject_covariates,
-                input_dropout=input_dropout.get(m, 0.0),
-            )
-            self.decoders[m] = self._make_decoder(
-                n_inputs[m], n_hidden_decoder, use_batch_norm, use_layer_norm
-            )
+            self.encoders[m] = self._make_encoder(n_inputs[m], input_dropout.get(m, 0.0))
+            self.decoders[m] = self._make_decoder(n_inputs[m])
         if RNA in self.modalities:
             self.px_r = nn.Parameter(torch.randn(n_input_rna))
         self._add_prior()
@@ -475,23 +406,10 @@ class MultiSCALEVAE(SCALEModuleBase):
                 log_prop = prop.clamp_min(1e-8).log()
                 bias.copy_(log_prop - log_prop.mean())
 
-    def decode(
-        self,
-        z: torch.Tensor,
-        modality: str,
-        batch_index: torch.Tensor | None = None,
-        cont_covs: torch.Tensor | None = None,
-        cat_covs: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Peak probabilities (``"atac"``, at the mean depth) or gene proportions (``"rna"``)
-        at ``z``."""
-        if modality not in self.modalities:
-            self.check_modality(modality)
-            raise ValueError(f"modality={modality!r}: decode one modality, not the joint one.")
-        out = self.generative(z, batch_index=batch_index, cont_covs=cont_covs, cat_covs=cat_covs)
+    def _normalized_output(self, generative_outputs: Mapping, modality: str) -> torch.Tensor:
         if modality == ATAC:
-            return torch.sigmoid(out[K.PX_KEY])
-        return out[K.PX_RNA_SCALE_KEY]
+            return torch.sigmoid(generative_outputs[K.PX_KEY])
+        return generative_outputs[K.PX_RNA_SCALE_KEY]
 
     @auto_move_data
     def generative(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -10,7 +10,7 @@ from scvi import REGISTRY_KEYS
 from scvi.module.base import LossOutput, auto_move_data
 from torch.distributions import Normal
 
-from ._base import OBJECTIVES, Normalization, Objective, SCALEModuleBase
+from ._base import OBJECTIVES, Objective, SCALEModuleBase
 from ._components import binarize
 from ._constants import ATAC, JOINT, MODULE_KEYS, Modality
 from ._feature_stats import open_fraction
@@ -35,90 +35,24 @@ class SCALEVAE(SCALEModuleBase):
     ----------
     n_input
         Number of peaks.
-    n_batch
-        Number of batches (0 or 1: none).
-    n_centroids
-        Number of mixture components ``K``.
-    n_latent
-        Latent dimensionality ``D``.
-    n_hidden
-        Hidden-layer widths of the encoder.
-    n_hidden_decoder
-        Hidden-layer widths of the decoder; ``()`` gives SCALE's linear decoder.
-    n_continuous_cov
-        Number of continuous covariates.
-    n_cats_per_cov
-        Number of categories of each extra categorical covariate.
-    dropout_rate
-        Dropout in the encoder.
-    use_batch_norm
-        Batch normalization of the hidden layers in ``"encoder"`` (default), ``"decoder"``,
-        ``"both"`` or ``"none"``. Without it, most of the encoder's ReLU units stop
-        responding to any cell during training (forebrain, ``train()`` defaults: 668 of 1,024
-        first-layer and 96 of 128 second-layer units inactive at the end) and the clustering
-        is worse (forebrain ARI, k-means, seeds 0 and 2: 0.648 / 0.584 without, 0.668 / 0.662
-        with; ``benchmarks/NOTES.md``). ``"none"`` is the original SCALE's encoder.
-    use_layer_norm
-        Layer normalization, in ``"encoder"``, ``"decoder"``, ``"both"`` or ``"none"``.
-    encode_covariates
-        Give the covariates to the encoder too (they always reach the decoder).
-    deeply_inject_covariates
-        Inject covariates into every hidden layer.
-    objective
-        ``"elbo"`` (closed-form SCALE ELBO), ``"iwae"`` or ``"dreg"`` (importance weighted,
-        ``n_particles`` samples; DReG uses the doubly-reparameterized gradient).
-    n_particles
-        Number of importance samples for ``"iwae"``/``"dreg"``.
-    particle_chunk_size
-        Particles decoded at a time in the importance-weighted objectives.
     gamma_from
         ``q(c|x)`` in the closed-form ELBO: the responsibilities ``p(c|z)`` at the posterior
         ``"mean"`` or at the ``"sample"`` used for the reconstruction (as the original
         SCALE), or ``"expected"``: the exact optimum ``softmax_c(log pi_c +
         E_q(z|x)[log N(z; mu_c, sigma2_c)])`` of the mean-field ELBO.
-    min_var
-        Variance floor of the prior components.
-    depth_offset
-        Add ``log(depth / mean depth)`` to the decoder's logits, where depth is the number of
-        open peaks of the cell, so that sequencing depth is explained by the likelihood and
-        not by the latent (and so not by the clusters). ``False`` is the original SCALE.
+    **kwargs
+        The arguments of :class:`~scale_scvi.module.SCALEModuleBase` (``n_centroids``,
+        ``n_latent``, networks, covariates, ``objective``, ...). Here ``objective="elbo"``
+        is SCALE's closed-form ELBO (the KL to the mixture through ``q(c|x)``).
     """
 
     def __init__(
         self,
         n_input: int,
-        n_batch: int = 0,
-        n_centroids: int = 30,
-        n_latent: int = 10,
-        n_hidden: Sequence[int] = (1024, 128),
-        n_hidden_decoder: Sequence[int] = (),
-        n_continuous_cov: int = 0,
-        n_cats_per_cov: Iterable[int] | None = None,
-        dropout_rate: float = 0.0,
-        use_batch_norm: Normalization = "encoder",
-        use_layer_norm: Normalization = "none",
-        encode_covariates: bool = True,
-        deeply_inject_covariates: bool = False,
-        objective: Objective = "elbo",
-        n_particles: int = 1,
-        particle_chunk_size: int | None = 16,
         gamma_from: Literal["mean", "sample", "expected"] = "mean",
-        min_var: float = 1e-4,
-        depth_offset: bool = True,
+        **kwargs,
     ):
-        super().__init__(
-            n_batch=n_batch,
-            n_centroids=n_centroids,
-            n_latent=n_latent,
-            n_continuous_cov=n_continuous_cov,
-            n_cats_per_cov=n_cats_per_cov,
-            encode_covariates=encode_covariates,
-            objective=objective,
-            n_particles=n_particles,
-            particle_chunk_size=particle_chunk_size,
-            min_var=min_var,
-            depth_offset=depth_offset,
-        )
+        super().__init__(**kwargs)
         if gamma_from not in ("mean", "sample", "expected"):
             raise ValueError(
                 f"gamma_from must be 'mean', 'sample' or 'expected', got {gamma_from!r}."
@@ -126,17 +60,8 @@ class SCALEVAE(SCALEModuleBase):
         self.n_input = n_input
         self.modalities = (ATAC,)
         self.gamma_from = gamma_from
-        self.z_encoder = self._make_encoder(
-            n_input,
-            n_hidden,
-            dropout_rate,
-            use_batch_norm,
-            use_layer_norm,
-            deeply_inject_covariates,
-        )
-        self.decoder = self._make_decoder(
-            n_input, n_hidden_decoder, use_batch_norm, use_layer_norm
-        )
+        self.z_encoder = self._make_encoder(n_input)
+        self.decoder = self._make_decoder(n_input)
         self._add_prior()
 
     # ------------------------------------------------------------------ inputs
@@ -249,20 +174,8 @@ class SCALEVAE(SCALEModuleBase):
         """Mean and variance of each cell's ``q(z|x)``."""
         return self.latent_moments(inference_outputs, JOINT)
 
-    def decode(
-        self,
-        z: torch.Tensor,
-        modality: str = ATAC,
-        batch_index: torch.Tensor | None = None,
-        cont_covs: torch.Tensor | None = None,
-        cat_covs: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Probability that each peak is open at ``z``, for a cell of the mean depth."""
-        self.check_modality(modality)
-        logits = self.generative(
-            z, batch_index=batch_index, cont_covs=cont_covs, cat_covs=cat_covs
-        )
-        return torch.sigmoid(logits[MODULE_KEYS.PX_KEY])
+    def _normalized_output(self, generative_outputs: Mapping, modality: str) -> torch.Tensor:
+        return torch.sigmoid(generative_outputs[MODULE_KEYS.PX_KEY])
 
     def loss(
         self,
