@@ -279,6 +279,10 @@ class SCALE(MuDataSetupMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, 
     ):
         """Train the model with scvi-tools' training plan and Lightning trainer.
 
+        The defaults were chosen by the measurements in ``benchmarks/NOTES.md`` (section
+        "Training defaults"). Training runs with ``torch.set_flush_denormal(True)``
+        (:func:`~scale_scvi.train.flush_denormal`), restored when it ends or fails.
+
         The Gaussian mixture of the prior is fitted on the posterior means at the start of
         epoch ``gmm_init_epoch`` by a callback; nothing needs to be done by hand.
 
@@ -286,26 +290,22 @@ class SCALE(MuDataSetupMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, 
         ----------
         max_epochs
             Passes through the data. Default: ``clip(150_000 / n_cells, 10, 400)``, about
-            150,000 cell updates in all (forebrain, 1,043 cells, peaks open in >= 3 % of
-            cells, batch 128: ARI 0.43 after 57 epochs, 0.51 after 150).
+            150,000 cell updates in all.
         lr
-            Learning rate (forebrain, 3 % peaks, 57 epochs: ARI 0.17 at 1e-3, 0.33 at 3e-3)
-            of AdamW (:class:`~scale_scvi.train.FusedAdamW`, torch's AdamW on
+            Learning rate of AdamW (:class:`~scale_scvi.train.FusedAdamW`, torch's AdamW on
             its fused kernel).
         weight_decay
             Weight decay of AdamW.
         batch_size
             Minibatch size. 32 (as in the original SCALE) gives four times the optimizer steps
-            of scvi-tools' 128 for the same epochs, which small datasets need (forebrain, peaks
-            open in >= 2 % of cells, 143 epochs, seed 0: ARI 0.66 at 32 against 0.56 at 128,
-            0.54 at 128 with 300 epochs, and 0.62 at 16; over three seeds 0.64 at 32). Raise it
-            for large datasets, especially on a GPU.
+            of scvi-tools' 128 for the same epochs, which small datasets need. Raise it for
+            large datasets, especially on a GPU.
         eps
             Adam's epsilon (scvi-tools' default of 0.01 is tuned for scVI, not for SCALE).
         gradient_clip_val
             Clip the total gradient norm at this value (``None`` to disable), inside the
-            optimizer's fused update (:class:`~scale_scvi.train.FusedAdamW`); with
-            ``gradient_clip_algorithm`` among the trainer arguments, Lightning clips instead.
+            optimizer's fused update (:class:`~scale_scvi.train.FusedAdamW`). Lightning's own
+            clipping (``gradient_clip_algorithm``) is not used.
         n_epochs_kl_warmup
             Epochs over which the KL weight rises from 0 to 1. Default: a quarter of
             ``max_epochs``.
@@ -316,22 +316,18 @@ class SCALE(MuDataSetupMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, 
         gmm_init_method
             How that mixture is fitted (:func:`~scale_scvi.train.fit_gmm`): ``"kmeans"``
             reads it off a k-means partition of the posterior means; ``"em"`` runs EM on a
-            diagonal Gaussian mixture from there, which moves the partition away from the
-            cell types (forebrain, peaks open in >= 2 % of cells, end of the warm-up: ARI 0.56
-            for the k-means partition, 0.43 after EM). Over five seeds (encoder without
-            batch norm), k-means gives ARI (k-means on the final latent) 0.58-0.66, mean 0.64,
-            against 0.54-0.66, mean 0.63 with EM, and ARI of the cluster assignments
-            0.51-0.61, mean 0.58, against 0.46-0.54, mean 0.51.
+            diagonal Gaussian mixture from there, which moved the partition away from the
+            cell types in the measurements of ``benchmarks/NOTES.md``.
         train_size, validation_size
             Fractions of cells for training and validation (default: all for training).
         early_stopping
             Stop when the validation ELBO stops improving (needs ``train_size < 1``).
         load_sparse_tensor
-            Load minibatches of a sparse matrix as sparse (CSR) tensors and compute with them
-            as they are: no dense ``(batch, peaks)`` minibatch is ever built. ``None``
-            (default): yes when training on the CPU (the same model as with dense
-            minibatches, faster: 3.6 against 4.0 s per forebrain epoch at one thread), no on a
-            GPU, where sparse-dense products are not deterministic.
+            The layout of the training minibatches, decided here only: ``True`` hands every
+            data matrix to the module as sparse (CSR) tensors (no dense ``(batch, peaks)``
+            minibatch is ever built; dense storage is converted per minibatch), ``False`` as
+            dense tensors. ``None`` (default): ``True`` when training on the CPU (faster),
+            ``False`` on a GPU, where sparse-dense products are not deterministic.
         accelerator, devices
             Lightning accelerator and devices; ``strategy="ddp_find_unused_parameters_true"``
             with ``devices > 1`` trains on several processes.
@@ -354,9 +350,12 @@ class SCALE(MuDataSetupMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, 
             raise ValueError(
                 f"gmm_init_epoch={gmm_init_epoch} must be in [0, max_epochs={max_epochs})."
             )
-        # Norm clipping runs inside the optimizer's fused update; Lightning clips only when
-        # asked for another algorithm ("value").
-        clip_in_optimizer = "gradient_clip_algorithm" not in trainer_kwargs
+        if "gradient_clip_algorithm" in trainer_kwargs:
+            raise ValueError(
+                "gradient_clip_algorithm is not supported: gradient_clip_val always clips the "
+                "total gradient norm, inside the optimizer's fused update. Drop "
+                "gradient_clip_algorithm (and set gradient_clip_val=None for no clipping)."
+            )
         plan_kwargs = dict(plan_kwargs or {})
         plan_kwargs.update(
             {
@@ -366,7 +365,7 @@ class SCALE(MuDataSetupMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, 
                     lr=lr,
                     eps=eps,
                     weight_decay=weight_decay,
-                    max_grad_norm=gradient_clip_val if clip_in_optimizer else None,
+                    max_grad_norm=gradient_clip_val,
                     in_place_layers=self.module.in_place_layers(),
                 ),
                 "lr": lr,
@@ -395,8 +394,6 @@ class SCALE(MuDataSetupMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, 
         datasplitter_kwargs = self._drop_lone_last_cell(
             datasplitter_kwargs, train_size, batch_size
         )
-        if gradient_clip_val is not None and not clip_in_optimizer:
-            trainer_kwargs.setdefault("gradient_clip_val", gradient_clip_val)
         with flush_denormal():
             return super().train(
                 max_epochs=max_epochs,
