@@ -782,14 +782,23 @@ class SCALE(MuDataSetupMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, 
         return_mean: bool = True,
         **kwargs,
     ) -> float | torch.Tensor:
-        """The ELBO of SCALE, with scvi-tools' sign convention: the bound itself, higher is better.
+        """The ELBO, with scvi-tools' sign convention: the bound itself, higher is better.
 
-        Whatever the training objective, this is the closed-form ELBO of the GMM-prior model
-        with the module's ``q(c|x)`` (``gamma_from``), its reconstruction term estimated with
-        one sample of ``q(z|x)``; not the importance-weighted bound. It is a lower bound on
-        ``log p(x)`` and, in expectation, at most :meth:`get_marginal_ll`, which estimates
-        ``log p(x)`` itself. (The ``elbo_train``/``elbo_validation`` columns of ``history`` are
-        the opposite: losses, lower is better.) See the math page of the documentation.
+        Whatever the training objective, this is the module's ``objective="elbo"`` bound, a
+        lower bound on ``log p(x)`` and, in expectation, at most :meth:`get_marginal_ll`,
+        which estimates ``log p(x)`` itself. What it computes depends on the module:
+
+        - ATAC alone (:class:`~scale_scvi.module.SCALEVAE`): SCALE's closed-form ELBO of the
+          GMM-prior model with the module's ``q(c|x)`` (``gamma_from``), its reconstruction
+          term estimated with one sample of ``q(z|x)``.
+        - RNA and/or ATAC in a MuData (:class:`~scale_scvi.module.MultiSCALEVAE`): the
+          stratified Monte-Carlo ELBO of the mixture-of-experts posterior with the exact
+          mixture prior (``n_particles`` samples per component), with the training
+          objective's ``likelihood_scale`` weights.
+
+        The two are different estimators: compare values only between models of the same
+        module. (The ``elbo_train``/``elbo_validation`` columns of ``history`` are the
+        opposite: losses, lower is better.) See the math page of the documentation.
 
         Parameters
         ----------

@@ -8,7 +8,7 @@ from typing import Literal
 import numpy as np
 import torch
 from scvi import REGISTRY_KEYS
-from scvi.module.base import BaseModuleClass
+from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 
 from ._components import SCALEDecoder, SCALEEncoder, SparseFirstLayer
 from ._constants import JOINT, MODULE_KEYS, Modality
@@ -319,9 +319,27 @@ class SCALEModuleBase(BaseModuleClass):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and variance of the posterior of all modalities (``"joint"``) or of one.
 
-        ``joint_mean`` chooses the summary of a posterior over several modalities (see
-        :class:`~scale_scvi.module.MultiSCALEVAE`); with one modality both are the same.
+        ``joint_mean`` chooses the summary of a posterior over several modalities:
+        ``"mixture"``, its own moments, or ``"precision"``, those of the normalized product
+        of the experts (see :class:`~scale_scvi.module.MultiSCALEVAE`); with one modality
+        both are the same.
         """
+        self.check_modality(modality)
+        if joint_mean not in ("mixture", "precision"):
+            raise ValueError(
+                f"joint_mean={joint_mean!r} is not one of 'mixture' (the mixture of experts' "
+                "mean) and 'precision' (the precision-weighted product of the experts)."
+            )
+        if modality == JOINT:
+            return self._joint_moments(inference_outputs, joint_mean)
+        return self._expert_moments(inference_outputs, modality)
+
+    def _joint_moments(self, inference_outputs: Mapping, joint_mean: str):
+        """Moments of the posterior of all modalities (see :meth:`latent_moments`)."""
+        raise NotImplementedError
+
+    def _expert_moments(self, inference_outputs: Mapping, modality: str):
+        """Moments of one modality's posterior (see :meth:`latent_moments`)."""
         raise NotImplementedError
 
     def latent_sample(self, inference_outputs: Mapping, modality: Modality = "joint"):
@@ -366,6 +384,110 @@ class SCALEModuleBase(BaseModuleClass):
 
     def _normalized_output(self, generative_outputs: Mapping, modality: str) -> torch.Tensor:
         """The normalized output of ``modality`` among the generative outputs."""
+        raise NotImplementedError
+
+    @auto_move_data
+    def generative(
+        self,
+        z: torch.Tensor,
+        library: torch.Tensor | None = None,
+        batch_index: torch.Tensor | None = None,
+        cont_covs: torch.Tensor | None = None,
+        cat_covs: torch.Tensor | None = None,
+    ) -> dict:
+        """Decode ``z`` (``(..., B, D)``) into the parameters of each modality's likelihood.
+
+        ATAC: Bernoulli logits of every peak under ``"px"``, those of a cell of depth
+        ``library`` (see the subclass) or, without it, of the training data's mean depth.
+        RNA: gene proportions under ``"px_rna_scale"`` and, with the library size, the
+        negative binomial under ``"px_rna"``.
+        """
+        return self._decode(z, library, self._cat_list(batch_index, cat_covs), cont_covs)
+
+    def _decode(self, z, library, cats: list, cont) -> dict:
+        """:meth:`generative` with the categorical covariates as a list."""
+        raise NotImplementedError
+
+    def loss(
+        self,
+        tensors: dict[str, torch.Tensor],
+        inference_outputs: dict,
+        generative_outputs: dict,
+        kl_weight: float = 1.0,
+        objective: Objective | None = None,
+    ) -> LossOutput:
+        """The negative training objective, averaged over the minibatch.
+
+        ``reconstruction_loss`` and ``kl_local`` are per cell and sum to the negative bound
+        (what each is for each objective: see the subclass).
+
+        Parameters
+        ----------
+        tensors, inference_outputs, generative_outputs
+            As produced by :meth:`forward`.
+        kl_weight
+            KL warm-up weight ``beta``: the ELBO's KL term, or ``log p(z) - log q(z|x)`` in
+            the importance weights, is multiplied by it.
+        objective
+            Override of the module's objective, e.g. ``"elbo"`` to evaluate the ELBO of a
+            model trained with ``"iwae"``.
+        """
+        objective = objective or self.objective
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}.")
+        return self._loss(tensors, inference_outputs, generative_outputs, kl_weight, objective)
+
+    def _loss(self, tensors, inference_outputs, generative_outputs, kl_weight, objective):
+        """:meth:`loss` for a validated ``objective``."""
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def marginal_ll(
+        self,
+        tensors: dict[str, torch.Tensor],
+        n_mc_samples: int = 100,
+        return_mean: bool = False,
+        n_mc_samples_per_pass: int | None = None,
+    ) -> torch.Tensor | float:
+        """Importance-sampled estimate of ``log p(x)`` (higher is better).
+
+        ``log p(x) ~= log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x)``, ``z_k ~ q(z|x)``, with the
+        exact mixture density ``p(z)``: the IWAE bound with ``K = n_mc_samples``. Its
+        expectation is a lower bound on ``log p(x)`` that never decreases with ``K`` and
+        converges to ``log p(x)``; with ``K = 1`` it is a one-sample ELBO. For a posterior
+        over several modalities, ``K`` particles are drawn from each mixture component the
+        cell has (stratified), and the likelihood is that of the unweighted model
+        (``likelihood_scale`` is ignored). Decoding runs ``n_mc_samples_per_pass`` particles
+        at a time, so memory does not grow with ``K``.
+
+        Parameters
+        ----------
+        tensors
+            A minibatch from the model's data loader.
+        n_mc_samples
+            Number of importance samples ``K`` (per mixture component).
+        return_mean
+            Return the mean over the minibatch instead of one value per cell.
+        n_mc_samples_per_pass
+            Samples decoded at a time (memory); defaults to ``particle_chunk_size``.
+
+        Returns
+        -------
+        ``log p(x)`` estimates of shape ``(B,)``, or their mean as a float.
+        """
+        inference_outputs = self.inference(**self._get_inference_input(tensors))
+        log_px = self._log_marginal(
+            tensors,
+            inference_outputs,
+            n_mc_samples,
+            n_mc_samples_per_pass or self.particle_chunk_size,
+        )
+        return log_px.mean().item() if return_mean else log_px
+
+    def _log_marginal(
+        self, tensors, inference_outputs, n_particles: int, chunk_size: int | None
+    ) -> torch.Tensor:
+        """The per-cell estimate of :meth:`marginal_ll`, shape ``(B,)``."""
         raise NotImplementedError
 
     def observed_library(self, tensors: Mapping[str, torch.Tensor], modality: str):

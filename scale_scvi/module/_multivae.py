@@ -11,7 +11,7 @@ from scvi.module.base import LossOutput, auto_move_data
 from torch import nn
 from torch.distributions import Normal
 
-from ._base import Objective, SCALEModuleBase
+from ._base import SCALEModuleBase
 from ._components import binarize, csr_row_indices
 from ._constants import (
     ATAC,
@@ -307,29 +307,15 @@ class MultiSCALEVAE(SCALEModuleBase):
             outputs[K.LIBRARY_KEY] = _dense(x_rna).sum(-1, keepdim=True)
         return outputs
 
-    def latent_moments(
-        self,
-        inference_outputs: Mapping,
-        modality: Modality = "joint",
-        joint_mean: Literal["mixture", "precision"] = "mixture",
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and variance of the mixture (``"joint"``) or of one modality's expert.
-
-        For ``"joint"``, ``joint_mean="mixture"`` gives the mixture's own moments, and
-        ``"precision"`` those of :meth:`precision_weighted_moments`.
-        """
-        self.check_modality(modality)
-        if joint_mean not in ("mixture", "precision"):
-            raise ValueError(
-                f"joint_mean={joint_mean!r} is not one of 'mixture' (the mixture of experts' "
-                "mean) and 'precision' (the precision-weighted product of the experts)."
-            )
-        if modality != JOINT:
-            key_m, key_v = expert_keys(modality)
-            return inference_outputs[key_m], inference_outputs[key_v]
+    def _joint_moments(self, inference_outputs: Mapping, joint_mean: str):
+        """The mixture's own moments, or those of :meth:`precision_weighted_moments`."""
         if joint_mean == "precision":
             return self.precision_weighted_moments(inference_outputs)
         return inference_outputs[K.QZM_KEY], inference_outputs[K.QZV_KEY]
+
+    def _expert_moments(self, inference_outputs: Mapping, modality: str):
+        key_m, key_v = expert_keys(modality)
+        return inference_outputs[key_m], inference_outputs[key_v]
 
     def precision_weighted_moments(
         self, inference_outputs: Mapping
@@ -411,22 +397,13 @@ class MultiSCALEVAE(SCALEModuleBase):
             return torch.sigmoid(generative_outputs[K.PX_KEY])
         return generative_outputs[K.PX_RNA_SCALE_KEY]
 
-    @auto_move_data
-    def generative(
-        self,
-        z: torch.Tensor,
-        library: torch.Tensor | None = None,
-        batch_index: torch.Tensor | None = None,
-        cont_covs: torch.Tensor | None = None,
-        cat_covs: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor | NegativeBinomial]:
-        """Decode ``z``: ATAC logits under ``"px"``; RNA proportions and NB under ``"px_rna*"``."""
-        cats = self._cat_list(batch_index, cat_covs)
+    def _decode(self, z, library, cats: list, cont) -> dict:
+        """ATAC logits under ``"px"``; RNA proportions and NB under ``"px_rna*"``."""
         outputs: dict[str, torch.Tensor | NegativeBinomial] = {}
         if ATAC in self.modalities:
-            outputs[K.PX_KEY] = self.decoders[ATAC](z, *cats, cont=cont_covs)
+            outputs[K.PX_KEY] = self.decoders[ATAC](z, *cats, cont=cont)
         if RNA in self.modalities:
-            scale = torch.softmax(self.decoders[RNA](z, *cats, cont=cont_covs), dim=-1)
+            scale = torch.softmax(self.decoders[RNA](z, *cats, cont=cont), dim=-1)
             outputs[K.PX_RNA_SCALE_KEY] = scale
             if library is not None:
                 outputs[K.PX_RNA_KEY] = NegativeBinomial(mu=library * scale, theta=self.px_r.exp())
@@ -482,29 +459,9 @@ class MultiSCALEVAE(SCALEModuleBase):
         resp = self.prior.responsibilities(inference_outputs[K.QZM_COMPONENTS_KEY])  # (C, B, K)
         return (mask.unsqueeze(-1) * resp).sum(0) / mask.sum(0).unsqueeze(-1)
 
-    def loss(
-        self,
-        tensors: dict[str, torch.Tensor],
-        inference_outputs: dict,
-        generative_outputs: dict,
-        kl_weight: float = 1.0,
-        objective: Objective | None = None,
-    ) -> LossOutput:
-        """The negative stratified bound, averaged over the minibatch.
-
-        ``reconstruction_loss`` (the mean weighted negative log-likelihood of the particles)
-        and ``kl_local`` are per cell and sum to the negative bound.
-
-        Parameters
-        ----------
-        tensors, inference_outputs, generative_outputs
-            As produced by :meth:`forward`.
-        kl_weight
-            Weight of ``log p(z) - log q(z|x)`` (KL warm-up).
-        objective
-            Override of the module's objective.
-        """
-        objective = objective or self.objective
+    def _loss(self, tensors, inference_outputs, generative_outputs, kl_weight, objective):
+        """The negative stratified bound: ``reconstruction_loss`` (the mean weighted negative
+        log-likelihood of the particles) and ``kl_local`` sum to it per cell."""
         qz_ms = inference_outputs[K.QZM_COMPONENTS_KEY]
         mask = inference_outputs[K.COMPONENT_MASK_KEY]
         log_w, log_lik = moe_importance_log_weights(
@@ -527,31 +484,9 @@ class MultiSCALEVAE(SCALEModuleBase):
             kl = kl.detach()
         return LossOutput(loss=-bound.mean(), reconstruction_loss=reconst, kl_local=kl)
 
-    @torch.inference_mode()
-    def marginal_ll(
-        self,
-        tensors: dict[str, torch.Tensor],
-        n_mc_samples: int = 100,
-        return_mean: bool = False,
-        n_mc_samples_per_pass: int | None = None,
-    ) -> torch.Tensor | float:
-        """Stratified importance-sampled estimate of ``log p(x_1..M)`` (higher is better).
-
-        ``n_mc_samples`` particles are drawn from each component of the mixture the cell has;
-        the likelihood is that of the unweighted model (``likelihood_scale`` is ignored).
-
-        Parameters
-        ----------
-        tensors
-            A minibatch from the model's data loader.
-        n_mc_samples
-            Particles per expert.
-        return_mean
-            Return the mean over the minibatch instead of one value per cell.
-        n_mc_samples_per_pass
-            Particles decoded at a time (memory); defaults to ``particle_chunk_size``.
-        """
-        inference_outputs = self.inference(**self._get_inference_input(tensors))
+    def _log_marginal(
+        self, tensors, inference_outputs, n_particles: int, chunk_size: int | None
+    ) -> torch.Tensor:
         qz_ms = inference_outputs[K.QZM_COMPONENTS_KEY]
         mask = inference_outputs[K.COMPONENT_MASK_KEY]
         log_w, _ = moe_importance_log_weights(
@@ -562,11 +497,10 @@ class MultiSCALEVAE(SCALEModuleBase):
             qz_ms,
             inference_outputs[K.QZV_COMPONENTS_KEY],
             mask,
-            n_particles=n_mc_samples,
-            chunk_size=n_mc_samples_per_pass or self.particle_chunk_size,
+            n_particles=n_particles,
+            chunk_size=chunk_size,
         )
-        log_px = moe_iwae_bound(log_w, mask)
-        return log_px.mean().item() if return_mean else log_px
+        return moe_iwae_bound(log_w, mask)
 
 
 __all__ = ["MultiSCALEVAE"]

@@ -10,9 +10,9 @@ from scvi import REGISTRY_KEYS
 from scvi.module.base import LossOutput, auto_move_data
 from torch.distributions import Normal
 
-from ._base import OBJECTIVES, Objective, SCALEModuleBase
+from ._base import SCALEModuleBase
 from ._components import binarize
-from ._constants import ATAC, JOINT, MODULE_KEYS, Modality
+from ._constants import ATAC, MODULE_KEYS
 from ._feature_stats import open_fraction
 from ._objectives import (
     bernoulli_log_likelihood,
@@ -110,22 +110,10 @@ class SCALEVAE(SCALEModuleBase):
             MODULE_KEYS.X_BINARIZED_KEY: x,
         }
 
-    @auto_move_data
-    def generative(
-        self,
-        z: torch.Tensor,
-        library: torch.Tensor | None = None,
-        batch_index: torch.Tensor | None = None,
-        cont_covs: torch.Tensor | None = None,
-        cat_covs: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Decode ``z`` into Bernoulli logits of every peak (key ``"px"``).
-
-        With ``library`` (the depth offset of :meth:`depth_logit_offset`), the logits are
-        those of a cell of that depth; without it, those of a cell of the training data's
-        mean depth.
-        """
-        logits = self.decoder(z, *self._cat_list(batch_index, cat_covs), cont=cont_covs)
+    def _decode(self, z, library, cats: list, cont) -> dict[str, torch.Tensor]:
+        """Bernoulli logits of every peak (key ``"px"``); with ``library`` (the depth offset
+        of :meth:`depth_logit_offset`) those of a cell of that depth."""
+        logits = self.decoder(z, *cats, cont=cont)
         offset = library if library is not None else 0.0
         if isinstance(offset, torch.Tensor):
             # in place: one pass less over the (B, P) logits; nothing saved them for backward
@@ -158,55 +146,27 @@ class SCALEVAE(SCALEModuleBase):
         """Decoder bias ``logit(open fraction)`` of each peak, from ``matrices["atac"]``."""
         self._init_bernoulli_decoder(self.decoder, open_fraction(matrices[ATAC]))
 
-    def latent_moments(
-        self,
-        inference_outputs: Mapping,
-        modality: Modality = "joint",
-        joint_mean: Literal["mixture", "precision"] = "mixture",
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and variance of ``q(z|x)`` (``"joint"`` and ``"atac"`` are the same)."""
-        self.check_modality(modality)
+    def _joint_moments(self, inference_outputs: Mapping, joint_mean: str):
         return inference_outputs[MODULE_KEYS.QZM_KEY], inference_outputs[MODULE_KEYS.QZV_KEY]
+
+    def _expert_moments(self, inference_outputs: Mapping, modality: str):
+        return self._joint_moments(inference_outputs, "mixture")  # the one modality
 
     def aggregate_posterior_components(
         self, inference_outputs: Mapping
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and variance of each cell's ``q(z|x)``."""
-        return self.latent_moments(inference_outputs, JOINT)
+        return self._joint_moments(inference_outputs, "mixture")
 
     def _normalized_output(self, generative_outputs: Mapping, modality: str) -> torch.Tensor:
         return torch.sigmoid(generative_outputs[MODULE_KEYS.PX_KEY])
 
-    def loss(
-        self,
-        tensors: dict[str, torch.Tensor],
-        inference_outputs: dict,
-        generative_outputs: dict,
-        kl_weight: float = 1.0,
-        objective: Objective | None = None,
-    ) -> LossOutput:
-        """The negative training objective, averaged over the minibatch.
-
-        ``reconstruction_loss`` and ``kl_local`` are per cell and sum to the negative ELBO
-        (``objective="elbo"``) or to the negative importance-weighted bound (``"iwae"``,
-        ``"dreg"``; there ``reconstruction_loss`` is ``-log p(x|z_k)`` averaged over the
-        particles and ``kl_local`` the rest). Both are the true, unweighted quantities even
-        while ``kl_weight < 1``; only ``loss`` uses ``kl_weight``.
-
-        Parameters
-        ----------
-        tensors, inference_outputs, generative_outputs
-            As produced by :meth:`forward`.
-        kl_weight
-            KL warm-up weight ``beta``: the ELBO's KL term, or ``log p(z) - log q(z|x)`` in
-            the importance weights, is multiplied by it.
-        objective
-            Override of the module's objective, e.g. ``"elbo"`` to evaluate the ELBO of a
-            model trained with ``"iwae"``.
-        """
-        objective = objective or self.objective
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}.")
+    def _loss(self, tensors, inference_outputs, generative_outputs, kl_weight, objective):
+        """``reconstruction_loss`` and ``kl_local`` sum to the negative ELBO (``"elbo"``) or
+        to the negative importance-weighted bound (``"iwae"``, ``"dreg"``; there
+        ``reconstruction_loss`` is ``-log p(x|z_k)`` averaged over the particles and
+        ``kl_local`` the rest). Both are the true, unweighted quantities even while
+        ``kl_weight < 1``; only ``loss`` uses ``kl_weight``."""
         qz_m = inference_outputs[MODULE_KEYS.QZM_KEY]
         qz_v = inference_outputs[MODULE_KEYS.QZV_KEY]
         x = inference_outputs.get(MODULE_KEYS.X_BINARIZED_KEY)
@@ -242,47 +202,15 @@ class SCALEVAE(SCALEModuleBase):
         kl = -true_bound.detach() - reconst
         return LossOutput(loss=-bound.mean(), reconstruction_loss=reconst, kl_local=kl)
 
-    @torch.inference_mode()
-    def marginal_ll(
-        self,
-        tensors: dict[str, torch.Tensor],
-        n_mc_samples: int = 100,
-        return_mean: bool = False,
-        n_mc_samples_per_pass: int | None = None,
-    ) -> torch.Tensor | float:
-        """Importance-sampled estimate of ``log p(x)`` (higher is better).
-
-        ``log p(x) ~= log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x)``, ``z_k ~ q(z|x)``, with the
-        exact mixture density ``p(z)``: the IWAE bound with ``K = n_mc_samples``. Its
-        expectation is a lower bound on ``log p(x)`` that never decreases with ``K`` and
-        converges to ``log p(x)``; with ``K = 1`` it is a one-sample ELBO. Decoding runs
-        ``n_mc_samples_per_pass`` particles at a time, so memory does not grow with ``K``.
-
-        Parameters
-        ----------
-        tensors
-            A minibatch from the model's data loader.
-        n_mc_samples
-            Number of importance samples ``K``.
-        return_mean
-            Return the mean over the minibatch instead of one value per cell.
-        n_mc_samples_per_pass
-            Samples decoded at a time (memory); defaults to ``particle_chunk_size``.
-
-        Returns
-        -------
-        ``log p(x)`` estimates of shape ``(B,)``, or their mean as a float.
-        """
-        inference_outputs = self.inference(**self._get_inference_input(tensors))
-        qz_m = inference_outputs[MODULE_KEYS.QZM_KEY]
-        x = inference_outputs[MODULE_KEYS.X_BINARIZED_KEY]
+    def _log_marginal(
+        self, tensors, inference_outputs, n_particles: int, chunk_size: int | None
+    ) -> torch.Tensor:
         log_w, _ = importance_log_weights(
-            self._log_likelihood_fn(x, tensors),
+            self._log_likelihood_fn(inference_outputs[MODULE_KEYS.X_BINARIZED_KEY], tensors),
             self.prior,
-            qz_m,
+            inference_outputs[MODULE_KEYS.QZM_KEY],
             inference_outputs[MODULE_KEYS.QZV_KEY],
-            n_particles=n_mc_samples,
-            chunk_size=n_mc_samples_per_pass or self.particle_chunk_size,
+            n_particles=n_particles,
+            chunk_size=chunk_size,
         )
-        log_px = log_mean_exp(log_w, dim=0)
-        return log_px.mean().item() if return_mean else log_px
+        return log_mean_exp(log_w, dim=0)
