@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import data, pl
+from . import data, pl, pp
 from .model import SCALE
 
 try:
@@ -10,4 +10,4 @@ try:
 except PackageNotFoundError:  # pragma: no cover
     __version__ = "0.0.0"
 
-__all__ = ["SCALE", "data", "pl", "__version__"]
+__all__ = ["SCALE", "data", "pl", "pp", "__version__"]

@@ -1,0 +1,186 @@
+"""Quality-control filters of cells and selection of peaks, as boolean masks."""
+
+from __future__ import annotations
+
+import numpy as np
+from anndata import AnnData
+
+from ._counts import cells_per_peak, peaks_per_cell
+
+
+def _check_count(value: int | None, name: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{name} must be an integer or None, got {type(value).__name__}.")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}.")
+
+
+def _check_output(adata: AnnData, inplace: bool, copy: bool) -> None:
+    if inplace and copy:
+        raise ValueError("Pass inplace=True or copy=True, not both.")
+    if inplace and adata.isbacked:
+        raise ValueError(
+            "A backed AnnData cannot be filtered in place; use the returned mask (e.g. "
+            "adata[mask].to_memory()) or copy=True."
+        )
+
+
+def _apply(adata: AnnData, mask: np.ndarray, axis: int, inplace: bool, copy: bool):
+    """Return the mask, or a filtered copy (``copy``), or filter ``adata`` (``inplace``)."""
+    if copy:
+        return adata[mask].copy() if axis == 0 else adata[:, mask].copy()
+    if inplace:
+        adata._inplace_subset_obs(mask) if axis == 0 else adata._inplace_subset_var(mask)
+        return None
+    return mask
+
+
+def filter_cells(
+    adata: AnnData,
+    min_peaks: int | None = 100,
+    max_peaks: int | None = None,
+    *,
+    layer: str | None = None,
+    inplace: bool = False,
+    copy: bool = False,
+) -> np.ndarray | AnnData | None:
+    """Cells with at least ``min_peaks`` (and at most ``max_peaks``) open peaks.
+
+    A peak is open in a cell when its value is > 0 (counts or binary data). The counts are
+    computed block by block on dense, CSR, CSC or backed data; the matrix is never densified
+    and ``adata`` is not modified unless ``inplace=True``.
+
+    Parameters
+    ----------
+    adata
+        Cells x peaks AnnData (in memory or backed).
+    min_peaks
+        Keep cells with at least this many open peaks; ``None`` for no lower bound.
+    max_peaks
+        Keep cells with at most this many open peaks (e.g. to drop likely doublets);
+        ``None`` (default) for no upper bound.
+    layer
+        Layer holding the peak matrix; ``None`` for ``adata.X``.
+    inplace
+        Filter ``adata`` itself (as scanpy's filters do) and return ``None``.
+    copy
+        Return a filtered copy of ``adata``.
+
+    Returns
+    -------
+    A boolean mask of the cells kept (default), the filtered copy (``copy=True``) or ``None``
+    (``inplace=True``).
+
+    Raises
+    ------
+    ValueError
+        For negative thresholds, ``min_peaks > max_peaks``, or when no cell passes.
+
+    Examples
+    --------
+    >>> cells = scale_scvi.pp.filter_cells(adata, min_peaks=200)
+    >>> adata = adata[cells].copy()
+    """
+    _check_output(adata, inplace, copy)
+    _check_count(min_peaks, "min_peaks")
+    _check_count(max_peaks, "max_peaks")
+    if min_peaks is not None and max_peaks is not None and min_peaks > max_peaks:
+        raise ValueError(f"min_peaks={min_peaks} is larger than max_peaks={max_peaks}.")
+    counts = peaks_per_cell(adata, layer)
+    mask = np.ones(adata.n_obs, dtype=bool)
+    if min_peaks is not None:
+        mask &= counts >= min_peaks
+    if max_peaks is not None:
+        mask &= counts <= max_peaks
+    if not mask.any():
+        bounds = " and ".join(
+            f"{op} {value}"
+            for op, value in ((">=", min_peaks), ("<=", max_peaks))
+            if value is not None
+        )
+        raise ValueError(
+            f"No cell has {bounds} open peaks (cells have {int(counts.min())} to "
+            f"{int(counts.max())}); loosen min_peaks / max_peaks."
+        )
+    return _apply(adata, mask, 0, inplace, copy)
+
+
+def select_peaks(
+    adata: AnnData,
+    min_cells: int | None = 3,
+    n_top: int | None = None,
+    *,
+    min_fraction: float | None = None,
+    layer: str | None = None,
+    cells: np.ndarray | None = None,
+    inplace: bool = False,
+    copy: bool = False,
+) -> np.ndarray | AnnData | None:
+    """Peaks open in enough cells, optionally only the ``n_top`` most often open ones.
+
+    The number of cells in which each peak is open (value > 0) is computed block by block
+    with :func:`cells_per_peak` on dense, CSR, CSC or backed data; the matrix is never
+    densified and ``adata`` is not modified unless ``inplace=True``.
+
+    Parameters
+    ----------
+    adata
+        Cells x peaks AnnData (in memory or backed).
+    min_cells
+        Keep peaks open in at least this many cells; ``None`` for no such bound.
+    n_top
+        Then keep only the ``n_top`` peaks open in the most cells (ties broken by the
+        peaks' order); ``None`` (default) keeps every peak that passes.
+    min_fraction
+        Keep peaks open in at least this fraction of the (counted) cells, in ``[0, 1]``;
+        combined with ``min_cells`` when both are given.
+    layer
+        Layer holding the peak matrix; ``None`` for ``adata.X``.
+    cells
+        Boolean mask of the cells to count, e.g. from :func:`filter_cells` (default: all).
+    inplace
+        Filter ``adata`` itself and return ``None``.
+    copy
+        Return a filtered copy of ``adata``.
+
+    Returns
+    -------
+    A boolean mask of the peaks kept (default), the filtered copy (``copy=True``) or ``None``
+    (``inplace=True``).
+
+    Raises
+    ------
+    ValueError
+        For negative thresholds, ``n_top < 1``, a fraction outside ``[0, 1]``, or when no
+        peak passes.
+
+    Examples
+    --------
+    >>> peaks = scale_scvi.pp.select_peaks(adata, min_cells=10, n_top=30_000)
+    >>> adata = adata[:, peaks].copy()
+    """
+    _check_output(adata, inplace, copy)
+    _check_count(min_cells, "min_cells")
+    _check_count(n_top, "n_top")
+    if n_top is not None and n_top < 1:
+        raise ValueError(f"n_top must be a positive integer or None, got {n_top}.")
+    if min_fraction is not None and not 0.0 <= min_fraction <= 1.0:
+        raise ValueError(f"min_fraction must be between 0 and 1, got {min_fraction}.")
+    counts = cells_per_peak(adata, layer, cells)
+    n_cells = adata.n_obs if cells is None else int(np.count_nonzero(cells))
+    threshold = max(
+        min_cells or 0, 0 if min_fraction is None else int(np.ceil(min_fraction * n_cells))
+    )
+    mask = counts >= threshold
+    if not mask.any():
+        raise ValueError(
+            f"No peak is open in at least {threshold} cells (the most is {int(counts.max())}); "
+            "lower min_cells / min_fraction."
+        )
+    if n_top is not None and n_top < mask.sum():
+        order = np.argsort(-np.where(mask, counts, -1), kind="stable")
+        mask = np.zeros_like(mask)
+        mask[order[:n_top]] = True
+    return _apply(adata, mask, 1, inplace, copy)
