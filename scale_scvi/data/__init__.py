@@ -1,6 +1,6 @@
-"""Datasets: a 10x-folder reader, a simulated scATAC-seq set, and the labeled sets' paths."""
+"""Datasets: 10x readers (folder, .h5), simulated scATAC-seq, and the labeled sets' paths."""
 
-from ._read import read_10x_folder
+from ._read import read_10x_folder, read_10x_h5
 from ._shared import (
     CELL_LINES,
     FOREBRAIN,
@@ -14,6 +14,7 @@ from ._simulate_multiome import simulate_multiome
 
 __all__ = [
     "read_10x_folder",
+    "read_10x_h5",
     "simulate_scatac",
     "simulate_multiome",
     "shared_data_dir",

@@ -1,4 +1,4 @@
-"""Reader for 10x-style peak-matrix folders (Market Matrix + peaks + barcodes)."""
+"""Readers of 10x Genomics output: Market Matrix folders and ``.h5`` feature-barcode matrices."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pandas as pd
 import scipy.io
 import scipy.sparse as sp
 from anndata import AnnData
+from mudata import MuData
 
 _MATRIX_NAMES = ("matrix.mtx.gz", "matrix.mtx")
 _FEATURE_NAMES = (
@@ -137,3 +138,73 @@ def read_10x_folder(path: str | Path, feature_type: str | None = None) -> AnnDat
         adata = adata[:, keep].copy()
     adata.var_names_make_unique()
     return adata
+
+
+# Cell Ranger's feature types and the modality names muon gives them.
+_MODALITIES = {"Gene Expression": "rna", "Peaks": "atac", "Antibody Capture": "prot"}
+
+
+def read_10x_h5(path: str | Path) -> AnnData | MuData:
+    """Read a 10x Genomics ``.h5`` feature-barcode matrix: peaks only, or ARC multiome.
+
+    The file is read with :func:`scanpy.read_10x_h5` (``gex_only=False``) and split on
+    ``var["feature_types"]`` as muon does: a file of one feature type (e.g. Cell Ranger
+    ATAC's ``filtered_peak_bc_matrix.h5``) gives an AnnData; a file of several (Cell Ranger
+    ARC's ``filtered_feature_bc_matrix.h5``) gives a MuData with one modality per type,
+    ``"rna"`` for Gene Expression and ``"atac"`` for Peaks, ready for
+    :meth:`~scale_scvi.SCALE.setup_mudata`.
+
+    Parameters
+    ----------
+    path
+        The ``.h5`` file.
+
+    Returns
+    -------
+    AnnData (cells x features, float32 CSR) or MuData; ``var_names`` are the feature ids
+    (``chr1:100-600`` for peaks, Ensembl ids for genes, whose symbols are in
+    ``var["gene_name"]``), and the file's feature metadata (``feature_types``, ``genome``,
+    ``interval``, ...) are columns of ``var``.
+
+    Examples
+    --------
+    >>> adata = scale_scvi.data.read_10x_h5("filtered_peak_bc_matrix.h5")
+    >>> mdata = scale_scvi.data.read_10x_h5("filtered_feature_bc_matrix.h5")  # ARC multiome
+    >>> SCALE.setup_mudata(mdata, modalities={"atac_layer": "atac", "rna_layer": "rna"})
+    """
+    import h5py
+    import scanpy as sc
+
+    source = Path(path)
+    if not source.is_file():
+        raise FileNotFoundError(f"{source} does not exist or is not a file.")
+    if not h5py.is_hdf5(source):
+        raise ValueError(f"{source} is not an HDF5 file; a 10x Genomics .h5 matrix is expected.")
+    with h5py.File(source, "r") as handle:
+        if "matrix" not in handle:
+            raise ValueError(
+                f"{source} has no 'matrix' group: it is not a 10x Genomics feature-barcode "
+                "matrix (Cell Ranger ATAC 2 / ARC, or Cell Ranger 3 and later)."
+            )
+    try:
+        adata = sc.read_10x_h5(source, gex_only=False)
+    except Exception as err:  # scanpy raises a bare Exception for a missing dataset
+        raise ValueError(f"{source} could not be read as a 10x .h5 matrix ({err}).") from err
+    adata.var["gene_name"] = adata.var_names.to_numpy()
+    adata.var_names = adata.var.pop("gene_ids").to_numpy()
+    adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
+    types = list(dict.fromkeys(adata.var["feature_types"]))
+    if len(types) == 1:
+        if types == ["Peaks"]:
+            adata.var = adata.var.drop(columns="gene_name")
+        adata.var_names_make_unique()
+        return adata
+    mods = {}
+    for feature_type in types:
+        name = _MODALITIES.get(feature_type, feature_type.lower().replace(" ", "_"))
+        mod = adata[:, (adata.var["feature_types"] == feature_type).to_numpy()].copy()
+        if feature_type == "Peaks":
+            mod.var = mod.var.drop(columns="gene_name")
+        mod.var_names_make_unique()
+        mods[name] = mod
+    return MuData(mods)
