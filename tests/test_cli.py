@@ -1,14 +1,18 @@
-"""The scale-scvi command-line tool and the 10x-folder reader."""
+"""The scale-scvi command-line tool and the 10x readers (folder and .h5)."""
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import anndata as ad
+import h5py
 import mudata as md
 import numpy as np
 import pandas as pd
@@ -18,7 +22,8 @@ import scipy.sparse as sp
 
 from scale_scvi import SCALE
 from scale_scvi.cli import main
-from scale_scvi.data import read_10x_folder, simulate_multiome, simulate_scatac
+from scale_scvi.cli._outputs import write_atomic
+from scale_scvi.data import read_10x_folder, read_10x_h5, simulate_multiome, simulate_scatac
 
 FAST = ["--max-epochs", "2", "--min-peaks", "1", "--min-cells", "1", "--no-progress-bar", "-q"]
 
@@ -63,6 +68,43 @@ def _run(args, capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+def _write_10x_h5(path: Path, matrix, ids, types, barcodes, names=None) -> Path:
+    """A Cell Ranger (ATAC 2 / ARC / 3+) feature-barcode matrix: features x cells, CSC."""
+    csr = sp.csr_matrix(matrix)  # cells x features CSR = features x cells CSC
+    names = ids if names is None else names
+    text = lambda values: np.array([str(v).encode() for v in values])  # noqa: E731
+    with h5py.File(path, "w") as handle:
+        group = handle.create_group("matrix")
+        group["barcodes"] = text(barcodes)
+        group["data"] = csr.data.astype(np.int32)
+        group["indices"] = csr.indices.astype(np.int64)
+        group["indptr"] = csr.indptr.astype(np.int64)
+        group["shape"] = np.array([csr.shape[1], csr.shape[0]], dtype=np.int32)
+        features = group.create_group("features")
+        features["id"] = text(ids)
+        features["name"] = text(names)
+        features["feature_type"] = text(types)
+        features["genome"] = text(["GRCh38"] * len(ids))
+        features["interval"] = text([i if ":" in i else "chr1:1-2" for i in ids])
+        features["_all_tag_keys"] = text(["genome", "interval"])
+    return path
+
+
+def _arc_h5(path: Path, mdata) -> Path:
+    """An ARC multiome .h5 (genes then peaks) from a simulated MuData."""
+    rna, atac = mdata.mod["rna"], mdata.mod["atac"]
+    peaks = [f"chr2:{100 * i}-{100 * i + 50}" for i in range(atac.n_vars)]
+    genes = [f"ENSG{i:05d}" for i in range(rna.n_vars)]
+    return _write_10x_h5(
+        path,
+        sp.hstack([sp.csr_matrix(rna.X), sp.csr_matrix(atac.X)]),
+        genes + peaks,
+        ["Gene Expression"] * len(genes) + ["Peaks"] * len(peaks),
+        [f"BC{i}-1" for i in range(mdata.n_obs)],
+        names=[f"GENE{i % 7}" for i in range(len(genes))] + peaks,
+    )
+
+
 # ------------------------------------------------------------------ reader
 def test_read_10x_folder_with_peaks_bed(sim, tenx_folder):
     adata = read_10x_folder(tenx_folder)
@@ -102,22 +144,70 @@ def test_read_10x_folder_errors(tmp_path, sim):
         read_10x_folder(folder)
 
 
+def test_read_10x_h5_peaks_only(sim, tmp_path):
+    peaks = [f"chr1:{1000 * i}-{1000 * i + 500}" for i in range(sim.n_vars)]
+    counts = sim.X.copy()
+    counts.data = np.ceil(counts.data * 3)
+    path = _write_10x_h5(
+        tmp_path / "filtered_peak_bc_matrix.h5",
+        counts,
+        peaks,
+        ["Peaks"] * sim.n_vars,
+        [f"AAAC-{i}" for i in range(sim.n_obs)],
+    )
+    adata = read_10x_h5(path)
+    assert isinstance(adata, ad.AnnData)
+    assert adata.shape == sim.shape and sp.issparse(adata.X) and adata.X.dtype == np.float32
+    np.testing.assert_array_equal(adata.X.toarray(), counts.toarray())
+    assert list(adata.var_names[:2]) == peaks[:2] and adata.obs_names[0] == "AAAC-0"
+    assert set(adata.var["feature_types"]) == {"Peaks"} and "interval" in adata.var
+
+
+def test_read_10x_h5_arc_multiome_gives_mudata(tmp_path):
+    mdata = simulate_multiome(n_cells=40, n_peaks=30, n_genes=20, n_types=2, seed=0)
+    result = read_10x_h5(_arc_h5(tmp_path / "arc.h5", mdata))
+    assert isinstance(result, md.MuData) and set(result.mod) == {"rna", "atac"}
+    rna, atac = result.mod["rna"], result.mod["atac"]
+    np.testing.assert_array_equal(atac.X.toarray(), sp.csr_matrix(mdata.mod["atac"].X).toarray())
+    np.testing.assert_array_equal(rna.X.toarray(), sp.csr_matrix(mdata.mod["rna"].X).toarray())
+    assert rna.var_names[0] == "ENSG00000" and rna.var["gene_name"].iloc[0] == "GENE0"
+    assert atac.var_names[0] == "chr2:0-50" and "gene_name" not in atac.var
+
+
+def test_read_10x_h5_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_10x_h5(tmp_path / "none.h5")
+    (tmp_path / "text.h5").write_text("not hdf5")
+    with pytest.raises(ValueError, match="not an HDF5 file"):
+        read_10x_h5(tmp_path / "text.h5")
+    with h5py.File(tmp_path / "other.h5", "w") as handle:
+        handle["x"] = np.zeros(3)
+    with pytest.raises(ValueError, match="no 'matrix' group"):
+        read_10x_h5(tmp_path / "other.h5")
+
+
 # ------------------------------------------------------------------ end to end
 def test_cli_h5ad_end_to_end(h5ad_file, sim, tmp_path, capsys):
     before = _md5(h5ad_file)
     out = tmp_path / "out"
     args = [h5ad_file, "-o", out, "-k", "3", "--n-latent", "4", "--impute", "--binary"]
-    code, err = _run([*args, *FAST, "--threshold", "0.2"], capsys)
-    assert code == 0, err
+    fast = ["--max-epochs", "2", "--min-peaks", "1", "--min-cells", "1"]
+    code = main([str(a) for a in [*args, *fast, "--threshold", "0.2", "--color", "cell_type"]])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert captured.out == ""  # progress bar and messages go to stderr
+    assert "Epoch 2/2" in captured.err and "Saved the model" in captured.err
     assert _md5(h5ad_file) == before  # the input is never modified
     for name in ("adata.h5ad", "umap.png", "training_curves.png", "model/model.pt"):
         assert (out / name).is_file(), name
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".partial")]
     result = ad.read_h5ad(out / "adata.h5ad")
     n_cells = int((np.asarray((sim.X > 0).sum(1)).ravel() >= 1).sum())  # --min-peaks 1
     assert 0 < n_cells < sim.n_obs
     assert result.n_obs == n_cells
     assert result.obsm["X_scale"].shape == (n_cells, 4)
     assert result.obsm["X_umap"].shape == (n_cells, 2)
+    assert result.obsp["connectivities"].shape == (n_cells, n_cells)
     np.testing.assert_allclose(result.obsm["scale_probabilities"].sum(1), 1.0, atol=1e-5)
     assert set(result.obs["scale_cluster"]) <= {"0", "1", "2"}
     assert result.obs["leiden"].nunique() >= 1
@@ -135,6 +225,35 @@ def test_cli_h5ad_end_to_end(h5ad_file, sim, tmp_path, capsys):
     # A second run into the same folder needs --overwrite.
     code, err = _run([*args, *FAST], capsys)
     assert code == 1 and "--overwrite" in err
+
+
+def test_cli_passes_only_the_options_given(h5ad_file, tmp_path, capsys, monkeypatch):
+    """The library's signature defaults are the only defaults."""
+    seen = {}
+    init = SCALE.__init__
+
+    def record_init(self, adata, **kwargs):
+        seen["init"] = kwargs
+        init(self, adata, **kwargs)
+
+    def record_train(self, **kwargs):
+        seen.setdefault("train", []).append(kwargs)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(SCALE, "__init__", record_init)
+    monkeypatch.setattr(SCALE, "train", record_train)
+    code, err = _run([h5ad_file, "-o", tmp_path / "a", "--min-peaks", "1"], capsys)
+    assert code == 1 and "stop here" in err
+    assert seen["init"] == {}
+    assert set(seen["train"][0]) == {"callbacks"}
+    options = ["-k", "3", "--max-epochs", "7", "--lr", "0.01", "--batch-size", "16", "-q"]
+    options += ["--min-peaks", "1"]
+    code, err = _run([h5ad_file, "-o", tmp_path / "b", *options], capsys)
+    assert seen["init"] == {"n_centroids": 3}
+    kwargs = seen["train"][1]
+    kwargs.pop("callbacks")
+    assert kwargs == {"max_epochs": 7, "lr": 0.01, "batch_size": 16, "enable_progress_bar": False}
+    assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())
 
 
 def test_cli_10x_folder_with_filters(tenx_folder, sim, tmp_path, capsys):
@@ -157,7 +276,7 @@ def test_cli_10x_folder_with_filters(tenx_folder, sim, tmp_path, capsys):
     assert counts[result.var_names].min() >= counts.sort_values().iloc[-50]
 
 
-def test_cli_h5mu_one_modality_and_joint(tmp_path, capsys):
+def test_cli_h5mu_modality_and_arc_h5_joint(tmp_path, capsys):
     mdata = simulate_multiome(n_cells=120, n_peaks=150, n_genes=80, n_types=3, seed=0)
     path = tmp_path / "multiome.h5mu"
     mdata.write_h5mu(path)
@@ -168,14 +287,152 @@ def test_cli_h5mu_one_modality_and_joint(tmp_path, capsys):
     assert code == 0, err
     atac = ad.read_h5ad(tmp_path / "atac" / "adata.h5ad")
     assert atac.n_vars <= 150 and "X_scale" in atac.obsm
-    code, err = _run([path, "-o", tmp_path / "joint", "-k", "3", *FAST], capsys)
+    assert _md5(path) == before
+    arc = _arc_h5(tmp_path / "filtered_feature_bc_matrix.h5", mdata)
+    code, err = _run([arc, "-o", tmp_path / "joint", "-k", "3", *FAST], capsys)
     assert code == 0, err
     joint = md.read_h5mu(tmp_path / "joint" / "mdata.h5mu")
     assert set(joint.mod) == {"atac", "rna"}
     assert joint.obsm["X_scale"].shape == (joint.n_obs, 10)
     assert "scale_cluster" in joint.obs
+    assert joint.mod["atac"].var_names[0].startswith("chr2:")
     assert (tmp_path / "joint" / "adata.h5ad").is_file()
-    assert _md5(path) == before
+
+
+def test_cli_large_data_neighbour_graph(tmp_path, capsys):
+    """12,000 cells: scanpy's approximate-neighbour path (>= 8,192 cells) is reached."""
+    adata = simulate_scatac(n_cells=12_000, n_peaks=150, n_types=3, seed=0)
+    path = tmp_path / "large.h5ad"
+    adata.write_h5ad(path)
+    out = tmp_path / "out"
+    args = [path, "-o", out, "-k", "3", "--n-latent", "4", "--batch-size", "512"]
+    options = ["--max-epochs", "1", "--min-peaks", "1", "--min-cells", "1", "-q"]
+    code, err = _run([*args, *options], capsys)
+    assert code == 0, err
+    result = ad.read_h5ad(out / "adata.h5ad")
+    assert result.n_obs >= 8_192
+    assert result.obsp["connectivities"].shape == (result.n_obs, result.n_obs)
+    assert result.obsm["X_umap"].shape == (result.n_obs, 2)
+    assert result.obs["leiden"].nunique() >= 1
+
+
+# ------------------------------------------------------------------ the output folder
+def _outputs(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+def test_cli_leaves_a_users_files_alone(h5ad_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    # A folder with only the user's own files is fine without --overwrite.
+    code, err = _run([h5ad_file, "-o", out, "-k", "2", *FAST], capsys)
+    assert code == 0, err
+    assert (out / "notes.txt").read_text() == "mine"
+    # Stale outputs of an earlier run: --overwrite removes them, one cluster writes no peaks.
+    (out / "cluster_specific_peaks.csv").write_text("stale")
+    code, err = _run([h5ad_file, "-o", out, "-k", "1", "--overwrite", *FAST], capsys)
+    assert code == 0, err
+    assert not (out / "cluster_specific_peaks.csv").exists()
+    assert (out / "notes.txt").read_text() == "mine"
+    assert _outputs(out) == {"notes.txt", "adata.h5ad", "model", "umap.png", "training_curves.png"}
+    assert ad.read_h5ad(out / "adata.h5ad").obs["scale_cluster"].nunique() == 1
+
+
+def test_cli_refuses_a_folder_with_any_of_its_outputs(h5ad_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "umap.png").write_text("the user's picture")
+    code, err = _run([h5ad_file, "-o", out, *FAST], capsys)
+    assert code == 1 and "umap.png" in err and "--overwrite" in err
+    assert (out / "umap.png").read_text() == "the user's picture"
+    (out / "umap.png").unlink()
+    (out / "model").mkdir()
+    (out / "model" / "draft.txt").write_text("not a model")
+    code, err = _run([h5ad_file, "-o", out, "--overwrite", *FAST], capsys)
+    assert code == 1 and "is not a saved model" in err
+    assert (out / "model" / "draft.txt").is_file()
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_cli_refuses_an_output_folder_holding_the_input(sim, tmp_path, capsys, overwrite):
+    inside = tmp_path / "adata.h5ad"
+    sim.write_h5ad(inside)
+    before = _md5(inside)
+    code, err = _run([inside, "-o", tmp_path, *overwrite, *FAST], capsys)
+    assert code == 1 and "inside the output folder" in err
+    assert _md5(inside) == before
+
+
+def test_cli_saves_the_model_before_a_downstream_failure(h5ad_file, tmp_path, capsys, monkeypatch):
+    import scanpy as sc
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("layout failed")
+
+    monkeypatch.setattr(sc.tl, "umap", broken)
+    out = tmp_path / "out"
+    code, err = _run([h5ad_file, "-o", out, "-k", "2", *FAST], capsys)
+    assert code == 1
+    assert len(err.strip().splitlines()) == 1, err
+    assert "layout failed" in err and f"the trained model is saved in {out / 'model'}" in err
+    assert (out / "model" / "model.pt").is_file() and not (out / "adata.h5ad").exists()
+
+
+def test_write_atomic_keeps_the_previous_file_on_failure(tmp_path):
+    target = tmp_path / "adata.h5ad"
+    target.write_text("previous")
+
+    def half_then_fail(path):
+        path.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(target, half_then_fail)
+    assert target.read_text() == "previous"
+    assert _outputs(tmp_path) == {"adata.h5ad"}
+    write_atomic(target, lambda path: path.write_text("new"))
+    assert target.read_text() == "new" and _outputs(tmp_path) == {"adata.h5ad"}
+
+
+# ------------------------------------------------------------------ messages and signals
+def test_cli_shows_the_package_warnings_only(h5ad_file, tmp_path, capsys):
+    # No filter: cells and peaks without any open entry are kept, and the model warns.
+    args = [h5ad_file, "-o", tmp_path / "out", "-k", "2", "--max-epochs", "1"]
+    code, err = _run([*args, "--min-peaks", "0", "--min-cells", "0", "--no-progress-bar"], capsys)
+    assert code == 0, err
+    lines = err.strip().splitlines()
+    warned = [line for line in lines if line.startswith("scale-scvi: warning: ")]
+    assert any("have no accessible peak" in line for line in warned), err
+    ours = ("Read ", "Kept", "Training", "Saved", "Computing", "All cells", "Done", "scale-scvi: ")
+    assert all(line.startswith(ours) for line in lines), err  # no third-party noise
+
+
+@pytest.mark.parametrize(
+    ("signum", "code", "message"),
+    [(signal.SIGTERM, 143, "stopped by SIGTERM"), (signal.SIGINT, 130, "interrupted (Ctrl-C)")],
+)
+def test_cli_signal_exit_codes(h5ad_file, tmp_path, signum, code, message):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "scale_scvi.cli", str(h5ad_file), "-o", str(out)]
+    command += ["--max-epochs", "100000", "--min-peaks", "1", "--no-progress-bar"]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy()
+    )
+    lines = []
+    for line in process.stderr:  # wait until training has started
+        lines.append(line)
+        if line.startswith("Training"):
+            break
+    time.sleep(2.0)
+    process.send_signal(signum)
+    stdout, rest = process.communicate(timeout=120)
+    lines += rest.splitlines(keepends=True)
+    assert process.returncode == code, "".join(lines)
+    assert stdout == ""
+    assert lines[-1].strip() == f"scale-scvi: {message}; no results were written"
+    assert "Traceback" not in "".join(lines)
+    assert not out.exists() or not any(out.iterdir())
 
 
 # ------------------------------------------------------------------ errors
@@ -191,24 +448,28 @@ def bad_inputs(tmp_path_factory, sim):
     negative.X[0, 0] = -1.0
     negative.write_h5ad(root / "negative.h5ad")
     (root / "empty_folder").mkdir()
+    (root / "garbage.h5").write_bytes(b"not a 10x file")
     return root
 
 
 ERRORS = [
     (["{bad}/missing.h5ad"], "does not exist"),
     (["{bad}/garbage.h5ad"], "cannot read"),
-    (["{bad}/table.csv"], "not an .h5ad file"),
+    (["{bad}/garbage.h5"], "not an HDF5 file"),
+    (["{bad}/table.csv"], "not an .h5ad, .h5mu or 10x .h5 file"),
     (["{bad}/one.h5mu"], "pass --modality"),
     (["{bad}/one.h5mu", "--modality", "atac"], "not in"),
     (["{bad}/negative.h5ad"], "negative values"),
     (["{bad}/empty_folder"], "no matrix file"),
-    (["{h5ad}", "--min-peaks", "100000"], "lower --min-peaks"),
-    (["{h5ad}", "--min-peaks", "1", "--min-cells", "100000"], "--min-cells"),
-    (["{h5ad}", "--min-peaks", "1", "-k", "100000"], "larger than the number of cells"),
-    (["{h5ad}", "--batch-key", "donor"], "--batch-key 'donor'"),
+    (["{h5ad}", "--min-peaks", "100000"], "loosen --min-peaks"),
+    (["{h5ad}", "--min-peaks", "1", "--min-cells", "100000"], "lower --min-cells"),
+    (["{h5ad}", "--min-peaks", "1", "-k", "100000"], "--n-centroids=100000 is out of range"),
+    (["{h5ad}", "--min-peaks", "1", "-k", "0"], "--n-centroids=0 is out of range"),
+    (["{h5ad}", "--min-peaks", "1", "--batch-key", "donor"], "--batch-key='donor'"),
     (["{h5ad}", "--layer", "counts"], "Layer 'counts'"),
     (["{h5ad}", "--modality", "atac"], "--modality applies"),
     (["{h5ad}", "--threshold", "0.3"], "--threshold applies"),
+    (["{h5ad}", "--color", "donor"], "--color 'donor' is not a column of obs"),
 ]
 
 
@@ -224,12 +485,15 @@ def test_cli_errors_are_one_line(argv, message, bad_inputs, h5ad_file, tmp_path,
 
 
 BAD_OPTIONS = [
-    (["-k", "0"], "positive integer"),
+    (["-k", "two"], "not an integer"),
     (["--n-latent", "two"], "not an integer"),
+    (["--n-latent", "0"], "positive integer"),
     (["--lr", "-1"], "positive number"),
     (["--lr", "nan"], "positive number"),
     (["--threshold", "1.5"], "between 0 and 1"),
+    (["--min-peaks", "-1"], "an integer >= 0"),
     (["--devices", "x"], "not an integer"),
+    (["--devices", "0"], "a positive integer or 'auto'"),
     (["--accelerator", "tpu9"], "invalid choice"),
     (["--epochs", "3"], "unrecognized arguments"),
 ]
@@ -257,8 +521,9 @@ def test_help_reads_well(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for text in ("--n-centroids", "--impute", "adata.h5ad", "umap.png", "examples:"):
+    for text in ("--n-centroids", "--impute", "--color", ".h5", "adata.h5ad", "examples:"):
         assert text in out
+    assert "60,000" not in out and "(default: 30)" not in out  # no copy of library defaults
 
 
 def test_console_entry_point_error_has_no_traceback(tmp_path):

@@ -63,6 +63,7 @@ def number(
     return parse
 
 
+_INT = number(int, "an integer", lambda v: True)
 _COUNT = number(int, "a positive integer", lambda v: v >= 1)
 _NON_NEGATIVE = number(int, "an integer >= 0", lambda v: v >= 0)
 _POSITIVE = number(float, "a positive number", lambda v: v > 0)
@@ -135,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-k",
         "--n-centroids",
         metavar="K",
-        type=int,
+        type=_INT,
         help="number of mixture components, i.e. at most this many clusters",
         **_LIBRARY,
     )
@@ -155,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--seed",
         metavar="N",
-        type=int,
+        type=_INT,
         help="random seed of training, UMAP and Leiden (default: scvi-tools' and scanpy's)",
         **_LIBRARY,
     )

@@ -71,6 +71,10 @@ def messages_to_stderr(debug: bool) -> Iterator[None]:
     levels = {name: logging.getLogger(name).level for name in _QUIET_LOGGERS}
     with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
         warnings.simplefilter("default")
+        # torch warns once per process when a sparse CSR tensor is built (the CPU's default
+        # sparse minibatches); the warning is raised from torch's C++ code but attributed to
+        # the line of this package that called it.
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         if not debug:
             warnings.showwarning = _show_package_warning
             for name in _QUIET_LOGGERS:

@@ -41,14 +41,14 @@ class RunTimeNotice(Callback):
 
     def __init__(self, n_features: int, log: Callable[[str], None]):
         self.n_features = n_features
-        self.log = log
+        self.say = log
         self._start = 0.0
 
     def on_train_start(self, trainer, pl_module) -> None:
         steps = trainer.num_training_batches * trainer.max_epochs
         estimate = steps * self.n_features * SECONDS_PER_FEATURE_STEP
         if pl_module.device.type == "cpu" and estimate > LONG_RUN_S:
-            self.log(
+            self.say(
                 f"This is a long run: {trainer.max_epochs} epochs of "
                 f"{trainer.num_training_batches} steps on {self.n_features:,} features, "
                 f"about {duration(estimate)} on a 2-core CPU; {SHORTEN}."
@@ -61,7 +61,7 @@ class RunTimeNotice(Callback):
         epoch = time.perf_counter() - self._start
         remaining = epoch * (trainer.max_epochs - 1)
         if remaining > LONG_RUN_S:
-            self.log(
+            self.say(
                 f"The first epoch took {duration(epoch)}: about {duration(remaining)} to go "
                 f"for the other {trainer.max_epochs - 1}; {SHORTEN}."
             )

@@ -163,9 +163,8 @@ def run(args: argparse.Namespace, run: Run, log: Log) -> None:
     if args.threshold is not None and not (args.impute or args.binary):
         raise CLIError("--threshold applies to --impute and --binary; pass one of them")
     t0 = time.perf_counter()
-    log(f"Reading {args.input} ...")
     data = read_input(args.input, args.modality)
-    log(f"Read {data.n_obs} cells x {data.n_vars} features.")
+    log(f"Read {data.n_obs} cells x {data.n_vars} features from {args.input}.")
     _check_options(args, data)
     data = filter_data(
         data,
