@@ -61,6 +61,35 @@ def _show_package_warning(message, category, filename, lineno, file=None, line=N
         print(f"scale-scvi: warning: {message}", file=sys.stderr, flush=True)
 
 
+class _Stderr:
+    """``sys.stderr`` without the lines that start with one of ``drop``.
+
+    scvi-tools' training runner prints "Exception raised during training. ..." to stdout on
+    every exception, an interrupt included, before re-raising it; the CLI reports the cause
+    in its own one line.
+    """
+
+    def __init__(self, drop: tuple[str, ...]):
+        self.drop = drop
+        self._dropping = False
+
+    def write(self, text: str) -> int:
+        if text.startswith(self.drop):
+            self._dropping = not text.endswith("\n")
+            return len(text)
+        if self._dropping and text == "\n":
+            self._dropping = False
+            return len(text)
+        self._dropping = False
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(sys.stderr, name)
+
+
 @contextlib.contextmanager
 def messages_to_stderr(debug: bool) -> Iterator[None]:
     """Everything to stderr (the progress bar too); the package's own warnings only.
@@ -69,7 +98,8 @@ def messages_to_stderr(debug: bool) -> Iterator[None]:
     under it (Lightning, torch, scvi-tools, scanpy) are not, unless ``debug``.
     """
     levels = {name: logging.getLogger(name).level for name in _QUIET_LOGGERS}
-    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+    stdout = sys.stderr if debug else _Stderr(("Exception raised during training.",))
+    with warnings.catch_warnings(), contextlib.redirect_stdout(stdout):
         warnings.simplefilter("default")
         # torch warns once per process when a sparse CSR tensor is built (the CPU's default
         # sparse minibatches); the warning is raised from torch's C++ code but attributed to

@@ -51,7 +51,7 @@ class RunTimeNotice(Callback):
             self.say(
                 f"This is a long run: {trainer.max_epochs} epochs of "
                 f"{trainer.num_training_batches} steps on {self.n_features:,} features, "
-                f"about {duration(estimate)} on a 2-core CPU; {SHORTEN}."
+                f"about {duration(estimate)} on an idle 2-core CPU; {SHORTEN}."
             )
         self._start = time.perf_counter()
 

@@ -39,7 +39,7 @@ def _apply(adata: AnnData, mask: np.ndarray, axis: int, inplace: bool, copy: boo
 
 def filter_cells(
     adata: AnnData,
-    min_peaks: int | None = 100,
+    min_peaks: int | None = 1,
     max_peaks: int | None = None,
     *,
     layer: str | None = None,
@@ -57,7 +57,9 @@ def filter_cells(
     adata
         Cells x peaks AnnData (in memory or backed).
     min_peaks
-        Keep cells with at least this many open peaks; ``None`` for no lower bound.
+        Keep cells with at least this many open peaks; ``None`` for no lower bound. The
+        default drops only cells without any open peak, which carry no signal; quality
+        control of real data usually asks for more (e.g. a few hundred for 10x data).
     max_peaks
         Keep cells with at most this many open peaks (e.g. to drop likely doublets);
         ``None`` (default) for no upper bound.
@@ -95,21 +97,19 @@ def filter_cells(
     if max_peaks is not None:
         mask &= counts <= max_peaks
     if not mask.any():
-        bounds = " and ".join(
-            f"{op} {value}"
-            for op, value in ((">=", min_peaks), ("<=", max_peaks))
-            if value is not None
-        )
+        bounds = ((">=", "min_peaks", min_peaks), ("<=", "max_peaks", max_peaks))
+        given = [(op, name, v) for op, name, v in bounds if v is not None]
         raise ValueError(
-            f"No cell has {bounds} open peaks (cells have {int(counts.min())} to "
-            f"{int(counts.max())}); loosen min_peaks / max_peaks."
+            f"No cell has {' and '.join(f'{op} {v}' for op, _, v in given)} open peaks (cells "
+            f"have {int(counts.min())} to {int(counts.max())}); loosen "
+            f"{' / '.join(name for _, name, _ in given)}."
         )
     return _apply(adata, mask, 0, inplace, copy)
 
 
 def select_peaks(
     adata: AnnData,
-    min_cells: int | None = 3,
+    min_cells: int | None = 1,
     n_top: int | None = None,
     *,
     min_fraction: float | None = None,
@@ -129,7 +129,8 @@ def select_peaks(
     adata
         Cells x peaks AnnData (in memory or backed).
     min_cells
-        Keep peaks open in at least this many cells; ``None`` for no such bound.
+        Keep peaks open in at least this many cells; ``None`` for no such bound. The default
+        drops only peaks open in no cell, which carry no signal.
     n_top
         Then keep only the ``n_top`` peaks open in the most cells (ties broken by the
         peaks' order); ``None`` (default) keeps every peak that passes.
