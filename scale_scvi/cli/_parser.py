@@ -106,8 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="modality holding the peaks in an .h5mu or ARC .h5 file (e.g. 'atac'); without "
         "it, input with 'atac' and 'rna' modalities trains the joint RNA + ATAC model",
     )
-    io.add_argument("--layer", metavar="NAME", help="layer holding the peak counts (default: X)")
-    io.add_argument("--batch-key", metavar="KEY", help="column of obs with the batch of each cell")
+    io.add_argument(
+        "--layer", metavar="NAME", help="layer holding the peak counts (default: X)", **_LIBRARY
+    )
+    io.add_argument(
+        "--batch-key", metavar="KEY", help="column of obs with the batch of each cell", **_LIBRARY
+    )
     filters = parser.add_argument_group("filters (scale_scvi.pp, on a copy in memory)")
     filters.add_argument(
         "--min-peaks",

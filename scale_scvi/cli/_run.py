@@ -46,7 +46,7 @@ class Log:
 
 def _check_options(args: argparse.Namespace, data: AnnData | MuData) -> None:
     """Checks of CLI-only options, done before training so that no run is lost to them."""
-    if isinstance(data, MuData) and args.layer is not None:
+    if isinstance(data, MuData) and hasattr(args, "layer"):
         raise CLIError("--layer applies to AnnData input; RNA + ATAC input uses each X")
     missing = [key for key in args.color if key not in obs_columns(data)]
     if missing:
@@ -67,11 +67,11 @@ def _train(data: AnnData | MuData, args: argparse.Namespace, log: Log):
         if multimodal:
             SCALE.setup_mudata(
                 data,
-                batch_key=args.batch_key,
                 modalities={"atac_layer": "atac", "rna_layer": "rna"},
+                **given(args, batch_key="batch_key"),
             )
         else:
-            SCALE.setup_anndata(data, layer=args.layer, batch_key=args.batch_key)
+            SCALE.setup_anndata(data, **given(args, layer="layer", batch_key="batch_key"))
         model = SCALE(data, **given(args, n_centroids="n_centroids", n_latent="n_latent"))
     except (ValueError, TypeError) as err:
         raise from_library(err) from err
@@ -85,7 +85,8 @@ def _train(data: AnnData | MuData, args: argparse.Namespace, log: Log):
     )
     if args.no_progress_bar or args.quiet:
         train_kwargs["enable_progress_bar"] = False
-    log(f"Training SCALE on {'RNA + ATAC' if multimodal else 'ATAC'} ...")
+    what = "RNA + ATAC" if multimodal else "ATAC"
+    log(f"Training SCALE on {what} ({data.n_obs:,} cells x {data.n_vars:,} features) ...")
     try:
         model.train(callbacks=[RunTimeNotice(data.n_vars, log)], **train_kwargs)
     except (ValueError, TypeError) as err:
@@ -170,7 +171,7 @@ def run(args: argparse.Namespace, run: Run, log: Log) -> None:
         data,
         given(args, min_peaks="min_peaks"),
         given(args, min_cells="min_cells", n_top="n_top_peaks"),
-        args.layer,
+        getattr(args, "layer", None),
         log,
     )
     model = _train(data, args, log)
