@@ -61,6 +61,10 @@ def test_counts_of_a_backed_file(counts, fmt, tmp_path, monkeypatch):
     np.testing.assert_array_equal(pp.cells_per_peak(backed), (counts > 0).sum(0))
     cells = pp.filter_cells(backed, min_peaks=5)
     np.testing.assert_array_equal(cells, (counts > 0).sum(1) >= 5)
+    copy = pp.filter_cells(backed, min_peaks=5, copy=True)
+    assert not copy.isbacked and copy.n_obs == cells.sum()
+    with pytest.raises(ValueError, match="cannot be filtered in place"):
+        pp.select_peaks(backed, inplace=True)
     backed.file.close()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +40,6 @@ class Log:
 
     def __call__(self, message: str) -> None:
         if not self.quiet:
-            import sys
-
             print(message, file=sys.stderr, flush=True)
 
 
@@ -134,7 +133,7 @@ def _annotate(model, data: AnnData | MuData, args: argparse.Namespace) -> AnnDat
     return adata
 
 
-def _figures(model, adata: AnnData, args: argparse.Namespace, run: Run) -> None:
+def _figures(model, adata: AnnData, args: argparse.Namespace, state: Run) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -145,21 +144,21 @@ def _figures(model, adata: AnnData, args: argparse.Namespace, run: Run) -> None:
 
     color = ["scale_cluster", "leiden", *dict.fromkeys(args.color)]
     fig = sc.pl.umap(adata, color=color, show=False, return_fig=True, wspace=0.35)
-    _write(run, out.UMAP, lambda p: fig.savefig(p, dpi=120, bbox_inches="tight"))
+    _write(state, out.UMAP, lambda p: fig.savefig(p, dpi=120, bbox_inches="tight"))
     plt.close(fig)
     curves = pl.training_curves(model, show=False)[0].figure
-    _write(run, out.CURVES, lambda p: curves.savefig(p, dpi=120, bbox_inches="tight"))
+    _write(state, out.CURVES, lambda p: curves.savefig(p, dpi=120, bbox_inches="tight"))
     plt.close(curves)
 
 
-def _write(run: Run, name: str, write) -> None:
-    out.write_atomic(run.outdir / name, write)
-    run.written.append(name)
+def _write(state: Run, name: str, write) -> None:
+    out.write_atomic(state.outdir / name, write)
+    state.written.append(name)
 
 
-def run(args: argparse.Namespace, run: Run, log: Log) -> None:
-    """Run the whole workflow for parsed arguments; ``run`` records what was written."""
-    outdir, source = run.outdir, Path(args.input)
+def run(args: argparse.Namespace, state: Run, log: Log) -> None:
+    """Run the whole workflow for parsed arguments; ``state`` records what was written."""
+    outdir, source = state.outdir, Path(args.input)
     out.check_folder(outdir, source, args.overwrite)
     if args.threshold is not None and not (args.impute or args.binary):
         raise CLIError("--threshold applies to --impute and --binary; pass one of them")
@@ -182,7 +181,7 @@ def run(args: argparse.Namespace, run: Run, log: Log) -> None:
         removed = out.clear_outputs(outdir)
         if removed:
             log(f"Removed the previous {', '.join(removed)} from {outdir}.")
-    _write(run, out.MODEL, lambda p: model.save(p, overwrite=True))
+    _write(state, out.MODEL, lambda p: model.save(p, overwrite=True))
     log(f"Saved the model in {outdir / out.MODEL}.")
 
     log("Computing the latent space, clusters, neighbour graph, UMAP and Leiden clusters ...")
@@ -190,17 +189,17 @@ def run(args: argparse.Namespace, run: Run, log: Log) -> None:
     n_clusters = adata.obs["scale_cluster"].nunique()
     if n_clusters > 1:
         peaks = model.get_cluster_specific_peaks(**given(args, n_top="n_top_specific"))
-        _write(run, out.PEAKS, lambda p: peaks.to_csv(p, index=False))
+        _write(state, out.PEAKS, lambda p: peaks.to_csv(p, index=False))
     else:
         log("All cells fell into one cluster: no cluster-specific peaks to write.")
-    _figures(model, adata, args, run)
-    _write(run, out.ADATA, adata.write_h5ad)
+    _figures(model, adata, args, state)
+    _write(state, out.ADATA, adata.write_h5ad)
     if isinstance(data, MuData):
         for key in ("X_scale", "scale_probabilities", "X_umap"):
             data.obsm[key] = adata.obsm[key]
         for column in ("scale_cluster", "leiden"):
             data.obs[column] = adata.obs[column].to_numpy()
-        _write(run, out.MDATA, data.write_h5mu)
+        _write(state, out.MDATA, data.write_h5mu)
     log(
         f"Done in {time.perf_counter() - t0:.0f} s: {n_clusters} SCALE clusters, "
         f"{adata.obs['leiden'].nunique()} Leiden clusters. Results in {outdir}/"

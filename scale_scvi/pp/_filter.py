@@ -30,7 +30,8 @@ def _check_output(adata: AnnData, inplace: bool, copy: bool) -> None:
 def _apply(adata: AnnData, mask: np.ndarray, axis: int, inplace: bool, copy: bool):
     """Return the mask, or a filtered copy (``copy``), or filter ``adata`` (``inplace``)."""
     if copy:
-        return adata[mask].copy() if axis == 0 else adata[:, mask].copy()
+        view = adata[mask] if axis == 0 else adata[:, mask]
+        return view.to_memory() if adata.isbacked else view.copy()
     if inplace:
         adata._inplace_subset_obs(mask) if axis == 0 else adata._inplace_subset_var(mask)
         return None
