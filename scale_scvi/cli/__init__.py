@@ -11,6 +11,7 @@ Ctrl-C and 143 on SIGTERM; each failure is one line on stderr.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -30,6 +31,9 @@ def _where(state: Run) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``scale-scvi`` console script; returns the exit status."""
+    # Transparent huge pages for PyTorch's large CPU allocations (docs/scaling.md);
+    # THP_MEM_ALLOC_ENABLE=0 opts out.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     prog = parser.prog
