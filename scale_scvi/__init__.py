@@ -3,7 +3,6 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from . import data, pl, pp
-from .model import SCALE
 
 try:
     __version__ = version("scale-scvi")
@@ -11,3 +10,13 @@ except PackageNotFoundError:  # pragma: no cover
     __version__ = "0.0.0"
 
 __all__ = ["SCALE", "data", "pl", "pp", "__version__"]
+
+
+def __getattr__(name: str):
+    # SCALE (and with it torch) is imported on first use, so that the command-line tool
+    # can set THP_MEM_ALLOC_ENABLE before torch starts (torch reads it once).
+    if name == "SCALE":
+        from .model import SCALE
+
+        return SCALE
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -537,3 +537,11 @@ def test_console_entry_point_error_has_no_traceback(tmp_path):
     assert failed.stderr.strip().splitlines() == [
         f"scale-scvi: error: input '{tmp_path / 'no.h5ad'}' does not exist"
     ]
+
+
+def test_cli_imports_torch_only_after_setting_huge_pages():
+    """torch reads THP_MEM_ALLOC_ENABLE once: the entry point sets it before importing torch."""
+    code = "import sys, scale_scvi.cli; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

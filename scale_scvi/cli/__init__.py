@@ -18,12 +18,11 @@ from pathlib import Path
 from ._errors import CLIError, one_line
 from ._parser import build_parser
 from ._process import Stopped, messages_to_stderr, stop_on_signals
-from ._run import Log, Run, run
 
 __all__ = ["main", "build_parser", "CLIError"]
 
 
-def _where(state: Run) -> str:
+def _where(state) -> str:
     if state.model_saved:
         return f"; the trained model is saved in {state.outdir / 'model'}"
     return "; no results were written" if not state.written else ""
@@ -32,8 +31,11 @@ def _where(state: Run) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``scale-scvi`` console script; returns the exit status."""
     # Transparent huge pages for PyTorch's large CPU allocations (docs/scaling.md);
-    # THP_MEM_ALLOC_ENABLE=0 opts out.
+    # THP_MEM_ALLOC_ENABLE=0 opts out. torch reads it once, so nothing above this line
+    # imports torch: the workflow (scale_scvi.SCALE, Lightning) is imported below.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    from ._run import Log, Run, run
+
     parser = build_parser()
     args = parser.parse_args(argv)
     prog = parser.prog
