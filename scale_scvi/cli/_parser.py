@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-peaks",
         metavar="N",
         type=_NON_NEGATIVE,
-        help="keep cells with at least this many open peaks (default: pp.filter_cells')",
+        help="keep cells with at least this many open peaks (default: that of "
+        "scale_scvi.pp.filter_cells)",
         **_LIBRARY,
     )
     filters.add_argument(
@@ -210,8 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--n-top-specific",
         metavar="N",
         type=_COUNT,
-        help="peaks per cluster in cluster_specific_peaks.csv (default: "
-        "SCALE.get_cluster_specific_peaks')",
+        help="peaks per cluster in cluster_specific_peaks.csv (default: that of "
+        "SCALE.get_cluster_specific_peaks)",
         **_LIBRARY,
     )
     parser.add_argument(
