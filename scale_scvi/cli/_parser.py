@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-cells",
         metavar="N",
         type=_NON_NEGATIVE,
-        help="keep peaks (and genes) open in at least this many cells (default: pp.select_peaks')",
+        help="keep peaks (and genes) open in at least this many cells (default: that of "
+        "scale_scvi.pp.select_peaks)",
         **_LIBRARY,
     )
     filters.add_argument(
