@@ -107,6 +107,10 @@ class MuDataSetupMixin:
         >>> SCALE.setup_mudata(mdata, modalities={"atac_layer": "atac", "rna_layer": "rna"})
         >>> model = SCALE(mdata, n_centroids=14)
         """
+        if modalities is None:
+            modalities = {"atac_layer": "atac", "rna_layer": "rna"}
+        # Before any other local, so that only the arguments are recorded (and saved).
+        setup_method_args = cls._get_setup_method_args(**locals())
         from mudata import MuData
 
         if not isinstance(mdata, MuData):
@@ -114,11 +118,8 @@ class MuDataSetupMixin:
                 f"setup_mudata takes a MuData, got {type(mdata).__name__}; for an AnnData use "
                 "SCALE.setup_anndata."
             )
-        if modalities is None:
-            modalities = {"atac_layer": "atac", "rna_layer": "rna"}
         if not isinstance(modalities, dict):
             raise TypeError(f"modalities must be a dict, got {type(modalities).__name__}.")
-        setup_method_args = cls._get_setup_method_args(**locals())
         modalities_ = cls._create_modalities_attr_dict(modalities, setup_method_args)
         mods = {m: modalities_[f"{m}_layer"] for m in MODALITIES}
         if all(v is None for v in mods.values()):

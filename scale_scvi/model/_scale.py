@@ -34,6 +34,8 @@ from scale_scvi.train import (
 from scale_scvi.train._gmm_init import check_gmm_init_method
 
 from . import _peaks
+from ._features import FeatureIdentityMixin
+from ._io import ModelFolderMixin
 from ._mudata import MuDataSetupMixin
 from ._validation import (
     get_matrix,
@@ -57,7 +59,15 @@ def _trains_on_cpu(accelerator: str) -> bool:
     return not torch.cuda.is_available() and not (mps is not None and mps.is_available())
 
 
-class SCALE(MuDataSetupMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
+class SCALE(
+    ModelFolderMixin,
+    FeatureIdentityMixin,
+    MuDataSetupMixin,
+    ArchesMixin,
+    VAEMixin,
+    UnsupervisedTrainingMixin,
+    BaseModelClass,
+):
     """SCALE: single-cell ATAC-seq analysis via latent feature extraction.
 
     A variational autoencoder whose prior is a Gaussian mixture, so that its components
@@ -189,6 +199,8 @@ class SCALE(MuDataSetupMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, 
         continuous_covariate_keys
             Columns of ``adata.obs`` with continuous covariates.
         """
+        # Before any other local, so that only the arguments are recorded (and saved).
+        setup_method_args = cls._get_setup_method_args(**locals())
         if not isinstance(adata, AnnData):
             raise TypeError(
                 f"setup_anndata takes an AnnData, got {type(adata).__name__}; for a MuData use "
@@ -204,7 +216,6 @@ class SCALE(MuDataSetupMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, 
         validate_obs_keys(adata, [batch_key], "batch_key")
         validate_obs_keys(adata, categorical_covariate_keys or [], "categorical_covariate_keys")
         validate_obs_keys(adata, continuous_covariate_keys or [], "continuous_covariate_keys")
-        setup_method_args = cls._get_setup_method_args(**locals())
         anndata_fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
             CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),

@@ -8,9 +8,10 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 import scipy.sparse as sp
-import torch
 from anndata import AnnData
 from scvi import settings
+
+from ._io import model_file_path, read_model_file
 
 _CHUNK_ROWS = 10_000  # rows per block of a sparse matrix
 _CHUNK_VALUES = 20_000_000  # values per block of a dense matrix (80 MB of float32)
@@ -150,9 +151,9 @@ def validate_n_centroids(n_centroids: int, n_obs: int) -> None:
 def validate_saved_var_names(dir_path: str, adata, prefix: str | None = None) -> None:
     """Raise a ``ValueError`` if ``adata``'s features differ from those of a saved model.
 
-    The saved file is memory-mapped, so the check reads the feature names, not the weights.
-    Nothing is checked when the file is not there (``load`` then reports it, or downloads it
-    from its backup URL).
+    The saved file is read without running code from it and memory-mapped, so the check
+    reads the feature names, not the weights. Nothing is checked when the file is not there
+    (``load`` then reports it, or downloads it from its backup URL).
 
     Parameters
     ----------
@@ -163,30 +164,41 @@ def validate_saved_var_names(dir_path: str, adata, prefix: str | None = None) ->
     prefix
         Prefix of the saved file names.
     """
-    path = os.path.join(dir_path, f"{prefix or ''}model.pt")
+    path = model_file_path(dir_path, prefix)
     if not os.path.isfile(path):
         return
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except RuntimeError:  # a file in the legacy (not zip) format cannot be memory-mapped
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-    saved = saved.get("var_names")
-    if saved is None:
-        return
-    kind = "features" if isinstance(saved, dict) else "peaks"
-    if isinstance(saved, dict):
+    saved = read_model_file(path).get("var_names")
+    if saved is not None:
+        validate_var_names(saved, adata, f"the model in {dir_path!r}")
+
+
+def validate_var_names(expected, adata, model: str = "the model") -> None:
+    """Raise a ``ValueError`` unless ``adata`` has the model's features, in the same order.
+
+    Parameters
+    ----------
+    expected
+        The model's peak names, or for a multimodal model a dict of feature names per
+        modality.
+    adata
+        AnnData (or MuData) given to the model.
+    model
+        How the message names the model.
+    """
+    kind = "features" if isinstance(expected, dict) else "peaks"
+    if isinstance(expected, dict):
         mods = getattr(adata, "mod", {})
         pairs = [
             (f"mdata[{m!r}]", np.asarray(names), mods[m].var_names if m in mods else None)
-            for m, names in saved.items()
+            for m, names in expected.items()
         ]
     else:
-        pairs = [("adata", np.asarray(saved), adata.var_names)]
+        pairs = [("adata", np.asarray(expected), adata.var_names)]
     for what, source, target in pairs:
         if target is None:
             raise ValueError(
-                f"The model in {dir_path!r} was trained with modality {what}, which the data "
-                f"lack (modalities: {list(getattr(adata, 'mod', {}))}); load it with data that "
+                f"{model[0].upper()}{model[1:]} was trained with modality {what}, which the "
+                f"data lack (modalities: {list(getattr(adata, 'mod', {}))}); use data that "
                 "have it."
             )
         target = np.asarray(target)
@@ -202,8 +214,8 @@ def validate_saved_var_names(dir_path: str, adata, prefix: str | None = None) ->
         else:
             detail = f"the model has {source.size} {kind} and {what} has {target.size}"
         raise ValueError(
-            f"{what} does not have the {kind} of the model in {dir_path!r}: {detail}. Load it "
-            f"with data on the same {kind} in the same order (e.g. adata[:, model_{kind}]), or "
-            "map new data onto the model with SCALE.prepare_query_anndata(adata, dir_path) and "
+            f"{what} does not have the {kind} of {model}: {detail}. Use data on the same "
+            f"{kind} in the same order (e.g. adata[:, model_{kind}]), or map new data onto "
+            "the model with SCALE.prepare_query_anndata(adata, model) and "
             "SCALE.load_query_data."
         )
