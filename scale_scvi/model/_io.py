@@ -302,8 +302,22 @@ class ModelFolderMixin:
     def load(
         cls, dir_path: str | os.PathLike, adata=None, *args, prefix: str | None = None, **kwargs
     ):
-        """As :meth:`scvi.model.base.BaseModelClass.load`, reading the model file safely."""
+        """As :meth:`scvi.model.base.BaseModelClass.load`, reading the model file safely.
+
+        A model folder without data (saved with ``save_anndata=False``) needs ``adata``.
+        """
         check_model_file(dir_path, prefix)
+        data_files = [os.path.join(os.fspath(dir_path), f"{prefix or ''}{n}") for n in DATA_FNAMES]
+        if (
+            adata is None
+            and os.path.isfile(model_file_path(dir_path, prefix))
+            and not any(os.path.exists(f) for f in data_files)
+        ):
+            raise ValueError(
+                f"{os.fspath(dir_path)!r} holds a model saved without its data (no "
+                f"{' or '.join(os.path.basename(f) for f in data_files)}); pass the data "
+                "with the model's features as adata=."
+            )
         with restricted_model_reads():
             return super().load(dir_path, adata, *args, prefix=prefix, **kwargs)
 
