@@ -13,6 +13,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 import scvi
 import torch
 
@@ -305,3 +306,93 @@ def test_fixture_of_0_1_0_loads_through_the_restricted_reader(tmp_path) -> None:
         warnings.simplefilter("ignore")
         loaded = SCALE.load(tmp_path / "fixture")
     assert loaded.is_trained
+
+
+# ---------------------------------------------------------------- canonical sparse input
+def _not_canonical(X, seed: int = 0) -> sp.csr_matrix:
+    """The same matrix with every other entry split into two duplicates, three stored zeros
+    per row and each row's indices shuffled."""
+    rng = np.random.default_rng(seed)
+    X = sp.csr_matrix(X, dtype=np.float32)
+    X.sort_indices()
+    cols, vals = [], []
+    for i in range(X.shape[0]):
+        c = X.indices[X.indptr[i] : X.indptr[i + 1]]
+        v = X.data[X.indptr[i] : X.indptr[i + 1]].copy()
+        v[::2] /= 2
+        zeros = np.setdiff1d(np.arange(X.shape[1]), c)[:3]
+        c = np.concatenate([c, c[::2], zeros])
+        v = np.concatenate([v, v[::2], np.zeros(len(zeros), dtype=np.float32)])
+        order = rng.permutation(len(c))
+        cols.append(c[order])
+        vals.append(v[order])
+    indptr = np.concatenate([[0], np.cumsum([len(c) for c in cols])])
+    return sp.csr_matrix((np.concatenate(vals), np.concatenate(cols), indptr), shape=X.shape)
+
+
+@pytest.fixture(scope="module")
+def canonical_and_not():
+    adata = simulate_scatac(n_cells=90, n_peaks=60, n_types=3, density=(0.1, 0.3), seed=5)
+    canonical = sp.csr_matrix(adata.X, dtype=np.float32)
+    messy = _not_canonical(canonical)
+    assert not messy.has_canonical_format and messy.nnz > 1.5 * canonical.nnz
+    np.testing.assert_array_equal(messy.toarray(), canonical.toarray())
+    return adata, canonical, messy
+
+
+def _fit(adata, X, load_sparse_tensor: bool):
+    adata = adata.copy()
+    adata.X = X
+    scvi.settings.seed = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        SCALE.setup_anndata(adata)
+    model = SCALE(adata, n_centroids=3, n_latent=3, n_hidden=(16,))
+    model.train(
+        max_epochs=4,
+        batch_size=16,
+        load_sparse_tensor=load_sparse_tensor,
+        enable_progress_bar=False,
+    )
+    return model, model.get_latent_representation()
+
+
+@pytest.mark.parametrize("load_sparse_tensor", [True, False], ids=["sparse", "dense"])
+def test_non_canonical_input_trains_the_same_model(canonical_and_not, load_sparse_tensor):
+    """Same data, canonical or not: the same model on the same (sparse or dense) path."""
+    adata, canonical, messy = canonical_and_not
+    indices, data = messy.indices.copy(), messy.data.copy()
+    reference, z_reference = _fit(adata, canonical, load_sparse_tensor)
+    model, z = _fit(adata, messy, load_sparse_tensor)
+    np.testing.assert_allclose(z, z_reference, atol=1e-6)
+    np.testing.assert_allclose(
+        model.history["elbo_train"].to_numpy(dtype=float),
+        reference.history["elbo_train"].to_numpy(dtype=float),
+        rtol=1e-6,
+    )
+    # the user's matrix is as it was
+    np.testing.assert_array_equal(messy.indices, indices)
+    np.testing.assert_array_equal(messy.data, data)
+
+
+def test_non_canonical_input_warns_at_setup(canonical_and_not) -> None:
+    adata, _, messy = canonical_and_not
+    adata = adata.copy()
+    adata.X = messy
+    with pytest.warns(UserWarning, match=r"adata.X is a sparse matrix with duplicate.*sum_dup"):
+        SCALE.setup_anndata(adata)
+
+
+def test_canonical_input_is_read_without_a_copy(canonical_and_not) -> None:
+    adata, canonical, messy = canonical_and_not
+    for X, same in ((canonical, True), (messy, False)):
+        data = adata.copy()
+        data.X = X
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            SCALE.setup_anndata(data)
+        manager = SCALE(data, n_centroids=2, n_hidden=(8,)).adata_manager
+        loaded = [manager.create_torch_dataset(load_sparse_tensor=True) for _ in range(2)]
+        assert (loaded[0].data["X"] is data.X) is same
+        assert loaded[0].data["X"] is loaded[1].data["X"]  # one copy for loaders alive together
+        assert loaded[0].data["X"].has_canonical_format

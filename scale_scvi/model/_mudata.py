@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 from scvi import REGISTRY_KEYS
-from scvi.data import AnnDataManager, fields
+from scvi.data import fields
 
 from scale_scvi.module import ATAC, ATAC_KEY, MODALITIES, MODALITY_FLAG_KEY, RNA, RNA_KEY
 
+from ._canonical import CanonicalAnnDataManager, warn_if_not_canonical
 from ._validation import validate_accessibility_matrix
 
 #: Values of the ``modality_key`` column and the modalities ``(atac, rna)`` they mean.
@@ -146,6 +147,8 @@ class MuDataSetupMixin:
                 )
             matrix, what = _mudata_matrix(mdata, mod, atac_layer if m == ATAC else rna_layer)
             validate_accessibility_matrix(matrix, what)
+            if "source_registry" not in kwargs:
+                warn_if_not_canonical(matrix, what)
             matrices[m] = matrix
 
         for arg in ("batch_key", "modality_key"):
@@ -222,7 +225,9 @@ class MuDataSetupMixin:
                     mod_required=True,
                 )
             )
-        adata_manager = AnnDataManager(fields=mudata_fields, setup_method_args=setup_method_args)
+        adata_manager = CanonicalAnnDataManager(
+            fields=mudata_fields, setup_method_args=setup_method_args
+        )
         adata_manager.register_fields(mdata, **kwargs)
         cls.register_manager(adata_manager)
 

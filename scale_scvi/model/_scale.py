@@ -14,7 +14,6 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS, settings
-from scvi.data import AnnDataManager
 from scvi.data.fields import (
     CategoricalJointObsField,
     CategoricalObsField,
@@ -34,6 +33,7 @@ from scale_scvi.train import (
 from scale_scvi.train._gmm_init import check_gmm_init_method
 
 from . import _peaks
+from ._canonical import CanonicalAnnDataManager, warn_if_not_canonical
 from ._features import FeatureIdentityMixin
 from ._io import ModelFolderMixin
 from ._mudata import MuDataSetupMixin
@@ -212,6 +212,10 @@ class SCALE(
             "adata.X" if layer is None else f"adata.layers[{layer!r}]",
             warn_empty="source_registry" not in kwargs,
         )
+        if "source_registry" not in kwargs:
+            warn_if_not_canonical(
+                matrix, "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+            )
         validate_unique_var_names(adata)
         validate_obs_keys(adata, [batch_key], "batch_key")
         validate_obs_keys(adata, categorical_covariate_keys or [], "categorical_covariate_keys")
@@ -222,7 +226,9 @@ class SCALE(
             CategoricalJointObsField(REGISTRY_KEYS.CAT_COVS_KEY, categorical_covariate_keys),
             NumericalJointObsField(REGISTRY_KEYS.CONT_COVS_KEY, continuous_covariate_keys),
         ]
-        adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
+        adata_manager = CanonicalAnnDataManager(
+            fields=anndata_fields, setup_method_args=setup_method_args
+        )
         adata_manager.register_fields(adata, **kwargs)
         cls.register_manager(adata_manager)
 
