@@ -30,6 +30,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import threading
 import types
 import zipfile
 from collections.abc import Iterator
@@ -210,14 +211,24 @@ def restricted_model_reads() -> Iterator[None]:
     ``prepare_query_anndata`` and ``load_registry``) calls ``torch.load(...,
     weights_only=False)``; inside the block, the ``torch`` its module calls is a view of
     torch whose ``load`` is the restricted reader. Only that module is affected, only while
-    the block runs, and only to restrict what it reads.
+    a block runs (in any thread; blocks may overlap), and only to restrict what it reads.
     """
-    previous = scvi_save_load.torch
-    scvi_save_load.torch = _TorchWithRestrictedLoad("torch")
+    global _restricted_depth
+    with _restricted_lock:
+        if _restricted_depth == 0:
+            scvi_save_load.torch = _TorchWithRestrictedLoad("torch")
+        _restricted_depth += 1
     try:
         yield
     finally:
-        scvi_save_load.torch = previous
+        with _restricted_lock:
+            _restricted_depth -= 1
+            if _restricted_depth == 0:
+                scvi_save_load.torch = torch
+
+
+_restricted_lock = threading.Lock()
+_restricted_depth = 0  # blocks of restricted_model_reads running (in any thread)
 
 
 def _move_into_place(source: str, target: str, prefix: str | None) -> None:
