@@ -27,6 +27,8 @@ from mudata import MuData
 from scale_scvi import SCALE
 from scale_scvi.data import simulate_scatac
 
+from .conftest import not_canonical
+
 N_CELLS, N_PEAKS = 120, 150
 MODEL_KWARGS = {"n_centroids": 4, "n_hidden": (16,), "n_latent": 5}
 TRAIN_KWARGS = {"max_epochs": 2, "batch_size": 40, "enable_progress_bar": False}
@@ -118,6 +120,23 @@ def _empty_cells_and_peaks(adata: ad.AnnData) -> None:
     adata.X.eliminate_zeros()
 
 
+def _obs(key: str, values) -> Callable[[ad.AnnData], None]:
+    def edit(adata: ad.AnnData) -> None:
+        adata.obs[key] = values
+
+    return edit
+
+
+_DEPTH = np.arange(N_CELLS, dtype=np.float64)
+_DONOR = np.array(["d1", "d2", "d3"] * (N_CELLS // 3), dtype=object)
+
+
+def _with(array: np.ndarray, index: int, value) -> np.ndarray:
+    array = array.copy()
+    array[index] = value
+    return array
+
+
 @dataclass
 class Case:
     """One row: how to make the input, what to call, and what must happen."""
@@ -197,6 +216,36 @@ CASES: dict[str, Case] = {
         error=ValueError,
         match="continuous_covariate_keys='tss'",
     ),
+    "nan continuous covariate": Case(
+        edited(_obs("depth", _with(_DEPTH, 7, np.nan))),
+        setup={"continuous_covariate_keys": ["depth"]},
+        error=ValueError,
+        match=r"adata.obs\['depth'\] \(continuous_covariate_keys\) has 1 NaN or infinite",
+    ),
+    "inf continuous covariate": Case(
+        edited(_obs("depth", _with(_DEPTH, 7, -np.inf))),
+        setup={"continuous_covariate_keys": ["depth"]},
+        error=ValueError,
+        match=r"has 1 NaN or infinite values \(first in cell 'cell_7'\)",
+    ),
+    "text continuous covariate": Case(
+        edited(_obs("donor", _DONOR)),
+        setup={"continuous_covariate_keys": ["donor"]},
+        error=TypeError,
+        match=r"must be numeric.*categorical_covariate_keys",
+    ),
+    "nan categorical covariate": Case(
+        edited(_obs("donor", _with(_DONOR, 4, np.nan))),
+        setup={"categorical_covariate_keys": ["donor"]},
+        error=ValueError,
+        match=r"adata.obs\['donor'\] \(categorical_covariate_keys\) has 1 missing \(NaN\)",
+    ),
+    "nan batch": Case(
+        edited(_obs("sample", pd.Categorical(_with(_DONOR, 4, None)))),
+        setup={"batch_key": "sample"},
+        error=ValueError,
+        match=r"adata.obs\['sample'\] \(batch_key\) has 1 missing",
+    ),
     "duplicate peak names": Case(
         edited(_duplicate_names),
         error=ValueError,
@@ -243,6 +292,9 @@ CASES: dict[str, Case] = {
     "bool": Case(with_x(lambda X: X.astype(bool))),
     "counts": Case(with_x(_counts)),
     "non-integer values": Case(with_x(_fractions)),
+    "csr not canonical": Case(
+        with_x(not_canonical), warns=r"adata.X is a sparse matrix with duplicate entries"
+    ),
     "layer": Case(edited(_layer_only), setup={"layer": "counts"}),
     "batch key": Case(edited(lambda a: None), setup={"batch_key": "batch"}, reference=None),
     "n_centroids = n_cells": Case(

@@ -21,6 +21,8 @@ from scale_scvi import SCALE
 from scale_scvi.data import simulate_multiome, simulate_scatac
 from scale_scvi.model import _io
 
+from .conftest import not_canonical
+
 
 def _train(seed: int, n_peaks: int = 40) -> SCALE:
     scvi.settings.seed = 0
@@ -309,32 +311,11 @@ def test_fixture_of_0_1_0_loads_through_the_restricted_reader(tmp_path) -> None:
 
 
 # ---------------------------------------------------------------- canonical sparse input
-def _not_canonical(X, seed: int = 0) -> sp.csr_matrix:
-    """The same matrix with every other entry split into two duplicates, three stored zeros
-    per row and each row's indices shuffled."""
-    rng = np.random.default_rng(seed)
-    X = sp.csr_matrix(X, dtype=np.float32)
-    X.sort_indices()
-    cols, vals = [], []
-    for i in range(X.shape[0]):
-        c = X.indices[X.indptr[i] : X.indptr[i + 1]]
-        v = X.data[X.indptr[i] : X.indptr[i + 1]].copy()
-        v[::2] /= 2
-        zeros = np.setdiff1d(np.arange(X.shape[1]), c)[:3]
-        c = np.concatenate([c, c[::2], zeros])
-        v = np.concatenate([v, v[::2], np.zeros(len(zeros), dtype=np.float32)])
-        order = rng.permutation(len(c))
-        cols.append(c[order])
-        vals.append(v[order])
-    indptr = np.concatenate([[0], np.cumsum([len(c) for c in cols])])
-    return sp.csr_matrix((np.concatenate(vals), np.concatenate(cols), indptr), shape=X.shape)
-
-
 @pytest.fixture(scope="module")
 def canonical_and_not():
     adata = simulate_scatac(n_cells=90, n_peaks=60, n_types=3, density=(0.1, 0.3), seed=5)
     canonical = sp.csr_matrix(adata.X, dtype=np.float32)
-    messy = _not_canonical(canonical)
+    messy = not_canonical(canonical)
     assert not messy.has_canonical_format and messy.nnz > 1.5 * canonical.nnz
     np.testing.assert_array_equal(messy.toarray(), canonical.toarray())
     return adata, canonical, messy

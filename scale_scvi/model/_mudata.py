@@ -9,7 +9,7 @@ from scvi.data import fields
 from scale_scvi.module import ATAC, ATAC_KEY, MODALITIES, MODALITY_FLAG_KEY, RNA, RNA_KEY
 
 from ._canonical import CanonicalAnnDataManager, warn_if_not_canonical
-from ._validation import validate_accessibility_matrix
+from ._validation import validate_accessibility_matrix, validate_covariate_values
 
 #: Values of the ``modality_key`` column and the modalities ``(atac, rna)`` they mean.
 MODALITY_FLAG_VALUES: dict[str, tuple[bool, bool]] = {
@@ -267,3 +267,4 @@ def _check_obs_key(mdata, key: str | None, mod: str | None, argument: str) -> No
     where = "mdata.obs" if mod is None else f"mdata[{mod!r}].obs"
     if key not in obs:
         raise ValueError(f"{argument}={key!r} is not a column of {where} ({list(obs.columns)}).")
+    validate_covariate_values(obs, key, argument, where)

@@ -7,6 +7,7 @@ import warnings
 from collections.abc import Iterable, Iterator
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 from scvi import settings
@@ -128,13 +129,61 @@ def validate_unique_var_names(adata: AnnData) -> None:
 
 
 def validate_obs_keys(adata: AnnData, keys: Iterable[str | None], argument: str) -> None:
-    """Raise a ``ValueError`` if a covariate key is not a column of ``adata.obs``."""
+    """Raise a ``ValueError`` if a covariate key is not a column of ``adata.obs``, or a clear
+    error if its values are unusable (:func:`validate_covariate_values`)."""
     for key in keys:
         if key is not None and key not in adata.obs:
             raise ValueError(
                 f"{argument}={key!r} is not a column of adata.obs (columns: "
                 f"{list(adata.obs.columns)})."
             )
+        validate_covariate_values(adata.obs, key, argument)
+
+
+def validate_covariate_values(obs, key: str | None, argument: str, where: str = "adata.obs"):
+    """Raise a clear error for covariate values scvi-tools would fail on, or train on badly.
+
+    Continuous covariates (``argument`` starting with ``"continuous"``) must be numeric and
+    finite: a NaN or infinite value makes the loss non-finite at the first step. The other
+    covariates (batch, categorical) must have no missing value, which scvi-tools would
+    report as a mismatch of categories.
+
+    Parameters
+    ----------
+    obs
+        The ``obs`` table holding the column.
+    key
+        The column (``None``: nothing to check).
+    argument
+        The argument that named it, e.g. ``"continuous_covariate_keys"``.
+    where
+        How the messages name ``obs``.
+    """
+    if key is None:
+        return
+    column = obs[key]
+    if argument.startswith("continuous"):
+        if not pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
+            raise TypeError(
+                f"{where}[{key!r}] ({argument}) has dtype {column.dtype}; a continuous "
+                "covariate must be numeric. Pass a column of categories in "
+                "categorical_covariate_keys instead."
+            )
+        bad = ~np.isfinite(column.to_numpy(dtype=np.float64, na_value=np.nan))
+        kind = "NaN or infinite"
+        fix = "fill them (e.g. with the column's median) or drop those cells"
+    else:
+        bad = column.isna().to_numpy()
+        kind = "missing (NaN)"
+        fix = (
+            f"give them a category of their own, e.g. {where}[{key!r}] = "
+            f"{where}[{key!r}].astype(str), or drop those cells"
+        )
+    if bad.any():
+        raise ValueError(
+            f"{where}[{key!r}] ({argument}) has {int(bad.sum())} {kind} values (first in cell "
+            f"{obs.index[np.flatnonzero(bad)[0]]!r}); {fix} before setup."
+        )
 
 
 def validate_n_centroids(n_centroids: int, n_obs: int) -> None:
