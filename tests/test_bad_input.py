@@ -144,6 +144,7 @@ class Case:
     make: Callable[[Path], ad.AnnData]
     setup: dict = field(default_factory=dict)
     model: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
     error: type[Exception] | None = None
     match: str | None = None
     warns: str | None = None
@@ -282,6 +283,61 @@ CASES: dict[str, Case] = {
         error=TypeError,
         match="n_centroids must be an integer",
     ),
+    # architecture and training arguments
+    "n_latent 0": Case(
+        edited(lambda a: None),
+        model={"n_latent": 0},
+        error=ValueError,
+        match="n_latent=0 is out of range: it must be at least 1",
+    ),
+    "n_latent negative": Case(
+        edited(lambda a: None), model={"n_latent": -2}, error=ValueError, match="n_latent=-2"
+    ),
+    "n_latent float": Case(
+        edited(lambda a: None),
+        model={"n_latent": 2.5},
+        error=TypeError,
+        match="n_latent must be an integer, got 2.5",
+    ),
+    "n_hidden zero width": Case(
+        edited(lambda a: None),
+        model={"n_hidden": (0,)},
+        error=ValueError,
+        match=r"n_hidden\[0\]=0 is out of range.*at least one unit",
+    ),
+    "n_hidden int": Case(
+        edited(lambda a: None),
+        model={"n_hidden": 128},
+        error=TypeError,
+        match=r"n_hidden must be a sequence of layer widths, e.g. \(128,\)",
+    ),
+    "batch_size 0": Case(
+        edited(lambda a: None),
+        train={"batch_size": 0},
+        error=ValueError,
+        match="batch_size=0 is out of range",
+    ),
+    "batch_size 1": Case(
+        edited(lambda a: None),
+        train={"batch_size": 1},
+        error=ValueError,
+        match=r"batch_size=1 .*at least 2 \(batch normalization",
+    ),
+    "early stopping without validation": Case(
+        edited(lambda a: None),
+        train={"early_stopping": True},
+        error=ValueError,
+        match=r"early_stopping=True .*no cells are held out.*train_size < 1",
+    ),
+    "train_size 0": Case(
+        edited(lambda a: None),
+        train={"train_size": 0},
+        error=ValueError,
+        match=r"train_size=0 is out of range.*\(0, 1\]",
+    ),
+    "train_size above 1": Case(
+        edited(lambda a: None), train={"train_size": 1.5}, error=ValueError, match="train_size=1.5"
+    ),
     # accepted formats: same model as the reference
     "reference csr float32": Case(edited(lambda a: None)),
     "csc": Case(with_x(lambda X: X.tocsc())),
@@ -396,7 +452,9 @@ def test_input(name: str, tmp_path: Path, request) -> None:
         if case.error is not None:
             with pytest.raises(case.error, match=case.match):
                 SCALE.setup_anndata(adata, **case.setup)
-                SCALE(adata, **{**MODEL_KWARGS, **case.model})
+                model = SCALE(adata, **{**MODEL_KWARGS, **case.model})
+                if case.train:
+                    model.train(**{**TRAIN_KWARGS, **case.train})
             return
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -490,3 +548,30 @@ def test_dense_validation_reads_bounded_blocks(monkeypatch) -> None:
     X[-1, -1] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         _validation.validate_accessibility_matrix(X)
+
+
+@pytest.mark.skipif(not hasattr(SCALE, "setup_mudata"), reason="SCALE.setup_mudata not available")
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [(-1.0, "negative values; SCALE needs raw counts of expression"), (np.nan, "setup_mudata")],
+    ids=["negative", "nan"],
+)
+def test_rna_messages_speak_of_expression(value, match: str) -> None:
+    """Errors about the RNA modality name expression and setup_mudata, not accessibility."""
+    from scale_scvi.data import simulate_multiome
+
+    mdata = simulate_multiome(n_cells=30, n_peaks=20, n_genes=10, n_types=2, seed=0)
+    rna = mdata.mod["rna"]
+    rna.X = _set(rna.X.toarray() if sp.issparse(rna.X) else rna.X, value)
+    with pytest.raises(ValueError, match=match) as info:
+        SCALE.setup_mudata(mdata)
+    assert "accessib" not in str(info.value) and "setup_anndata" not in str(info.value)
+
+
+def test_mudata_covariate_values_are_checked() -> None:
+    from scale_scvi.data import simulate_multiome
+
+    mdata = simulate_multiome(n_cells=30, n_peaks=20, n_genes=10, n_types=2, seed=0)
+    mdata.obs["depth"] = _with(np.arange(30, dtype=np.float64), 2, np.nan)
+    with pytest.raises(ValueError, match=r"mdata.obs\['depth'\] .*1 NaN or infinite"):
+        SCALE.setup_mudata(mdata, continuous_covariate_keys=["depth"])

@@ -146,7 +146,7 @@ class MuDataSetupMixin:
                     "with modality_key)."
                 )
             matrix, what = _mudata_matrix(mdata, mod, atac_layer if m == ATAC else rna_layer)
-            validate_accessibility_matrix(matrix, what)
+            validate_accessibility_matrix(matrix, what, expression=m == RNA, setup="setup_mudata")
             if "source_registry" not in kwargs:
                 warn_if_not_canonical(matrix, what)
             matrices[m] = matrix

@@ -40,6 +40,9 @@ from ._mudata import MuDataSetupMixin
 from ._validation import (
     get_matrix,
     validate_accessibility_matrix,
+    validate_count,
+    validate_data_split,
+    validate_layer_widths,
     validate_n_centroids,
     validate_obs_keys,
     validate_saved_var_names,
@@ -133,6 +136,9 @@ class SCALE(
     ):
         super().__init__(adata)
         validate_n_centroids(n_centroids, self.summary_stats.n_cells)
+        validate_count(n_latent, "n_latent")
+        validate_layer_widths(n_hidden, "n_hidden")
+        validate_layer_widths(n_hidden_decoder, "n_hidden_decoder")
         if n_particles is None:
             n_particles = 1 if objective == "elbo" else 8
         n_cats_per_cov = (
@@ -363,6 +369,19 @@ class SCALE(
         if gmm_init_epoch is None:
             gmm_init_epoch = min(n_epochs_kl_warmup, max_epochs - 1)
         check_gmm_init_method(gmm_init_method, "gmm_init_method")
+        has_batch_norm = any(isinstance(m, torch.nn.BatchNorm1d) for m in self.module.modules())
+        validate_count(
+            batch_size,
+            "batch_size",
+            minimum=2 if has_batch_norm else 1,
+            why=" (batch normalization needs two cells per minibatch)" if has_batch_norm else "",
+        )
+        validate_data_split(
+            train_size,
+            validation_size,
+            early_stopping,
+            external_indexing=(datasplitter_kwargs or {}).get("external_indexing") is not None,
+        )
         if not 0 <= gmm_init_epoch < max_epochs:
             raise ValueError(
                 f"gmm_init_epoch={gmm_init_epoch} must be in [0, max_epochs={max_epochs})."

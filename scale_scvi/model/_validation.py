@@ -46,7 +46,13 @@ def get_matrix(adata: AnnData, layer: str | None):
     return adata.layers[layer]
 
 
-def validate_accessibility_matrix(matrix, what: str = "adata.X", warn_empty: bool = False) -> None:
+def validate_accessibility_matrix(
+    matrix,
+    what: str = "adata.X",
+    warn_empty: bool = False,
+    expression: bool = False,
+    setup: str = "setup_anndata",
+) -> None:
     """Check a cells x peaks matrix without modifying or densifying it.
 
     Raises a ``ValueError`` for an empty matrix or negative, NaN or infinite values and a
@@ -64,17 +70,30 @@ def validate_accessibility_matrix(matrix, what: str = "adata.X", warn_empty: boo
         Warn about cells without any accessible peak and peaks accessible in no cell. They
         are handled correctly (they carry no signal), but usually point to missed
         quality control.
+    expression
+        The matrix holds RNA counts (cells x genes) rather than accessibility: the messages
+        say so.
+    setup
+        The setup method the messages name.
     """
+    features, needs = (
+        ("gene", "raw counts of expression")
+        if expression
+        else (
+            "peak",
+            "counts or a binary accessibility matrix (any value > 0 is read as accessible)",
+        )
+    )
     if matrix.shape[0] == 0 or matrix.shape[1] == 0:
         raise ValueError(
             f"{what} is empty (shape {tuple(matrix.shape)}): SCALE needs at least one cell and "
-            "one peak."
+            f"one {features}."
         )
     dtype = np.dtype(getattr(matrix, "dtype", np.float32))
     if dtype.kind not in "iufb":
         raise TypeError(
-            f"{what} has dtype {dtype}; SCALE needs a numeric matrix of counts or of 0/1 "
-            "accessibility (integer, boolean or float)."
+            f"{what} has dtype {dtype}; SCALE needs a numeric matrix of {needs} (integer, "
+            "boolean or float)."
         )
     n_empty_cells = 0
     peak_open = np.zeros(matrix.shape[1], dtype=bool)
@@ -84,18 +103,14 @@ def validate_accessibility_matrix(matrix, what: str = "adata.X", warn_empty: boo
             if np.isnan(values).any():
                 raise ValueError(
                     f"{what} contains NaN values; remove or fill them (e.g. with 0) before "
-                    "setup_anndata."
+                    f"{setup}."
                 )
             if np.isinf(values).any():
                 raise ValueError(
-                    f"{what} contains infinite values; replace them with counts before "
-                    "setup_anndata."
+                    f"{what} contains infinite values; replace them with counts before {setup}."
                 )
         if values.size and values.dtype.kind in "if" and (values < 0).any():
-            raise ValueError(
-                f"{what} contains negative values; SCALE needs counts or a binary "
-                "accessibility matrix (any value > 0 is read as accessible)."
-            )
+            raise ValueError(f"{what} contains negative values; SCALE needs {needs}.")
         if warn_empty:
             positive = block > 0
             n_empty_cells += int((np.asarray(positive.sum(axis=1)).ravel() == 0).sum())
@@ -194,6 +209,53 @@ def validate_n_centroids(n_centroids: int, n_obs: int) -> None:
         raise ValueError(
             f"n_centroids={n_centroids} is out of range: it must be between 1 and the number "
             f"of cells ({n_obs})."
+        )
+
+
+def validate_count(value, name: str, minimum: int = 1, why: str = "") -> None:
+    """Raise a ``TypeError`` unless ``value`` is an integer, a ``ValueError`` if below
+    ``minimum``; ``why`` ends the message."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__}).")
+    if value < minimum:
+        raise ValueError(f"{name}={value} is out of range: it must be at least {minimum}{why}.")
+
+
+def validate_layer_widths(widths, name: str) -> None:
+    """Raise unless ``widths`` is a sequence of positive integers (hidden-layer widths)."""
+    if isinstance(widths, str) or not isinstance(widths, Iterable):
+        raise TypeError(f"{name} must be a sequence of layer widths, e.g. (128,), got {widths!r}.")
+    for i, width in enumerate(widths):
+        validate_count(width, f"{name}[{i}]", why=" (a layer needs at least one unit)")
+
+
+def validate_data_split(
+    train_size: float | None,
+    validation_size: float | None,
+    early_stopping: bool,
+    external_indexing: bool = False,
+) -> None:
+    """Raise a ``ValueError`` for fractions of cells that leave no training (or, with early
+    stopping, no validation) cells."""
+    if train_size is not None and not 0 < train_size <= 1:
+        raise ValueError(
+            f"train_size={train_size} is out of range: it is the fraction of cells to train "
+            "on, in (0, 1]."
+        )
+    if validation_size is not None and not 0 <= validation_size < 1:
+        raise ValueError(
+            f"validation_size={validation_size} is out of range: it is the fraction of cells "
+            "to validate on, in [0, 1)."
+        )
+    n_validation = (
+        validation_size
+        if validation_size is not None
+        else 1.0 - (1.0 if train_size is None else train_size)
+    )
+    if early_stopping and not external_indexing and n_validation <= 0:
+        raise ValueError(
+            "early_stopping=True stops when the validation ELBO stops improving, but no cells "
+            "are held out for validation: pass train_size < 1 (e.g. train_size=0.9)."
         )
 
 
