@@ -270,10 +270,11 @@ class ModelFolderMixin:
         As :meth:`scvi.model.base.BaseModelClass.save` (same arguments and files), except
         that the files are first written into a temporary folder inside ``dir_path`` and
         then moved into place: a save that fails while writing leaves the model saved there
-        before untouched. With ``save_anndata=False``, a data file an earlier save left in
-        ``dir_path`` (under the same ``prefix``) is removed, so that ``load(dir_path)``
-        never pairs this model with another model's data. Other files in the folder are
-        left alone.
+        before untouched (a process killed while writing leaves a hidden ``.saving-*``
+        folder in ``dir_path``, which may be deleted). With ``save_anndata=False``, a data
+        file an earlier save left in ``dir_path`` (under the same ``prefix``) is removed, so
+        that ``load(dir_path)`` never pairs this model with another model's data. Other
+        files in the folder are left alone.
 
         Parameters
         ----------
@@ -336,11 +337,7 @@ class ModelFolderMixin:
     def load_query_data(cls, adata=None, reference_model=None, *args, **kwargs):
         """As :meth:`scvi.model.base.ArchesMixin.load_query_data`, reading a saved reference
         model (a folder) safely."""
-        if not isinstance(reference_model, str | os.PathLike):
-            return super().load_query_data(adata, reference_model, *args, **kwargs)
-        check_model_file(reference_model)
-        with restricted_model_reads():
-            return super().load_query_data(adata, os.fspath(reference_model), *args, **kwargs)
+        return _with_reference(super().load_query_data, adata, reference_model, args, kwargs)
 
     @staticmethod
     def prepare_query_anndata(adata, reference_model, *args, **kwargs):
@@ -382,7 +379,9 @@ class ModelFolderMixin:
         )
 
 
-def _with_reference(method, data, reference_model, args, kwargs):
+def _with_reference(method, data, reference_model, args: tuple, kwargs: dict):
+    """``method(data, reference_model, ...)``, reading ``reference_model`` safely when it is
+    a folder (rather than a model in memory)."""
     if not isinstance(reference_model, str | os.PathLike):
         return method(data, reference_model, *args, **kwargs)
     check_model_file(reference_model)
