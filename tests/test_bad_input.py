@@ -27,6 +27,8 @@ from mudata import MuData
 from scale_scvi import SCALE
 from scale_scvi.data import simulate_scatac
 
+from .conftest import not_canonical
+
 N_CELLS, N_PEAKS = 120, 150
 MODEL_KWARGS = {"n_centroids": 4, "n_hidden": (16,), "n_latent": 5}
 TRAIN_KWARGS = {"max_epochs": 2, "batch_size": 40, "enable_progress_bar": False}
@@ -118,6 +120,23 @@ def _empty_cells_and_peaks(adata: ad.AnnData) -> None:
     adata.X.eliminate_zeros()
 
 
+def _obs(key: str, values) -> Callable[[ad.AnnData], None]:
+    def edit(adata: ad.AnnData) -> None:
+        adata.obs[key] = values
+
+    return edit
+
+
+_DEPTH = np.arange(N_CELLS, dtype=np.float64)
+_DONOR = np.array(["d1", "d2", "d3"] * (N_CELLS // 3), dtype=object)
+
+
+def _with(array: np.ndarray, index: int, value) -> np.ndarray:
+    array = array.copy()
+    array[index] = value
+    return array
+
+
 @dataclass
 class Case:
     """One row: how to make the input, what to call, and what must happen."""
@@ -125,6 +144,7 @@ class Case:
     make: Callable[[Path], ad.AnnData]
     setup: dict = field(default_factory=dict)
     model: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
     error: type[Exception] | None = None
     match: str | None = None
     warns: str | None = None
@@ -197,6 +217,36 @@ CASES: dict[str, Case] = {
         error=ValueError,
         match="continuous_covariate_keys='tss'",
     ),
+    "nan continuous covariate": Case(
+        edited(_obs("depth", _with(_DEPTH, 7, np.nan))),
+        setup={"continuous_covariate_keys": ["depth"]},
+        error=ValueError,
+        match=r"adata.obs\['depth'\] \(continuous_covariate_keys\) has 1 NaN or infinite",
+    ),
+    "inf continuous covariate": Case(
+        edited(_obs("depth", _with(_DEPTH, 7, -np.inf))),
+        setup={"continuous_covariate_keys": ["depth"]},
+        error=ValueError,
+        match=r"has 1 NaN or infinite values \(first in cell 'cell_7'\)",
+    ),
+    "text continuous covariate": Case(
+        edited(_obs("donor", _DONOR)),
+        setup={"continuous_covariate_keys": ["donor"]},
+        error=TypeError,
+        match=r"must be numeric.*categorical_covariate_keys",
+    ),
+    "nan categorical covariate": Case(
+        edited(_obs("donor", _with(_DONOR, 4, np.nan))),
+        setup={"categorical_covariate_keys": ["donor"]},
+        error=ValueError,
+        match=r"adata.obs\['donor'\] \(categorical_covariate_keys\) has 1 missing \(NaN\)",
+    ),
+    "nan batch": Case(
+        edited(_obs("sample", pd.Categorical(_with(_DONOR, 4, None)))),
+        setup={"batch_key": "sample"},
+        error=ValueError,
+        match=r"adata.obs\['sample'\] \(batch_key\) has 1 missing",
+    ),
     "duplicate peak names": Case(
         edited(_duplicate_names),
         error=ValueError,
@@ -233,6 +283,61 @@ CASES: dict[str, Case] = {
         error=TypeError,
         match="n_centroids must be an integer",
     ),
+    # architecture and training arguments
+    "n_latent 0": Case(
+        edited(lambda a: None),
+        model={"n_latent": 0},
+        error=ValueError,
+        match="n_latent=0 is out of range: it must be at least 1",
+    ),
+    "n_latent negative": Case(
+        edited(lambda a: None), model={"n_latent": -2}, error=ValueError, match="n_latent=-2"
+    ),
+    "n_latent float": Case(
+        edited(lambda a: None),
+        model={"n_latent": 2.5},
+        error=TypeError,
+        match="n_latent must be an integer, got 2.5",
+    ),
+    "n_hidden zero width": Case(
+        edited(lambda a: None),
+        model={"n_hidden": (0,)},
+        error=ValueError,
+        match=r"n_hidden\[0\]=0 is out of range.*at least one unit",
+    ),
+    "n_hidden int": Case(
+        edited(lambda a: None),
+        model={"n_hidden": 128},
+        error=TypeError,
+        match=r"n_hidden must be a sequence of layer widths, e.g. \(128,\)",
+    ),
+    "batch_size 0": Case(
+        edited(lambda a: None),
+        train={"batch_size": 0},
+        error=ValueError,
+        match="batch_size=0 is out of range",
+    ),
+    "batch_size 1": Case(
+        edited(lambda a: None),
+        train={"batch_size": 1},
+        error=ValueError,
+        match=r"batch_size=1 .*at least 2 \(batch normalization",
+    ),
+    "early stopping without validation": Case(
+        edited(lambda a: None),
+        train={"early_stopping": True},
+        error=ValueError,
+        match=r"early_stopping=True .*no cells are held out.*train_size < 1",
+    ),
+    "train_size 0": Case(
+        edited(lambda a: None),
+        train={"train_size": 0},
+        error=ValueError,
+        match=r"train_size=0 is out of range.*\(0, 1\]",
+    ),
+    "train_size above 1": Case(
+        edited(lambda a: None), train={"train_size": 1.5}, error=ValueError, match="train_size=1.5"
+    ),
     # accepted formats: same model as the reference
     "reference csr float32": Case(edited(lambda a: None)),
     "csc": Case(with_x(lambda X: X.tocsc())),
@@ -243,6 +348,9 @@ CASES: dict[str, Case] = {
     "bool": Case(with_x(lambda X: X.astype(bool))),
     "counts": Case(with_x(_counts)),
     "non-integer values": Case(with_x(_fractions)),
+    "csr not canonical": Case(
+        with_x(not_canonical), warns=r"adata.X is a sparse matrix with duplicate entries"
+    ),
     "layer": Case(edited(_layer_only), setup={"layer": "counts"}),
     "batch key": Case(edited(lambda a: None), setup={"batch_key": "batch"}, reference=None),
     "n_centroids = n_cells": Case(
@@ -344,7 +452,9 @@ def test_input(name: str, tmp_path: Path, request) -> None:
         if case.error is not None:
             with pytest.raises(case.error, match=case.match):
                 SCALE.setup_anndata(adata, **case.setup)
-                SCALE(adata, **{**MODEL_KWARGS, **case.model})
+                model = SCALE(adata, **{**MODEL_KWARGS, **case.model})
+                if case.train:
+                    model.train(**{**TRAIN_KWARGS, **case.train})
             return
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -438,3 +548,30 @@ def test_dense_validation_reads_bounded_blocks(monkeypatch) -> None:
     X[-1, -1] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         _validation.validate_accessibility_matrix(X)
+
+
+@pytest.mark.skipif(not hasattr(SCALE, "setup_mudata"), reason="SCALE.setup_mudata not available")
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [(-1.0, "negative values; SCALE needs raw counts of expression"), (np.nan, "setup_mudata")],
+    ids=["negative", "nan"],
+)
+def test_rna_messages_speak_of_expression(value, match: str) -> None:
+    """Errors about the RNA modality name expression and setup_mudata, not accessibility."""
+    from scale_scvi.data import simulate_multiome
+
+    mdata = simulate_multiome(n_cells=30, n_peaks=20, n_genes=10, n_types=2, seed=0)
+    rna = mdata.mod["rna"]
+    rna.X = _set(rna.X.toarray() if sp.issparse(rna.X) else rna.X, value)
+    with pytest.raises(ValueError, match=match) as info:
+        SCALE.setup_mudata(mdata)
+    assert "accessib" not in str(info.value) and "setup_anndata" not in str(info.value)
+
+
+def test_mudata_covariate_values_are_checked() -> None:
+    from scale_scvi.data import simulate_multiome
+
+    mdata = simulate_multiome(n_cells=30, n_peaks=20, n_genes=10, n_types=2, seed=0)
+    mdata.obs["depth"] = _with(np.arange(30, dtype=np.float64), 2, np.nan)
+    with pytest.raises(ValueError, match=r"mdata.obs\['depth'\] .*1 NaN or infinite"):
+        SCALE.setup_mudata(mdata, continuous_covariate_keys=["depth"])

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 from scvi import REGISTRY_KEYS
-from scvi.data import AnnDataManager, fields
+from scvi.data import fields
 
 from scale_scvi.module import ATAC, ATAC_KEY, MODALITIES, MODALITY_FLAG_KEY, RNA, RNA_KEY
 
-from ._validation import validate_accessibility_matrix
+from ._canonical import CanonicalAnnDataManager, warn_if_not_canonical
+from ._validation import validate_accessibility_matrix, validate_covariate_values
 
 #: Values of the ``modality_key`` column and the modalities ``(atac, rna)`` they mean.
 MODALITY_FLAG_VALUES: dict[str, tuple[bool, bool]] = {
@@ -107,6 +108,10 @@ class MuDataSetupMixin:
         >>> SCALE.setup_mudata(mdata, modalities={"atac_layer": "atac", "rna_layer": "rna"})
         >>> model = SCALE(mdata, n_centroids=14)
         """
+        if modalities is None:
+            modalities = {"atac_layer": "atac", "rna_layer": "rna"}
+        # Before any other local, so that only the arguments are recorded (and saved).
+        setup_method_args = cls._get_setup_method_args(**locals())
         from mudata import MuData
 
         if not isinstance(mdata, MuData):
@@ -114,11 +119,8 @@ class MuDataSetupMixin:
                 f"setup_mudata takes a MuData, got {type(mdata).__name__}; for an AnnData use "
                 "SCALE.setup_anndata."
             )
-        if modalities is None:
-            modalities = {"atac_layer": "atac", "rna_layer": "rna"}
         if not isinstance(modalities, dict):
             raise TypeError(f"modalities must be a dict, got {type(modalities).__name__}.")
-        setup_method_args = cls._get_setup_method_args(**locals())
         modalities_ = cls._create_modalities_attr_dict(modalities, setup_method_args)
         mods = {m: modalities_[f"{m}_layer"] for m in MODALITIES}
         if all(v is None for v in mods.values()):
@@ -144,7 +146,9 @@ class MuDataSetupMixin:
                     "with modality_key)."
                 )
             matrix, what = _mudata_matrix(mdata, mod, atac_layer if m == ATAC else rna_layer)
-            validate_accessibility_matrix(matrix, what)
+            validate_accessibility_matrix(matrix, what, expression=m == RNA, setup="setup_mudata")
+            if "source_registry" not in kwargs:
+                warn_if_not_canonical(matrix, what)
             matrices[m] = matrix
 
         for arg in ("batch_key", "modality_key"):
@@ -221,7 +225,9 @@ class MuDataSetupMixin:
                     mod_required=True,
                 )
             )
-        adata_manager = AnnDataManager(fields=mudata_fields, setup_method_args=setup_method_args)
+        adata_manager = CanonicalAnnDataManager(
+            fields=mudata_fields, setup_method_args=setup_method_args
+        )
         adata_manager.register_fields(mdata, **kwargs)
         cls.register_manager(adata_manager)
 
@@ -261,3 +267,4 @@ def _check_obs_key(mdata, key: str | None, mod: str | None, argument: str) -> No
     where = "mdata.obs" if mod is None else f"mdata[{mod!r}].obs"
     if key not in obs:
         raise ValueError(f"{argument}={key!r} is not a column of {where} ({list(obs.columns)}).")
+    validate_covariate_values(obs, key, argument, where)

@@ -14,7 +14,6 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS, settings
-from scvi.data import AnnDataManager
 from scvi.data.fields import (
     CategoricalJointObsField,
     CategoricalObsField,
@@ -34,10 +33,16 @@ from scale_scvi.train import (
 from scale_scvi.train._gmm_init import check_gmm_init_method
 
 from . import _peaks
+from ._canonical import CanonicalAnnDataManager, warn_if_not_canonical
+from ._features import FeatureIdentityMixin
+from ._io import ModelFolderMixin
 from ._mudata import MuDataSetupMixin
 from ._validation import (
     get_matrix,
     validate_accessibility_matrix,
+    validate_count,
+    validate_data_split,
+    validate_layer_widths,
     validate_n_centroids,
     validate_obs_keys,
     validate_saved_var_names,
@@ -57,7 +62,15 @@ def _trains_on_cpu(accelerator: str) -> bool:
     return not torch.cuda.is_available() and not (mps is not None and mps.is_available())
 
 
-class SCALE(MuDataSetupMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
+class SCALE(
+    ModelFolderMixin,
+    FeatureIdentityMixin,
+    MuDataSetupMixin,
+    ArchesMixin,
+    VAEMixin,
+    UnsupervisedTrainingMixin,
+    BaseModelClass,
+):
     """SCALE: single-cell ATAC-seq analysis via latent feature extraction.
 
     A variational autoencoder whose prior is a Gaussian mixture, so that its components
@@ -123,6 +136,9 @@ class SCALE(MuDataSetupMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, 
     ):
         super().__init__(adata)
         validate_n_centroids(n_centroids, self.summary_stats.n_cells)
+        validate_count(n_latent, "n_latent")
+        validate_layer_widths(n_hidden, "n_hidden")
+        validate_layer_widths(n_hidden_decoder, "n_hidden_decoder")
         if n_particles is None:
             n_particles = 1 if objective == "elbo" else 8
         n_cats_per_cov = (
@@ -189,6 +205,8 @@ class SCALE(MuDataSetupMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, 
         continuous_covariate_keys
             Columns of ``adata.obs`` with continuous covariates.
         """
+        # Before any other local, so that only the arguments are recorded (and saved).
+        setup_method_args = cls._get_setup_method_args(**locals())
         if not isinstance(adata, AnnData):
             raise TypeError(
                 f"setup_anndata takes an AnnData, got {type(adata).__name__}; for a MuData use "
@@ -200,18 +218,23 @@ class SCALE(MuDataSetupMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, 
             "adata.X" if layer is None else f"adata.layers[{layer!r}]",
             warn_empty="source_registry" not in kwargs,
         )
+        if "source_registry" not in kwargs:
+            warn_if_not_canonical(
+                matrix, "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+            )
         validate_unique_var_names(adata)
         validate_obs_keys(adata, [batch_key], "batch_key")
         validate_obs_keys(adata, categorical_covariate_keys or [], "categorical_covariate_keys")
         validate_obs_keys(adata, continuous_covariate_keys or [], "continuous_covariate_keys")
-        setup_method_args = cls._get_setup_method_args(**locals())
         anndata_fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
             CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
             CategoricalJointObsField(REGISTRY_KEYS.CAT_COVS_KEY, categorical_covariate_keys),
             NumericalJointObsField(REGISTRY_KEYS.CONT_COVS_KEY, continuous_covariate_keys),
         ]
-        adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
+        adata_manager = CanonicalAnnDataManager(
+            fields=anndata_fields, setup_method_args=setup_method_args
+        )
         adata_manager.register_fields(adata, **kwargs)
         cls.register_manager(adata_manager)
 
@@ -346,6 +369,19 @@ class SCALE(MuDataSetupMixin, ArchesMixin, VAEMixin, UnsupervisedTrainingMixin, 
         if gmm_init_epoch is None:
             gmm_init_epoch = min(n_epochs_kl_warmup, max_epochs - 1)
         check_gmm_init_method(gmm_init_method, "gmm_init_method")
+        has_batch_norm = any(isinstance(m, torch.nn.BatchNorm1d) for m in self.module.modules())
+        validate_count(
+            batch_size,
+            "batch_size",
+            minimum=2 if has_batch_norm else 1,
+            why=" (batch normalization needs two cells per minibatch)" if has_batch_norm else "",
+        )
+        validate_data_split(
+            train_size,
+            validation_size,
+            early_stopping,
+            external_indexing=(datasplitter_kwargs or {}).get("external_indexing") is not None,
+        )
         if not 0 <= gmm_init_epoch < max_epochs:
             raise ValueError(
                 f"gmm_init_epoch={gmm_init_epoch} must be in [0, max_epochs={max_epochs})."
