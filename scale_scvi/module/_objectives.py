@@ -227,8 +227,39 @@ def iwae_bound(log_w: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------
-# Mixture-of-experts objectives (multimodal SCALE, in the manner of MMVAE)
+# Mixture-of-experts objectives (multimodal SCALE)
 # ---------------------------------------------------------------------------------------
+
+
+def mixture_log_weights(mask: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+    """Log weights ``log alpha`` of each cell's mixture over the components it has.
+
+    Parameters
+    ----------
+    mask
+        ``(C, B)`` boolean (or 0/1) tensor: which components each cell has.
+    logits
+        Unnormalized log weights, shape ``(C,)`` or ``(C, B)``; ``None`` gives every
+        component a cell has the same weight.
+
+    Returns
+    -------
+    ``(C, B)`` log weights, normalized over each cell's components, ``-inf`` elsewhere.
+    """
+    mask = mask.bool()
+    if logits is None:
+        logits = torch.zeros(mask.shape, device=mask.device)
+    elif logits.dim() == 1:
+        logits = logits.unsqueeze(-1).expand(mask.shape)
+    logits = logits.masked_fill(~mask, float("-inf"))
+    return torch.log_softmax(logits, dim=0)
+
+
+def _component_log_probs(z: torch.Tensor, qz_m: torch.Tensor, qz_v: torch.Tensor) -> torch.Tensor:
+    """``log q_c(z_s)`` of every point under every component, shape ``(C, S, B)``."""
+    diff2 = (z.unsqueeze(0) - qz_m.unsqueeze(1)).pow(2)
+    var = qz_v.unsqueeze(1)
+    return -0.5 * (_LOG_2PI + var.log() + diff2 / var).sum(-1)
 
 
 def moe_log_prob(
@@ -236,32 +267,95 @@ def moe_log_prob(
     qz_m: torch.Tensor,
     qz_v: torch.Tensor,
     mask: torch.Tensor,
+    log_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Log-density of the mixture-of-experts posterior ``q(z|x_1..M) = 1/M_i sum_m q(z|x_m)``.
+    """Log-density of the mixture posterior ``q(z|x_1..M) = sum_c alpha_c q_c(z)``.
 
-    Only the modalities a cell has enter its mixture: ``M_i`` is the number of them.
+    Only the components a cell has enter its mixture; by default they weigh the same
+    (``alpha_c = 1/C_i`` with ``C_i`` the number of them).
 
     Parameters
     ----------
     z
         Points, shape ``(S, B, D)``.
     qz_m, qz_v
-        Means and variances of the unimodal posteriors, shape ``(M, B, D)``.
+        Means and variances of the components, shape ``(C, B, D)``.
     mask
-        ``(M, B)`` boolean (or 0/1) tensor: which modalities each cell has. Every cell
+        ``(C, B)`` boolean (or 0/1) tensor: which components each cell has. Every cell
         needs at least one.
+    log_weights
+        ``(C, B)`` log mixture weights from :func:`mixture_log_weights`; ``None`` for equal
+        weights.
 
     Returns
     -------
     ``log q(z|x_1..M)``, shape ``(S, B)``.
     """
-    mask = mask.bool()
-    # (M, S, B): log q(z_s | x_m) of every point under every expert
-    log_q = torch.distributions.Normal(qz_m.unsqueeze(1), qz_v.sqrt().unsqueeze(1))
-    log_q = log_q.log_prob(z.unsqueeze(0)).sum(-1)
-    log_q = log_q.masked_fill(~mask.unsqueeze(1), float("-inf"))
-    n_experts = mask.sum(0).clamp_min(1).to(z.dtype)
-    return torch.logsumexp(log_q, dim=0) - n_experts.log()
+    if log_weights is None:
+        log_weights = mixture_log_weights(mask).to(z.dtype)
+    log_q = _component_log_probs(z, qz_m, qz_v) + log_weights.unsqueeze(1)
+    return torch.logsumexp(log_q, dim=0)
+
+
+def _unbiased_dreg_terms(
+    z: torch.Tensor,
+    qz_m: torch.Tensor,
+    qz_v: torch.Tensor,
+    log_alpha: torch.Tensor,
+    log_w: torch.Tensor,
+    kl_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two corrections that make stratified DReG unbiased for a mixture posterior.
+
+    For particle ``i`` drawn from component ``m`` and scored under the whole mixture, the
+    score of ``log q_mix`` is ``sum_j r_j(z_i) d log q_j(z_i)`` with ``r_j`` the share of
+    component ``j`` at ``z_i``. The own-component term is rewritten by reparameterization:
+    ``-beta E[w~_i r_m d log q_m] = -beta E[d_z (w~_i r_m) dz/dphi_m]``, with
+    ``d_z (w~_i r_m) = r_m w~_i (1 - w~_i) g_i + w~_i d_z r_m`` and ``g_i = d_z log w_i``.
+    The first part scales the pathwise gradient of the particle (``factor``); the second and
+    the other components' score terms, which no reparameterization reaches, form ``extra``:
+    a zero-valued term per particle, to be added to its log weight, whose gradient is
+    ``-beta (d_z r_m(z_i) + sum_{j != m} r_j(z_i) d log q_j(z_i))`` (the IWAE bound then
+    multiplies it by ``w~_i``).
+
+    Parameters
+    ----------
+    z
+        Particles, shape ``(C, K, B, D)``, attached to the components' parameters.
+    qz_m, qz_v
+        The components, shape ``(C, B, D)``, attached.
+    log_alpha
+        ``(C, B)`` log mixture weights.
+    log_w
+        ``(C, K, B)`` log importance weights.
+    kl_weight
+        ``beta``.
+
+    Returns
+    -------
+    ``(factor, extra)``: the factor on the gradient reaching each particle, ``(C, K, B, 1)``,
+    and the zero-valued terms, ``(C, K, B)``.
+    """
+    n_comp, n_particles, n_cells, n_latent = z.shape
+    flat = z.reshape(n_comp * n_particles, n_cells, n_latent)
+    drew = torch.arange(n_comp, device=z.device).repeat_interleave(n_particles)  # (C*K,)
+    own = (torch.arange(n_comp, device=z.device).unsqueeze(-1) == drew).unsqueeze(-1)
+    log_alpha = log_alpha.detach().unsqueeze(1)  # (C, 1, B)
+    with torch.no_grad():
+        w_tilde = torch.softmax((log_w + log_alpha).reshape(-1, n_cells), dim=0)  # (C*K, B)
+    # r_m(z_i) of the particle's own component, z attached and the parameters detached
+    log_q = _component_log_probs(flat, qz_m.detach(), qz_v.detach()) + log_alpha
+    log_r = log_q - torch.logsumexp(log_q, dim=0, keepdim=True)
+    r_own = log_r.gather(0, drew.view(1, -1, 1).expand(1, -1, n_cells)).squeeze(0).exp()
+    factor = 1.0 - kl_weight * r_own.detach() * (1.0 - w_tilde)
+    # other components' score terms: z and the own component's parameters detached
+    log_q_att = _component_log_probs(flat.detach(), qz_m, qz_v) + log_alpha
+    log_q_det = log_q.detach()
+    log_q_others = torch.logsumexp(torch.where(own, log_q_det, log_q_att), dim=0)
+    surrogate = r_own + log_q_others
+    extra = -kl_weight * (surrogate - surrogate.detach())
+    shape = (n_comp, n_particles, n_cells)
+    return factor.reshape(*shape, 1), extra.reshape(shape)
 
 
 def moe_importance_log_weights(
@@ -274,13 +368,13 @@ def moe_importance_log_weights(
     kl_weight: float = 1.0,
     dreg: bool = False,
     chunk_size: int | None = None,
+    log_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stratified importance weights of the mixture-of-experts posterior.
+    """Stratified importance weights of the mixture posterior.
 
-    ``K`` particles are drawn from every unimodal posterior ``q(z|x_m)`` (stratified
-    sampling of the mixture) and weighted by
-    ``log p(x_1..M | z) + log p(z) - log q(z|x_1..M)``, with the mixture density
-    :func:`moe_log_prob` and the exact Gaussian-mixture prior.
+    ``K`` particles are drawn from every component ``q_c(z|x)`` of the mixture (stratified
+    sampling) and weighted by ``log p(x_1..M | z) + log p(z) - log q(z|x_1..M)``, with the
+    mixture density :func:`moe_log_prob` and the exact Gaussian-mixture prior.
 
     Parameters
     ----------
@@ -290,77 +384,115 @@ def moe_importance_log_weights(
     prior
         The Gaussian-mixture prior shared by all modalities.
     qz_m, qz_v
-        Unimodal posterior means and variances, shape ``(M, B, D)``.
+        Means and variances of the components, shape ``(C, B, D)``.
     mask
-        ``(M, B)``: which modalities each cell has; weights of particles drawn from a
-        missing modality's expert are ``-inf``.
+        ``(C, B)``: which components each cell has; weights of particles drawn from a
+        missing component are ``-inf``.
     n_particles
-        Particles ``K`` per expert.
+        Particles ``K`` per component.
     kl_weight
-        Weight of ``log p(z) - log q(z|x)`` (KL warm-up).
+        Weight ``beta`` of ``log p(z) - log q(z|x)`` (KL warm-up).
     dreg
-        Doubly-reparameterized gradients, as in MMVAE's stratified DReG and
-        :func:`importance_log_weights`: the experts' parameters are detached inside
-        ``log q`` and the gradient reaching every particle is multiplied by
-        ``1 - beta + beta * w~`` with ``w~`` its weight normalized over all ``M * K``
-        particles and ``beta`` the ``kl_weight``.
+        Doubly-reparameterized gradients for the stratified IWAE bound
+        (:func:`moe_iwae_bound`), unbiased for a mixture: the components' parameters are
+        detached inside ``log q``; the gradient reaching particle ``i`` (drawn from component
+        ``m``) is multiplied by ``1 - beta r_m(z_i) (1 - w~_i)``, with ``w~_i`` its weight
+        normalized over all particles and ``r_m(z_i)`` the share of component ``m`` in the
+        mixture at ``z_i``; and the log weight carries a zero-valued term whose gradient
+        restores ``d_z r_m`` and the score terms of the other components (see
+        ``docs/math.md``, section 8). With one component this is
+        :func:`importance_log_weights`' DReG.
     chunk_size
-        Particles (over experts and ``K``) decoded at a time; checkpointed under gradients.
+        Particles (over components and ``K``) decoded at a time; checkpointed under
+        gradients.
+    log_weights
+        ``(C, B)`` log mixture weights (:func:`mixture_log_weights`); ``None`` for equal
+        weights.
 
     Returns
     -------
-    ``(log_w, log_lik)``, both of shape ``(M, K, B)``.
+    ``(log_w, log_lik)``, both of shape ``(C, K, B)``.
     """
-    n_mod, n_cells, n_latent = qz_m.shape
+    n_comp, n_cells, n_latent = qz_m.shape
     mask = mask.bool()
-    qz_s = qz_v.sqrt()
-    shape = (n_mod, n_particles, n_cells, n_latent)
+    log_alpha = mixture_log_weights(mask) if log_weights is None else log_weights
+    log_alpha = log_alpha.to(qz_m.dtype)
+    shape = (n_comp, n_particles, n_cells, n_latent)
     eps = torch.randn(shape, dtype=qz_m.dtype, device=qz_m.device)
-    z = qz_m.unsqueeze(1) + qz_s.unsqueeze(1) * eps  # (M, K, B, D)
+    z = qz_m.unsqueeze(1) + qz_v.sqrt().unsqueeze(1) * eps  # (C, K, B, D)
+    dreg = dreg and torch.is_grad_enabled() and z.requires_grad
+    # under DReG the pathwise gradient reaches z through a copy whose gradient is rescaled
+    z_path = z.clone() if dreg else z
     q_m, q_v = (qz_m.detach(), qz_v.detach()) if dreg else (qz_m, qz_v)
-    flat = z.reshape(n_mod * n_particles, n_cells, n_latent)
-    log_q = moe_log_prob(flat, q_m, q_v, mask)
+    flat = z_path.reshape(n_comp * n_particles, n_cells, n_latent)
+    log_q = moe_log_prob(flat, q_m, q_v, mask, log_alpha)
     log_p = prior.log_prob(flat)
 
     log_lik = chunked_log_likelihood(log_likelihood, flat, chunk_size)
-    log_lik = log_lik.reshape(n_mod, n_particles, n_cells)
-    log_w = log_lik + kl_weight * (log_p - log_q).reshape(n_mod, n_particles, n_cells)
+    log_lik = log_lik.reshape(n_comp, n_particles, n_cells)
+    log_w = log_lik + kl_weight * (log_p - log_q).reshape(n_comp, n_particles, n_cells)
+    if dreg:
+        factor, extra = _unbiased_dreg_terms(z, qz_m, qz_v, log_alpha, log_w.detach(), kl_weight)
+        z_path.register_hook(lambda g: g * factor)
+        log_w = log_w + extra
     log_w = log_w.masked_fill(~mask.unsqueeze(1), float("-inf"))
-
-    if dreg and torch.is_grad_enabled() and z.requires_grad:
-        weights = torch.softmax(log_w.detach().reshape(n_mod * n_particles, n_cells), dim=0)
-        weights = weights.reshape(n_mod, n_particles, n_cells, 1)
-        factor = 1.0 - kl_weight + kl_weight * weights
-        z.register_hook(lambda g: g * factor)
     return log_w, log_lik
 
 
-def moe_iwae_bound(log_w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Stratified importance-weighted bound per cell.
+def moe_iwae_bound(
+    log_w: torch.Tensor, mask: torch.Tensor, log_weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Stratified importance-weighted bound per cell (Morningstar et al., 2021).
 
-    ``log (1 / (M_i K)) sum_{m, k} w_{m,k}`` over the ``M_i`` modalities the cell has:
-    the log-mean-exp of every particle's weight, whatever expert drew it.
+    ``log sum_c alpha_c (1/K) sum_k w_{c,k}`` over the components the cell has: with equal
+    weights the log-mean-exp of every particle's weight, whatever component drew it. It is
+    at least as tight as MMVAE's ``sum_c alpha_c log (1/K) sum_k w_{c,k}``
+    (:func:`moe_per_component_iwae_bound`).
 
     Parameters
     ----------
     log_w
-        ``(M, K, B)`` log weights from :func:`moe_importance_log_weights` (``-inf`` for
-        missing modalities).
+        ``(C, K, B)`` log weights from :func:`moe_importance_log_weights` (``-inf`` for
+        missing components).
     mask
-        ``(M, B)``: which modalities each cell has.
+        ``(C, B)``: which components each cell has.
+    log_weights
+        ``(C, B)`` log mixture weights; ``None`` for equal weights.
     """
-    n_mod, n_particles, n_cells = log_w.shape
-    n_valid = mask.bool().sum(0).clamp_min(1).to(log_w.dtype) * n_particles
-    return torch.logsumexp(log_w.reshape(n_mod * n_particles, n_cells), dim=0) - n_valid.log()
+    log_alpha = mixture_log_weights(mask) if log_weights is None else log_weights
+    log_alpha = log_alpha.to(log_w.dtype).unsqueeze(1)
+    terms = torch.where(torch.isfinite(log_alpha), log_w + log_alpha, float("-inf"))
+    return torch.logsumexp(terms.flatten(0, 1), dim=0) - math.log(log_w.shape[1])
 
 
-def moe_elbo_bound(log_w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Stratified ELBO per cell: the mean log weight over experts and particles.
+def moe_per_component_iwae_bound(
+    log_w: torch.Tensor, mask: torch.Tensor, log_weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """MMVAE's looser bound per cell: ``sum_c alpha_c log (1/K) sum_k w_{c,k}``.
 
-    ``(1 / M_i) sum_m E_q(z|x_m)[log w(z)]``, each expectation estimated with ``K`` particles,
-    over the ``M_i`` modalities the cell has (MMVAE's stratified ELBO).
+    Each component's particles are normalized among themselves, so a component whose
+    particles explain the data worse than the others' still gets gradient (under the pooled
+    normalization of :func:`moe_iwae_bound` its weights can vanish). Equal to the stratified
+    ELBO at ``K = 1``.
     """
-    mask = mask.bool()
-    valid = mask.unsqueeze(1).expand_as(log_w)
-    total = torch.where(valid, log_w, torch.zeros_like(log_w)).sum((0, 1))
-    return total / valid.sum((0, 1)).clamp_min(1).to(log_w.dtype)
+    return _mixture_average(log_mean_exp(log_w, dim=1), mask, log_weights)
+
+
+def moe_elbo_bound(
+    log_w: torch.Tensor, mask: torch.Tensor, log_weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Stratified ELBO per cell: the mixture-weighted mean log weight.
+
+    ``sum_c alpha_c E_q_c(z|x)[log w(z)]``, each expectation estimated with ``K`` particles,
+    over the components the cell has (MMVAE's stratified ELBO with equal weights).
+    """
+    return _mixture_average(log_w.mean(1), mask, log_weights)
+
+
+def _mixture_average(
+    per_component: torch.Tensor, mask: torch.Tensor, log_weights: torch.Tensor | None
+) -> torch.Tensor:
+    """``sum_c alpha_c v_c`` over each cell's components, for ``v`` of shape ``(C, B)``."""
+    log_alpha = mixture_log_weights(mask) if log_weights is None else log_weights
+    alpha = log_alpha.to(per_component.dtype).exp()
+    return (alpha * torch.where(alpha > 0, per_component, 0.0)).sum(0)
