@@ -65,6 +65,12 @@ VARIANTS: dict[str, tuple[tuple[str, ...], dict, dict]] = {
     "joint_mopoe": (("atac", "rna"), {"posterior": "mopoe"}, {}),
     "joint_mopoe_ep100": (("atac", "rna"), {"posterior": "mopoe"}, {"max_epochs": 100}),
     "joint_mopoe_bn": (("atac", "rna"), {"posterior": "mopoe", "use_batch_norm": "encoder"}, {}),
+    "joint_learned": (("atac", "rna"), {"mixture_weights": "learned"}, {}),
+    "joint_mopoe_learned": (
+        ("atac", "rna"),
+        {"posterior": "mopoe", "mixture_weights": "learned"},
+        {},
+    ),
 }
 DEFAULT_VARIANTS = ("scale_joint", "scale_atac", "scale_rna")
 
@@ -118,16 +124,60 @@ def argmax_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     }
 
 
+def _pearson(p: np.ndarray, o: np.ndarray, axis: int) -> np.ndarray:
+    """Pearson correlation of ``p`` and ``o`` along ``axis`` (NaN where one is constant)."""
+    p = p - p.mean(axis, keepdims=True)
+    o = o - o.mean(axis, keepdims=True)
+    denom = np.sqrt((p**2).sum(axis) * (o**2).sum(axis))
+    return np.where(denom > 0, (p * o).sum(axis) / np.where(denom > 0, denom, 1.0), np.nan)
+
+
+def prediction_scores(
+    pred: np.ndarray, observed: np.ndarray, min_cells: int = 5
+) -> tuple[float, float]:
+    """Median per-feature and median per-cell Pearson correlation of a prediction.
+
+    Over the features observed (non-zero) in >= ``min_cells`` of the cells: per feature across
+    cells (does the prediction rank cells right?), and per cell across features (does it get
+    the cell's profile right? High for any prediction near the average profile).
+    """
+    seen = (observed > 0).sum(0) >= min_cells
+    p, o = pred[:, seen], observed[:, seen]
+    return float(np.nanmedian(_pearson(p, o, 0))), float(np.nanmedian(_pearson(p, o, 1)))
+
+
 def per_gene_correlation(pred: np.ndarray, observed: np.ndarray, min_cells: int = 5) -> float:
     """Median over genes (expressed in >= ``min_cells`` cells) of the Pearson correlation."""
-    expressed = (observed > 0).sum(0) >= min_cells
-    p = np.log1p(1e4 * pred[:, expressed])
-    o = observed[:, expressed]
-    p = p - p.mean(0)
-    o = o - o.mean(0)
-    denom = np.sqrt((p**2).sum(0) * (o**2).sum(0))
-    r = np.where(denom > 0, (p * o).sum(0) / np.where(denom > 0, denom, 1.0), np.nan)
-    return float(np.nanmedian(r))
+    return prediction_scores(np.log1p(1e4 * pred), observed, min_cells)[0]
+
+
+def group_mean_prediction(
+    train: np.ndarray, train_groups: np.ndarray, test_groups: np.ndarray
+) -> np.ndarray:
+    """Each test cell predicted by the mean profile of the training cells of its group."""
+    means = {g: train[train_groups == g].mean(0) for g in np.unique(train_groups)}
+    overall = train.mean(0)
+    return np.stack([means.get(g, overall) for g in test_groups])
+
+
+def baseline_rows(atac_bin, lognorm, train_idx, test_idx, labels) -> list[dict]:
+    """Cross-modal baselines that look at neither modality of the held-out cell.
+
+    ``celltype_mean``: the mean profile of the training cells of the held-out cell's true
+    type (the per-cluster mean, with the clusters known); ``global_mean``: the mean of all
+    training cells (per-feature correlation undefined: it is the same for every cell).
+    """
+    rows = []
+    for name, groups in (("celltype_mean", labels), ("global_mean", np.zeros_like(labels))):
+        row = {"method": f"baseline_{name}"}
+        for mod, x in (("rna", lognorm), ("atac", atac_bin)):
+            pred = group_mean_prediction(x[train_idx], groups[train_idx], groups[test_idx])
+            feat, cell = prediction_scores(pred, x[test_idx])
+            feat = feat if name != "global_mean" else float("nan")
+            src = "atac" if mod == "rna" else "rna"
+            row[f"{mod}_from_{src}_r"], row[f"{mod}_from_{src}_cell_r"] = feat, cell
+        rows.append(row)
+    return rows
 
 
 def run_scale(name, atac, rna, train_idx, test_idx, labels, lognorm_test, seed, epochs, hidden):
@@ -157,6 +207,9 @@ def run_scale(name, atac, rna, train_idx, test_idx, labels, lognorm_test, seed, 
     )
     seconds = time.perf_counter() - start
     row = {"epochs": model.history["elbo_train"].shape[0], "train_seconds": seconds}
+    logits = getattr(model.module, "component_logits", None)
+    if logits is not None:  # learned mixture weights: (atac, rna[, product])
+        row["mixture_weights"] = str(torch.softmax(logits.detach(), 0).numpy().round(3).tolist())
     row.update(cluster_metrics(model.get_latent_representation(), labels, seed))
     row.update(argmax_metrics(model.get_cluster_probabilities(), labels))
     if modalities == ("atac", "rna"):
@@ -171,9 +224,13 @@ def run_scale(name, atac, rna, train_idx, test_idx, labels, lognorm_test, seed, 
         m = cluster_metrics(precision, labels, seed)
         row["ari_kmeans_precision"], row["nmi_kmeans_precision"] = m["ari_kmeans"], m["nmi_kmeans"]
         pred = model.get_normalized_expression(indices=test_idx, modality="atac")
-        row["rna_from_atac_r"] = per_gene_correlation(pred, lognorm_test)
+        scores = prediction_scores(np.log1p(1e4 * pred), lognorm_test)
+        row["rna_from_atac_r"], row["rna_from_atac_cell_r"] = scores
         pred = model.get_normalized_expression(indices=test_idx, modality="rna")
         row["rna_from_rna_r"] = per_gene_correlation(pred, lognorm_test)
+        atac_test = np.asarray(atac.X[test_idx].toarray() > 0, dtype=np.float32)
+        pred = model.get_normalized_accessibility(indices=test_idx, modality="rna")
+        row["atac_from_rna_r"], row["atac_from_rna_cell_r"] = prediction_scores(pred, atac_test)
     elif modalities == ("rna",):
         pred = model.get_normalized_expression(indices=test_idx, modality="rna")
         row["rna_from_rna_r"] = per_gene_correlation(pred, lognorm_test)
@@ -257,7 +314,10 @@ TABLE_COLUMNS = {
     "ari_kmeans_rna_expert": "RNA expert ARI",
     "ari_kmeans_atac_expert_heldout": "ATAC expert ARI, held-out cells",
     "ari_kmeans_rna_expert_heldout": "RNA expert ARI, held-out cells",
-    "rna_from_atac_r": "RNA from ATAC (r)",
+    "rna_from_atac_r": "RNA from ATAC (r per gene)",
+    "rna_from_atac_cell_r": "RNA from ATAC (r per cell)",
+    "atac_from_rna_r": "ATAC from RNA (r per peak)",
+    "atac_from_rna_cell_r": "ATAC from RNA (r per cell)",
     "train_seconds": "train s",
 }
 
@@ -294,6 +354,11 @@ def main(argv=None):
         "--n-hidden", type=int, nargs="+", default=None, help="SCALE encoders' hidden widths"
     )
     parser.add_argument("--no-multivi", action="store_true")
+    parser.add_argument(
+        "--baselines",
+        action="store_true",
+        help="also score the cross-modal baselines (per-cell-type and global training means)",
+    )
     parser.add_argument("--epochs", type=int, default=None, help="override every model's epochs")
     parser.add_argument(
         "--multivi-epochs", type=int, default=None, help="cap MULTIVI's epochs (default 500)"
@@ -338,10 +403,17 @@ def main(argv=None):
         lognorm_test = np.asarray(
             lognorm[test_idx].toarray() if sp.issparse(lognorm) else lognorm[test_idx]
         )
+        if args.baselines:
+            atac_bin = np.asarray(atac.X.toarray() > 0, dtype=np.float32)
+            dense = np.asarray(lognorm.toarray() if sp.issparse(lognorm) else lognorm)
+            for row in baseline_rows(atac_bin, dense, train_idx, test_idx, labels):
+                rows.append({**row, "seed": seed, "n_hidden": "()"})
+                print(rows[-1])
+                _write(rows, args)
         jobs = [(v, run_scale) for v in args.variants]
         if not args.no_multivi:
             jobs.append(("multivi", run_multivi))
-        if not jobs:
+        if not jobs and not args.baselines:
             parser.error("nothing to run: give --variants or leave out --no-multivi")
         for name, fn in jobs:
             args_ = (atac, rna, train_idx, test_idx, labels, lognorm_test, seed, args.epochs)

@@ -49,6 +49,7 @@ class _MODULE_KEYS(NamedTuple):
     QZM_COMPONENTS_KEY: str = "qzm_components"
     QZV_COMPONENTS_KEY: str = "qzv_components"
     COMPONENT_MASK_KEY: str = "component_mask"
+    COMPONENT_LOG_WEIGHTS_KEY: str = "component_log_weights"
     PX_RNA_KEY: str = "px_rna"
     PX_RNA_SCALE_KEY: str = "px_rna_scale"
 

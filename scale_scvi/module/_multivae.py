@@ -28,12 +28,14 @@ from ._constants import (
 from ._feature_stats import mean_proportion, open_fraction
 from ._objectives import (
     bernoulli_log_likelihood,
+    mixture_log_weights,
     moe_elbo_bound,
     moe_importance_log_weights,
     moe_iwae_bound,
 )
 
 Posterior = Literal["moe", "mopoe"]
+MixtureWeights = Literal["equal", "learned"]
 K = MODULE_KEYS
 
 
@@ -74,10 +76,13 @@ class MultiSCALEVAE(SCALEModuleBase):
 
     Inference, in the manner of MMVAE (Shi et al., NeurIPS 2019): one Gaussian encoder
     ``q(z|x_m)`` per modality and the mixture of experts
-    ``q(z|x_1..M) = 1/M sum_m q(z|x_m)``. The objective draws ``K`` particles from every
+    ``q(z|x_1..M) = sum_m alpha_m q(z|x_m)`` (equal weights ``1/M`` unless
+    ``mixture_weights="learned"``). The objective draws ``K`` particles from every
     expert (stratified sampling), weights each by
     ``log p(x_1..M|z) + log p(z) - log q(z|x_1..M)`` with the exact mixture densities, and
-    combines them by their mean (``"elbo"``) or their log-mean-exp (``"iwae"``, ``"dreg"``).
+    combines them by their weighted mean (``"elbo"``) or in the stratified importance-weighted
+    bound ``log sum_m alpha_m (1/K) sum_k w_mk`` (``"iwae"``, ``"dreg"``; the latter with
+    unbiased doubly-reparameterized gradients for a mixture, ``docs/math.md`` section 8).
 
     With ``posterior="mopoe"`` the mixture has one more component, the normalized product
     of the experts (a mixture of products of experts over the subsets of the modalities,
@@ -102,6 +107,11 @@ class MultiSCALEVAE(SCALEModuleBase):
     posterior
         ``"moe"``: the mixture of the unimodal experts (MMVAE); ``"mopoe"``: that mixture
         and the experts' product as one more component (MoPoE). The same with one modality.
+    mixture_weights
+        ``"equal"``: every component a cell has weighs the same in its mixture;
+        ``"learned"``: the weights are parameters (one per component, renormalized over the
+        components each cell has), trained with the bound, so that the mixture can lean on
+        the component whose particles explain both modalities best.
     likelihood_scale
         Weight of each modality's log-likelihood in the training objective, e.g.
         ``{"atac": 5.0}`` to let ATAC count more against RNA's larger likelihood. Omitted
@@ -129,6 +139,7 @@ class MultiSCALEVAE(SCALEModuleBase):
         n_input_atac: int = 0,
         n_input_rna: int = 0,
         posterior: Posterior = "moe",
+        mixture_weights: MixtureWeights = "equal",
         likelihood_scale: Mapping[str, float] | None = None,
         input_dropout: Mapping[str, float] | None = None,
         modality_flags: Sequence[Sequence[bool]] | None = None,
@@ -153,6 +164,10 @@ class MultiSCALEVAE(SCALEModuleBase):
             raise ValueError(
                 f"posterior={posterior!r} is not one of 'moe' (mixture of experts) and 'mopoe' "
                 "(mixture of the experts and their product)."
+            )
+        if mixture_weights not in ("equal", "learned"):
+            raise ValueError(
+                f"mixture_weights={mixture_weights!r} is not one of 'equal' and 'learned'."
             )
         input_dropout = dict(input_dropout or {})
         unknown = set(input_dropout) - set(MODALITIES)
@@ -186,6 +201,12 @@ class MultiSCALEVAE(SCALEModuleBase):
         if RNA in self.modalities:
             self.px_r = nn.Parameter(torch.randn(n_input_rna))
         self._add_prior()
+        self.mixture_weights = mixture_weights
+        if mixture_weights == "learned":
+            n_components = len(self.modalities) + (
+                posterior == "mopoe" and len(self.modalities) > 1
+            )
+            self.component_logits = nn.Parameter(torch.zeros(n_components))
 
     # ------------------------------------------------------------------ inputs
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict:
@@ -250,8 +271,9 @@ class MultiSCALEVAE(SCALEModuleBase):
         stacked as ``"qzm_experts"``/``"qzv_experts"``, shape ``(M, B, D)``), the modality
         mask, the mixture's components (``"qzm_components"``, ``"qzv_components"``,
         ``"component_mask"``, ``(C, B, ...)``: the experts, and their product with
-        ``posterior="mopoe"``), the mean and variance of the mixture (``qz_m``, ``qz_v``; ``qz``
-        is the Gaussian with those moments) and a sample ``z`` of the mixture.
+        ``posterior="mopoe"``; ``"component_log_weights"``, their log mixture weights), the
+        mean and variance of the mixture (``qz_m``, ``qz_v``; ``qz`` is the Gaussian with those
+        moments) and a sample ``z`` of the mixture.
         """
         cats, cont = self._encoder_covariates(batch_index, cat_covs, cont_covs)
         outputs: dict[str, torch.Tensor | Normal] = {}
@@ -275,7 +297,9 @@ class MultiSCALEVAE(SCALEModuleBase):
             comp_ms = torch.cat([qz_ms, poe_m.unsqueeze(0)])
             comp_vs = torch.cat([qz_vs, poe_v.unsqueeze(0)])
             comp_mask = torch.cat([mask, (mask.sum(0) > 1).unsqueeze(0)])
-        weights = comp_mask.to(comp_ms.dtype) / comp_mask.sum(0).to(comp_ms.dtype)  # (C, B)
+        logits = self.component_logits if self.mixture_weights == "learned" else None
+        log_weights = mixture_log_weights(comp_mask, logits).to(comp_ms.dtype)  # (C, B)
+        weights = log_weights.exp()
         w = weights.unsqueeze(-1)
         joint_m = (w * comp_ms).sum(0)
         joint_v = (w * (comp_vs + comp_ms.pow(2))).sum(0) - joint_m.pow(2)
@@ -297,6 +321,7 @@ class MultiSCALEVAE(SCALEModuleBase):
                 K.QZM_COMPONENTS_KEY: comp_ms,
                 K.QZV_COMPONENTS_KEY: comp_vs,
                 K.COMPONENT_MASK_KEY: comp_mask,
+                K.COMPONENT_LOG_WEIGHTS_KEY: log_weights,
                 K.QZ_KEY: Normal(joint_m, joint_v.sqrt()),
                 K.QZM_KEY: joint_m,
                 K.QZV_KEY: joint_v,
@@ -451,19 +476,20 @@ class MultiSCALEVAE(SCALEModuleBase):
 
         The expectation over the mixture is the mean over the mixture components a cell has
         (its experts, and their product with ``posterior="mopoe"``), each evaluated at its
-        mean: ``1/C_i sum_c p(c | E_q_c[z])``. The mixture's own mean can fall between
-        components of the prior when the experts disagree; this cannot.
+        mean and weighted by its mixture weight: ``sum_c alpha_c p(c | E_q_c[z])``. The
+        mixture's own mean can fall between components of the prior when the experts
+        disagree; this cannot.
         """
-        mask = inference_outputs[K.COMPONENT_MASK_KEY]
-        mask = mask.to(inference_outputs[K.QZM_COMPONENTS_KEY].dtype)
+        weights = inference_outputs[K.COMPONENT_LOG_WEIGHTS_KEY].exp()
         resp = self.prior.responsibilities(inference_outputs[K.QZM_COMPONENTS_KEY])  # (C, B, K)
-        return (mask.unsqueeze(-1) * resp).sum(0) / mask.sum(0).unsqueeze(-1)
+        return (weights.unsqueeze(-1) * resp).sum(0)
 
     def _loss(self, tensors, inference_outputs, generative_outputs, kl_weight, objective):
         """The negative stratified bound: ``reconstruction_loss`` (the mean weighted negative
         log-likelihood of the particles) and ``kl_local`` sum to it per cell."""
         qz_ms = inference_outputs[K.QZM_COMPONENTS_KEY]
         mask = inference_outputs[K.COMPONENT_MASK_KEY]
+        log_alpha = inference_outputs[K.COMPONENT_LOG_WEIGHTS_KEY]
         log_w, log_lik = moe_importance_log_weights(
             self._log_likelihood_fn(
                 tensors, inference_outputs[K.MODALITY_MASK_KEY], qz_ms.device, scaled=True
@@ -476,9 +502,11 @@ class MultiSCALEVAE(SCALEModuleBase):
             kl_weight=kl_weight,
             dreg=objective == "dreg",
             chunk_size=self.particle_chunk_size,
+            log_weights=log_alpha,
         )
-        bound = moe_elbo_bound(log_w, mask) if objective == "elbo" else moe_iwae_bound(log_w, mask)
-        reconst = -moe_elbo_bound(log_lik, mask)
+        bound_fn = moe_elbo_bound if objective == "elbo" else moe_iwae_bound
+        bound = bound_fn(log_w, mask, log_alpha)
+        reconst = -moe_elbo_bound(log_lik, mask, log_alpha)
         kl = -bound - reconst
         if kl_weight != 1.0:
             kl = kl.detach()
@@ -489,6 +517,7 @@ class MultiSCALEVAE(SCALEModuleBase):
     ) -> torch.Tensor:
         qz_ms = inference_outputs[K.QZM_COMPONENTS_KEY]
         mask = inference_outputs[K.COMPONENT_MASK_KEY]
+        log_alpha = inference_outputs[K.COMPONENT_LOG_WEIGHTS_KEY]
         log_w, _ = moe_importance_log_weights(
             self._log_likelihood_fn(
                 tensors, inference_outputs[K.MODALITY_MASK_KEY], qz_ms.device, scaled=False
@@ -499,8 +528,9 @@ class MultiSCALEVAE(SCALEModuleBase):
             mask,
             n_particles=n_particles,
             chunk_size=chunk_size,
+            log_weights=log_alpha,
         )
-        return moe_iwae_bound(log_w, mask)
+        return moe_iwae_bound(log_w, mask, log_alpha)
 
 
 __all__ = ["MultiSCALEVAE"]

@@ -446,8 +446,7 @@ def moe_iwae_bound(
 
     ``log sum_c alpha_c (1/K) sum_k w_{c,k}`` over the components the cell has: with equal
     weights the log-mean-exp of every particle's weight, whatever component drew it. It is
-    at least as tight as MMVAE's ``sum_c alpha_c log (1/K) sum_k w_{c,k}``
-    (:func:`moe_per_component_iwae_bound`).
+    at least as tight as MMVAE's ``sum_c alpha_c log (1/K) sum_k w_{c,k}``.
 
     Parameters
     ----------
@@ -463,19 +462,6 @@ def moe_iwae_bound(
     log_alpha = log_alpha.to(log_w.dtype).unsqueeze(1)
     terms = torch.where(torch.isfinite(log_alpha), log_w + log_alpha, float("-inf"))
     return torch.logsumexp(terms.flatten(0, 1), dim=0) - math.log(log_w.shape[1])
-
-
-def moe_per_component_iwae_bound(
-    log_w: torch.Tensor, mask: torch.Tensor, log_weights: torch.Tensor | None = None
-) -> torch.Tensor:
-    """MMVAE's looser bound per cell: ``sum_c alpha_c log (1/K) sum_k w_{c,k}``.
-
-    Each component's particles are normalized among themselves, so a component whose
-    particles explain the data worse than the others' still gets gradient (under the pooled
-    normalization of :func:`moe_iwae_bound` its weights can vanish). Equal to the stratified
-    ELBO at ``K = 1``.
-    """
-    return _mixture_average(log_mean_exp(log_w, dim=1), mask, log_weights)
 
 
 def moe_elbo_bound(
