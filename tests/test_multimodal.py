@@ -15,6 +15,7 @@ from scale_scvi import SCALE
 from scale_scvi.data import simulate_multiome
 from scale_scvi.module import SCALEVAE, MultiSCALEVAE
 from scale_scvi.module._objectives import (
+    mixture_log_weights,
     moe_elbo_bound,
     moe_importance_log_weights,
     moe_iwae_bound,
@@ -127,12 +128,76 @@ def test_joint_cluster_probabilities_average_the_experts():
     module = MultiSCALEVAE(n_input_atac=4, n_input_rna=3, n_centroids=3, **SMALL)
     qz_m = torch.randn(2, 3, 4)
     mask = torch.tensor([[True, False, True], [True, True, False]])
-    out = {"qzm_components": qz_m, "component_mask": mask}
+    out = {
+        "qzm_components": qz_m,
+        "component_mask": mask,
+        "component_log_weights": mixture_log_weights(mask),
+    }
     got = module.joint_cluster_probabilities(out)
     resp = module.prior.responsibilities(qz_m)
     torch.testing.assert_close(got[0], (resp[0, 0] + resp[1, 0]) / 2)
     torch.testing.assert_close(got[1], resp[1, 1])
     torch.testing.assert_close(got[2], resp[0, 2])
+
+
+def test_learned_mixture_weights_lean_on_the_better_component():
+    """Trained with the stratified ELBO, the weights move to the component that explains x."""
+    torch.manual_seed(0)
+    prior = GaussianMixturePrior(1, 2, min_var=0.0)
+    with torch.no_grad():
+        prior.means.zero_()
+        prior.log_vars.zero_()
+    x = torch.tensor([[1.0, -0.5]])
+    # component 0 is the exact posterior N(x/2, I/2); component 1 is far off
+    qz_m = torch.stack([x / 2, x / 2 + 3.0])
+    qz_v = torch.full_like(qz_m, 0.5)
+    mask = torch.ones(2, 1, dtype=torch.bool)
+    logits = torch.zeros(2, requires_grad=True)
+    optimizer = torch.optim.Adam([logits], lr=0.05)
+
+    def log_lik(z):
+        return torch.distributions.Normal(z, 1.0).log_prob(x).sum(-1)
+
+    for _ in range(200):
+        log_alpha = mixture_log_weights(mask, logits)
+        log_w, _ = moe_importance_log_weights(
+            log_lik, prior, qz_m, qz_v, mask, n_particles=8, log_weights=log_alpha
+        )
+        loss = -moe_elbo_bound(log_w, mask, log_alpha).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert torch.softmax(logits, 0)[0] > 0.9
+
+
+def test_learned_mixture_weights_in_the_module():
+    torch.manual_seed(0)
+    module = MultiSCALEVAE(
+        n_input_atac=20, n_input_rna=15, n_centroids=3, mixture_weights="learned", **SMALL
+    )
+    with torch.no_grad():
+        module.component_logits.copy_(torch.tensor([0.0, 1.0]))
+    atac = (torch.rand(4, 20) < 0.3).float()
+    rna = torch.poisson(torch.full((4, 15), 3.0))
+    atac[0] = 0.0  # a cell without ATAC: all weight on its RNA expert
+    tensors = {
+        REGISTRY_KEYS.ATAC_X_KEY: atac,
+        REGISTRY_KEYS.X_KEY: rna,
+        REGISTRY_KEYS.BATCH_KEY: torch.zeros(4, 1),
+    }
+    inference_outputs, _, loss = module(tensors)
+    weights = inference_outputs["component_log_weights"].exp()
+    expected = torch.softmax(torch.tensor([0.0, 1.0]), 0)
+    torch.testing.assert_close(weights[:, 0], torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(weights[:, 1], expected)
+    qz_ms = inference_outputs["qzm_experts"]
+    torch.testing.assert_close(
+        inference_outputs["qzm"][1], expected[0] * qz_ms[0, 1] + expected[1] * qz_ms[1, 1]
+    )
+    loss.loss.backward()
+    assert module.component_logits.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="mixture_weights"):
+        MultiSCALEVAE(n_input_atac=20, n_input_rna=15, mixture_weights="softmax", **SMALL)
 
 
 def sp_to_torch(x: sp.csr_matrix) -> torch.Tensor:
