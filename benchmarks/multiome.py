@@ -10,10 +10,14 @@ Compared in one run, on the same cells and split:
 Every model is trained on the same 90% of the cells. Clustering (k-means with the true
 k = 14, ``n_init=20``, on the latent means; and argmax of SCALE's cluster probabilities) is
 scored on all cells by ARI and NMI against ``obs["cell_type"]``. Cross-modal prediction is
-scored on the 10% held-out cells: their RNA is predicted from their ATAC alone and compared,
-gene by gene, with the observed normalized expression (``layers["lognorm"]``); the table
-gives the median per-gene Pearson correlation over genes expressed in at least 5 held-out
-cells.
+scored on the 10% held-out cells: their RNA is predicted from their ATAC alone (the ATAC
+expert's mean, decoded) and compared with the observed normalized expression
+(``layers["lognorm"]``), and their binarized ATAC is predicted from their RNA alone; the
+table gives the median per-feature Pearson correlation across cells (features seen in at
+least 5 held-out cells) and the median per-cell correlation across those features.
+``--baselines`` scores the same for predictions that read neither modality of the held-out
+cell: the mean profile of the training cells of its true type (the per-cluster mean) and of
+all training cells.
 
 How much each modality can tell about the cell types at all is measured by ``--probe``: a
 supervised multinomial logistic regression on each modality alone (binarized peaks; the
@@ -24,6 +28,7 @@ Usage::
     python benchmarks/multiome.py --seeds 0 1 2
     python benchmarks/multiome.py --seeds 0 --variants joint_atac5 --no-multivi
     python benchmarks/multiome.py --probe
+    python benchmarks/multiome.py --seeds 0 1 2 3 --variants --no-multivi --baselines
 
 Writes ``benchmarks/results/multiome.csv`` (``--out`` to change) and prints a summary.
 """
