@@ -214,7 +214,8 @@ def run_scale(name, atac, rna, train_idx, test_idx, labels, lognorm_test, seed, 
     row = {"epochs": model.history["elbo_train"].shape[0], "train_seconds": seconds}
     logits = getattr(model.module, "component_logits", None)
     if logits is not None:  # learned mixture weights: (atac, rna[, product])
-        row["mixture_weights"] = str(torch.softmax(logits.detach(), 0).numpy().round(3).tolist())
+        weights = torch.softmax(logits.detach(), 0)
+        row["mixture_weights"] = str([round(float(w), 3) for w in weights])
     row.update(cluster_metrics(model.get_latent_representation(), labels, seed))
     row.update(argmax_metrics(model.get_cluster_probabilities(), labels))
     if modalities == ("atac", "rna"):
