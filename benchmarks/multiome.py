@@ -343,7 +343,8 @@ def markdown_table(table: pd.DataFrame) -> str:
 
     for _, row in table.sort_values(["method", "seed"], kind="stable").iterrows():
         cells = " | ".join(fmt(row[c], c) for c in cols)
-        lines.append(f"| {row['method']} | {row['seed']} | {row['epochs']} | {cells} |")
+        epochs = "–" if pd.isna(row["epochs"]) else f"{row['epochs']:.0f}"
+        lines.append(f"| {row['method']} | {row['seed']} | {epochs} | {cells} |")
     means = table.groupby("method", sort=True)[cols].mean()
     n_seeds = table.groupby("method", sort=True)["seed"].nunique()
     for method, row in means.iterrows():
