@@ -434,7 +434,7 @@ def main(argv=None):
             print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
             _write(rows, args)
     table = pd.DataFrame(rows)
-    metrics = [c for c in table.columns if c not in ("method", "seed", "n_hidden")]
+    metrics = [c for c in table.select_dtypes("number").columns if c not in ("seed",)]
     print(table.groupby("method", sort=False)[metrics].mean().round(3).to_string())
 
 
