@@ -210,12 +210,12 @@ def test_fit_gmm_kmeans_reads_the_partition_as_a_mixture() -> None:
 
 
 def test_gmm_init_method_is_checked() -> None:
-    with pytest.raises(ValueError, match="method must be 'kmeans' or 'em', got 'gmm'"):
+    with pytest.raises(ValueError, match="method must be 'kmeans', 'em' or 'leiden', got 'gmm'"):
         fit_gmm(np.zeros((10, 2)), 2, method="gmm")
     adata = simulate_scatac(n_cells=64, n_peaks=60, n_types=2, seed=2)
     SCALE.setup_anndata(adata)
     model = SCALE(adata, n_centroids=3)
-    with pytest.raises(ValueError, match="gmm_init_method must be 'kmeans' or 'em'"):
+    with pytest.raises(ValueError, match="gmm_init_method must be 'kmeans', 'em' or 'leiden'"):
         model.train(max_epochs=1, gmm_init_method="gmm")
 
 

@@ -89,3 +89,59 @@ def test_set_parameters_round_trip():
     torch.testing.assert_close(prior.weights, w)
     torch.testing.assert_close(prior.means.data, mu)
     torch.testing.assert_close(prior.variances, var)
+
+
+def test_set_parameters_with_fewer_components_switches_the_rest_off():
+    prior = _prior(k=5)
+    prior.set_parameters(torch.tensor([0.25, 0.75]), torch.randn(2, 3), torch.ones(2, 3))
+    assert prior.active.tolist() == [True, True, False, False, False]
+    assert prior.n_active == 2
+    torch.testing.assert_close(prior.weights[:2], torch.tensor([0.25, 0.75]))
+    assert (prior.weights[2:] == 0).all()
+    resp = prior.responsibilities(torch.randn(7, 3) * 5)
+    assert (resp[:, 2:] == 0).all()
+    torch.testing.assert_close(resp.sum(-1), torch.ones(7))
+
+
+def test_pruned_components_take_no_cell_and_no_gradient():
+    prior = _prior(k=4)
+    assert prior.prune(torch.tensor([True, False, True, True])) == 1
+    assert prior.weights[1] == 0 and prior.n_active == 3
+    qz_m, qz_v = torch.randn(6, 3), torch.rand(6, 3) + 0.1
+    gamma = prior.responsibilities(qz_m)
+    kl = gmm_kl(prior, qz_m, qz_v, gamma)
+    assert torch.isfinite(kl).all()
+    kl.sum().backward()
+    assert prior.logits.grad[1] == 0
+    assert (prior.means.grad[1] == 0).all() and (prior.log_vars.grad[1] == 0).all()
+    # the pruned mixture is the mixture of the components left, renormalized
+    kept = GaussianMixturePrior(3, 3)
+    kept.set_parameters(
+        prior.weights[[0, 2, 3]].detach(),
+        prior.means[[0, 2, 3]].detach(),
+        prior.variances[[0, 2, 3]].detach(),
+    )
+    z = torch.randn(5, 3)
+    torch.testing.assert_close(prior.log_prob(z), kept.log_prob(z), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(prior.distribution().log_prob(z), prior.log_prob(z))
+
+
+def test_prune_keeps_at_least_one_component():
+    prior = _prior(k=3)
+    prior.prune(torch.tensor([False, False, False]))
+    assert prior.n_active == 1
+    assert prior.active[prior.logits.argmax()]
+
+
+def test_active_mask_is_saved_and_old_checkpoints_load_with_every_component_on():
+    prior = _prior(k=4)
+    prior.prune(torch.tensor([True, True, False, True]))
+    state = prior.state_dict()
+    restored = GaussianMixturePrior(4, 3)
+    restored.load_state_dict(state)
+    assert restored.active.tolist() == [True, True, False, True]
+    old = {k: v for k, v in state.items() if k != "active"}
+    legacy = GaussianMixturePrior(4, 3)
+    legacy.prune(torch.tensor([True, False, False, False]))
+    legacy.load_state_dict(old)
+    assert legacy.active.all()

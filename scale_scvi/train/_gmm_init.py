@@ -14,13 +14,13 @@ from sklearn.mixture import GaussianMixture
 
 logger = logging.getLogger(__name__)
 
-GMM_INIT_METHODS = ("kmeans", "em")
+GMM_INIT_METHODS = ("kmeans", "em", "leiden")
 
 
 def check_gmm_init_method(method: str, name: str = "method") -> None:
     """Raise a ``ValueError`` unless ``method`` is one of :data:`GMM_INIT_METHODS`."""
     if method not in GMM_INIT_METHODS:
-        raise ValueError(f"{name} must be 'kmeans' or 'em', got {method!r}.")
+        raise ValueError(f"{name} must be 'kmeans', 'em' or 'leiden', got {method!r}.")
 
 
 def fit_gmm(
@@ -29,18 +29,23 @@ def fit_gmm(
     seed: int = 0,
     max_cells: int = 50_000,
     posterior_var: np.ndarray | None = None,
-    method: Literal["kmeans", "em"] = "kmeans",
+    method: Literal["kmeans", "em", "leiden"] = "kmeans",
+    sample_weight: np.ndarray | None = None,
+    resolution: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fit a diagonal Gaussian mixture to posterior means.
 
     With ``method="kmeans"`` the mixture is read off a k-means partition of the means
-    (:class:`~sklearn.cluster.KMeans`, 20 restarts): each cluster's fraction of the cells,
-    centroid and per-dimension variance become a component's weight, mean and variance.
-    With ``method="em"`` it is a diagonal :class:`~sklearn.mixture.GaussianMixture` fitted
-    by EM (started from k-means, as sklearn does). On the forebrain set EM moves the
-    partition away from the cell types (ARI of the mixture's assignments 0.43 against 0.56
-    for the k-means partition it starts from, at the end of the KL warm-up), so k-means is
-    the default.
+    (:class:`~sklearn.cluster.KMeans`, 20 restarts) into ``n_components`` clusters: each
+    cluster's fraction of the cells, centroid and per-dimension variance become a
+    component's weight, mean and variance. With ``method="leiden"`` it is read the same way
+    off a Leiden partition of the means' k-nearest-neighbour graph (scanpy's
+    ``neighbors`` with 15 neighbours and ``leiden`` at ``resolution``), so the data choose
+    the number of components: at most ``n_components`` (cells of the smallest clusters
+    beyond that go to the nearest kept centroid), possibly fewer. With ``method="em"`` it is
+    a diagonal :class:`~sklearn.mixture.GaussianMixture` fitted by EM (started from
+    k-means, as sklearn does); it moves the partition away from the cell types (see
+    ``benchmarks/NOTES.md``).
 
     A mixture fitted to the means alone ignores the spread of each ``q(z|x)``; when
     ``posterior_var`` is given, each component's variance is increased by the
@@ -51,21 +56,28 @@ def fit_gmm(
     Parameters
     ----------
     latent
-        Posterior means, shape ``(n_cells, n_latent)``.
+        Posterior means, shape ``(n_rows, n_latent)``.
     n_components
-        Number of mixture components.
+        Number of mixture components (``"leiden"``: the most there can be).
     seed
         Random state of the fit (and of the subsample).
     max_cells
-        The fit uses a random subsample of at most this many cells.
+        The fit uses a random subsample of at most this many rows.
     posterior_var
-        Posterior variances, shape ``(n_cells, n_latent)``, or ``None``.
+        Posterior variances, shape ``(n_rows, n_latent)``, or ``None``.
     method
-        ``"kmeans"`` (a k-means partition read as a mixture) or ``"em"`` (EM).
+        ``"kmeans"``, ``"leiden"`` (a partition read as a mixture) or ``"em"`` (EM).
+    sample_weight
+        Weight of each row, shape ``(n_rows,)`` (default: all 1). The aggregate posterior
+        of a multimodal model has one row per expert of each cell; weighting them by one
+        over the number of rows of their cell makes each cell count once.
+    resolution
+        Resolution of the Leiden partition (``method="leiden"``).
 
     Returns
     -------
-    ``(weights, means, variances)`` of shapes ``(K,)``, ``(K, D)``, ``(K, D)``.
+    ``(weights, means, variances)`` of shapes ``(k,)``, ``(k, D)``, ``(k, D)``, where
+    ``k = n_components`` except for ``"leiden"``.
     """
     check_gmm_init_method(method)
     latent = np.asarray(latent, dtype=np.float64)
@@ -76,15 +88,23 @@ def fit_gmm(
             "The posterior means contain NaN or infinite values, so the Gaussian mixture "
             "cannot be fitted: training diverged. Lower the learning rate."
         )
-    if latent.shape[0] < n_components:
+    if method != "leiden" and latent.shape[0] < n_components:
         raise ValueError(
             f"Cannot fit {n_components} mixture components to {latent.shape[0]} training "
             "cells: lower n_centroids, or train on more cells (train_size)."
         )
+    if sample_weight is None:
+        sample_weight = np.ones(latent.shape[0])
+    sample_weight = np.asarray(sample_weight, dtype=np.float64)
+    if sample_weight.shape != (latent.shape[0],) or not (sample_weight > 0).all():
+        raise ValueError(
+            f"sample_weight must hold one positive weight per row of latent "
+            f"({latent.shape[0]}), got shape {sample_weight.shape}."
+        )
     rng = np.random.default_rng(seed)
     if latent.shape[0] > max_cells:
         keep = rng.choice(latent.shape[0], max_cells, replace=False)
-        latent = latent[keep]
+        latent, sample_weight = latent[keep], sample_weight[keep]
         posterior_var = None if posterior_var is None else posterior_var[keep]
     reg_covar = 1e-4
     if method == "em":
@@ -96,42 +116,195 @@ def fit_gmm(
             max_iter=200,
         ).fit(latent)
         weights, means, variances = gmm.weights_, gmm.means_, gmm.covariances_
-        resp = gmm.predict_proba(latent) if posterior_var is not None else None
+        resp = gmm.predict_proba(latent)
     else:
-        weights, means, variances, labels = _kmeans_mixture(latent, n_components, seed)
+        if method == "kmeans":
+            labels = (
+                KMeans(n_clusters=n_components, n_init=20, random_state=seed)
+                .fit(latent, sample_weight=sample_weight)
+                .labels_
+            )
+        else:
+            labels = leiden_partition(latent, n_components, seed=seed, resolution=resolution)
+            labels = merge_partition(latent, labels, sample_weight, reg_covar)
+        k = n_components if method == "kmeans" else int(labels.max()) + 1
+        weights, means, variances = _partition_mixture(latent, labels, k, sample_weight)
         variances = variances + reg_covar
-        resp = np.eye(n_components)[labels] if posterior_var is not None else None
-    if resp is not None:
+        resp = np.eye(k)[labels]
+    if posterior_var is not None:
+        resp = resp * sample_weight[:, None]
         weight = resp / np.maximum(resp.sum(0, keepdims=True), 1e-12)
         variances = variances + weight.T @ np.asarray(posterior_var, dtype=np.float64)
     return weights, means, variances
 
 
-def _kmeans_mixture(
-    latent: np.ndarray, n_components: int, seed: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Weights, means, variances and labels of a k-means partition of ``latent``.
+def leiden_partition(
+    latent: np.ndarray,
+    max_clusters: int,
+    seed: int = 0,
+    resolution: float = 1.0,
+    n_neighbors: int = 15,
+) -> np.ndarray:
+    """Leiden clusters of the k-nearest-neighbour graph of ``latent``, at most ``max_clusters``.
+
+    The graph and the partition are scanpy's (``pp.neighbors`` on ``latent`` itself,
+    ``tl.leiden`` with the igraph implementation). Clusters are numbered by decreasing
+    size; if there are more than ``max_clusters``, the cells of the smallest go to the
+    nearest centroid of the ``max_clusters`` largest.
+
+    Returns
+    -------
+    Integer labels ``0 .. k-1``, shape ``(n_cells,)``.
+    """
+    import anndata as ad
+    import scanpy as sc
+
+    n_cells = latent.shape[0]
+    if n_cells <= n_neighbors:
+        return np.zeros(n_cells, dtype=np.int64)
+    graph = ad.AnnData(np.zeros((n_cells, 0), dtype=np.float32))
+    graph.obsm["X"] = np.asarray(latent, dtype=np.float32)
+    sc.pp.neighbors(graph, n_neighbors=n_neighbors, use_rep="X", random_state=seed)
+    sc.tl.leiden(
+        graph,
+        resolution=resolution,
+        flavor="igraph",
+        n_iterations=2,
+        directed=False,
+        random_state=seed,
+    )
+    labels = _by_size(graph.obs["leiden"].astype(int).to_numpy())
+    if labels.max() >= max_clusters:
+        kept = labels < max_clusters
+        centroids = np.stack([latent[labels == j].mean(0) for j in range(max_clusters)])
+        dist = ((latent[~kept, None, :] - centroids[None]) ** 2).sum(-1)
+        labels[~kept] = dist.argmin(1)
+    return labels
+
+
+def _by_size(labels: np.ndarray) -> np.ndarray:
+    """Relabel ``labels`` as ``0 .. k-1`` by decreasing cluster size."""
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    order = np.argsort(-counts, kind="stable")
+    return np.argsort(order)[inverse]
+
+
+def merge_partition(
+    latent: np.ndarray,
+    labels: np.ndarray,
+    sample_weight: np.ndarray | None = None,
+    reg_covar: float = 1e-4,
+) -> np.ndarray:
+    """Merge the clusters of a partition that one diagonal Gaussian describes as well as two.
+
+    Each cluster is read as a diagonal Gaussian (its centroid and per-dimension variance).
+    For each pair of clusters, the cells of both are scored under the two-component mixture
+    of their Gaussians (weighted by their sizes) and under the one Gaussian of their union;
+    the pair is merged when the two-component mixture gains less than the Bayesian
+    information criterion's price of its extra ``2 D + 1`` parameters,
+    ``(2 D + 1) / 2 * log(n_i + n_j)`` nats. Pairs are merged greedily, the best first,
+    until no pair qualifies. Pieces of one Gaussian population (what a graph partition at a
+    fixed resolution makes of a large, even population) are merged; well-separated
+    populations, small ones included, are not.
+
+    Parameters
+    ----------
+    latent
+        Points, shape ``(n, D)``.
+    labels
+        Cluster of each point, integers.
+    sample_weight
+        Weight of each point (default: all 1).
+    reg_covar
+        Added to every variance.
+
+    Returns
+    -------
+    Labels ``0 .. k-1`` of the merged partition, by decreasing size.
+    """
+    labels = _by_size(np.asarray(labels))
+    weight = np.ones(latent.shape[0]) if sample_weight is None else np.asarray(sample_weight)
+    n_dim = latent.shape[1]
+    penalty = 0.5 * (2 * n_dim + 1)
+
+    def moments(mask: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+        w = weight[mask]
+        mass = w.sum()
+        mean = w @ latent[mask] / mass
+        var = w @ (latent[mask] - mean) ** 2 / mass + reg_covar
+        return mass, mean, var
+
+    def log_normal(x: np.ndarray, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
+        return -0.5 * (np.log(2 * np.pi * var).sum() + ((x - mean) ** 2 / var).sum(-1))
+
+    clusters = {c: moments(labels == c) for c in range(int(labels.max()) + 1)}
+    cache: dict[tuple[int, int], float] = {}
+    while len(clusters) > 1:
+        best, best_gain = None, 0.0
+        for i in clusters:
+            for j in clusters:
+                if j <= i:
+                    continue
+                if (i, j) not in cache:
+                    mask = (labels == i) | (labels == j)
+                    x, w = latent[mask], weight[mask]
+                    (mi, mu_i, var_i), (mj, mu_j, var_j) = clusters[i], clusters[j]
+                    two = np.logaddexp(
+                        np.log(mi / (mi + mj)) + log_normal(x, mu_i, var_i),
+                        np.log(mj / (mi + mj)) + log_normal(x, mu_j, var_j),
+                    )
+                    _, mu, var = moments(mask)
+                    one = log_normal(x, mu, var)
+                    cache[i, j] = float(w @ (one - two)) + penalty * np.log(mi + mj)
+                if cache[i, j] > best_gain:
+                    best, best_gain = (i, j), cache[i, j]
+        if best is None:
+            break
+        i, j = best
+        labels = np.where(labels == j, i, labels)
+        clusters[i] = moments(labels == i)
+        del clusters[j]
+        cache = {pair: v for pair, v in cache.items() if i not in pair and j not in pair}
+    return _by_size(labels)
+
+
+def _partition_mixture(
+    latent: np.ndarray, labels: np.ndarray, n_components: int, sample_weight: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Weights, means and variances of the clusters of a partition of ``latent``.
 
     A cluster left empty (fewer distinct points than clusters) gets the weight of one cell
-    and the variance of all cells, so that every component stays a valid Gaussian.
+    and the mean and variance of all cells, so that every component stays a valid Gaussian.
     """
-    kmeans = KMeans(n_clusters=n_components, n_init=20, random_state=seed).fit(latent)
-    labels = kmeans.labels_
+    onehot = np.eye(n_components)[labels] * sample_weight[:, None]
+    mass = onehot.sum(0)
+    total = sample_weight.sum()
+    overall_mean = (sample_weight @ latent) / total
+    overall_var = (sample_weight @ (latent - overall_mean) ** 2) / total
+    safe = np.maximum(mass, 1e-12)[:, None]
+    means = onehot.T @ latent / safe
+    variances = onehot.T @ latent**2 / safe - means**2
     counts = np.bincount(labels, minlength=n_components)
-    weights = np.maximum(counts, 1) / np.maximum(counts, 1).sum()
-    overall = latent.var(0)
-    variances = np.stack(
-        [latent[labels == j].var(0) if counts[j] > 1 else overall for j in range(n_components)]
-    )
-    return weights, kmeans.cluster_centers_.astype(np.float64), variances, labels
+    single = counts <= 1
+    variances[single] = overall_var
+    empty = counts == 0
+    means[empty] = overall_mean
+    mass[empty] = sample_weight.min()
+    return mass / mass.sum(), means, np.maximum(variances, 0.0)
 
 
 class GMMInitCallback(Callback):
-    """Fit the prior's mixture on the posterior means of the training cells.
+    """Fit the prior's mixture on the posterior means of the training cells, and prune it.
 
     At the start of epoch ``init_epoch`` the encoder's posterior means of the training
-    cells are computed, a diagonal Gaussian mixture is fitted to them, and its weights,
-    means and variances are copied into the module's prior. Under a distributed strategy
+    cells are computed, a diagonal Gaussian mixture is fitted to them (:func:`fit_gmm`),
+    and its weights, means and variances are copied into the module's prior; with
+    ``method="leiden"`` the number of components is the number of Leiden clusters (at most
+    the prior's), the others are switched off. From then on, at the end of every epoch,
+    components whose weight is below half a cell's (``0.5 / n_train``) are switched off, and
+    at the end of training so is every component that is the most probable one of no
+    training cell, so that the components left are the clusters (see
+    :meth:`~scale_scvi.module.GaussianMixturePrior.prune`). Under a distributed strategy
     the fit runs once, on rank 0, and the parameters are broadcast to every rank; if the fit
     fails (e.g. the posterior means are not finite), every rank raises the same
     ``ValueError``.
@@ -139,26 +312,34 @@ class GMMInitCallback(Callback):
     Parameters
     ----------
     latent_fn
-        Returns the posterior means of the cells at the given indices (all cells for
-        ``None``); called with the module in evaluation mode.
+        Returns the posterior means and variances of the cells at the given indices (all
+        cells for ``None``), optionally with a third array of row weights (see
+        :func:`fit_gmm`'s ``sample_weight``); called with the module in evaluation mode.
     n_components
-        Number of mixture components.
+        Number of mixture components (``"leiden"``: the most there can be).
     init_epoch
         Epoch at whose start the mixture is fitted (0: before any training, as the
         original SCALE does).
     seed
         Random state of the mixture fit.
     method
-        How the mixture is fitted (see :func:`fit_gmm`): ``"kmeans"`` or ``"em"``.
+        How the mixture is fitted (see :func:`fit_gmm`): ``"kmeans"``, ``"leiden"`` or
+        ``"em"``.
+    resolution
+        Resolution of the Leiden partition.
+    prune
+        Switch off the components the data do not support (as above).
     """
 
     def __init__(
         self,
-        latent_fn: Callable[[np.ndarray | None], np.ndarray | tuple[np.ndarray, np.ndarray]],
+        latent_fn: Callable[[np.ndarray | None], np.ndarray | tuple[np.ndarray, ...]],
         n_components: int,
         init_epoch: int = 0,
         seed: int = 0,
-        method: Literal["kmeans", "em"] = "kmeans",
+        method: Literal["kmeans", "em", "leiden"] = "kmeans",
+        resolution: float = 1.0,
+        prune: bool = True,
     ):
         super().__init__()
         check_gmm_init_method(method)
@@ -167,6 +348,21 @@ class GMMInitCallback(Callback):
         self.init_epoch = init_epoch
         self.seed = seed
         self.method = method
+        self.resolution = resolution
+        self.prune = prune
+        self.n_train = None
+
+    def _rows(self, trainer, module) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Posterior means, variances and row weights of the training cells."""
+        indices = getattr(trainer.datamodule, "train_idx", None)
+        was_training = module.training
+        module.eval()
+        try:
+            rows = self.latent_fn(indices)
+        finally:
+            module.train(was_training)
+        rows = rows if isinstance(rows, tuple) else (rows,)
+        return tuple(rows) + (None,) * (3 - len(rows))
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if trainer.current_epoch != self.init_epoch:
@@ -174,14 +370,10 @@ class GMMInitCallback(Callback):
         module = pl_module.module
         payload = None
         if trainer.is_global_zero:
-            indices = getattr(trainer.datamodule, "train_idx", None)
-            was_training = module.training
-            module.eval()
-            try:
-                latent = self.latent_fn(indices)
-            finally:
-                module.train(was_training)
-            latent, posterior_var = latent if isinstance(latent, tuple) else (latent, None)
+            latent, posterior_var, sample_weight = self._rows(trainer, module)
+            self.n_train = (
+                latent.shape[0] if sample_weight is None else float(np.sum(sample_weight))
+            )
             try:
                 fitted = fit_gmm(
                     latent,
@@ -189,9 +381,15 @@ class GMMInitCallback(Callback):
                     self.seed,
                     posterior_var=posterior_var,
                     method=self.method,
+                    sample_weight=sample_weight,
+                    resolution=self.resolution,
                 )
                 payload = [torch.as_tensor(p) for p in fitted]
-                logger.info("Initialized the GMM prior on %d posterior means.", latent.shape[0])
+                logger.info(
+                    "Initialized the GMM prior (%d components) on %d posterior means.",
+                    len(fitted[0]),
+                    latent.shape[0],
+                )
             except ValueError as error:
                 # Sent to every rank, so that all of them stop instead of waiting for rank 0.
                 payload = f"{error} (GMM initialization at epoch {trainer.current_epoch})"
@@ -199,3 +397,29 @@ class GMMInitCallback(Callback):
         if isinstance(payload, str):
             raise ValueError(payload)
         module.prior.set_parameters(*payload)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not self.prune or trainer.current_epoch < self.init_epoch or self.n_train is None:
+            return
+        prior = pl_module.module.prior
+        keep = prior.weights >= 0.5 / self.n_train
+        keep = trainer.strategy.broadcast(keep, src=0)
+        prior.prune(keep)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if not self.prune or trainer.current_epoch <= self.init_epoch:
+            return
+        module = pl_module.module
+        keep = None
+        if trainer.is_global_zero:
+            latent, _, _ = self._rows(trainer, module)
+            with torch.inference_mode():
+                z = torch.as_tensor(latent, device=module.prior.means.device)
+                best = module.prior.responsibilities(z.to(module.prior.means.dtype)).argmax(-1)
+            keep = torch.zeros_like(module.prior.active)
+            keep[best.unique()] = True
+        keep = trainer.strategy.broadcast(keep, src=0)
+        n_off = module.prior.prune(keep)
+        logger.info(
+            "%d mixture components on after training (%d pruned).", module.prior.n_active, n_off
+        )

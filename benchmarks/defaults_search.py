@@ -1,0 +1,194 @@
+"""Search for the defaults of the path a user runs: raw peak matrix, no K, the model's clusters.
+
+Each run trains SCALE on a shared labeled dataset *as shipped* (every peak, counts or
+binary) in its own process with one torch thread, and appends one row to
+``results/defaults_search.csv``: the number of clusters the model found, the ARI/NMI of its
+own cluster assignments, of k-means with the true k and of Leiden (scanpy's default
+resolution) on its latent, and the wall time. ``--method lsi`` scores the LSI baseline the
+same way (k-means with the true k, Leiden at the default resolution).
+
+Usage (from the repository root)::
+
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/defaults_search.py --dataset forebrain \\
+        --config defaults --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "defaults_search.csv"
+DATASETS = {
+    "forebrain": "preissl2018_forebrain_1043cells.h5ad",
+    "cell_lines": "schep2017_celllines_600cells.h5ad",
+}
+
+# Each configuration: the arguments of setup_anndata, SCALE(...) and train() that differ
+# from the library's defaults (an empty dict is the default path), and for the runs made
+# before feature selection was part of the model, the open-fraction threshold applied to
+# the matrix by this script.
+CONFIGS: dict[str, dict] = {
+    # Runs on the code before the default path had feature selection and pruning: the
+    # matrix is subset here (min_frac), K is given or the old default of 30 is used.
+    "old_k30_min2pct": {"min_frac": 0.02, "model": {"n_centroids": 30}, "train": {}},
+    "leiden30_min2pct": {
+        "min_frac": 0.02,
+        "model": {"n_centroids": 30},
+        "train": {"gmm_init_method": "leiden"},
+    },
+}
+
+
+def _leiden(latent: np.ndarray, seed: int) -> np.ndarray:
+    """Leiden at scanpy's default resolution on the 15-nearest-neighbour graph of latent."""
+    import anndata as ad
+    import scanpy as sc
+
+    a = ad.AnnData(np.zeros((latent.shape[0], 0), dtype=np.float32))
+    a.obsm["X"] = np.asarray(latent, dtype=np.float32)
+    sc.pp.neighbors(a, use_rep="X", random_state=seed)
+    sc.tl.leiden(a, flavor="igraph", n_iterations=2, directed=False, random_state=seed)
+    return a.obs["leiden"].to_numpy()
+
+
+def _scores(prefix: str, pred: np.ndarray, labels: np.ndarray) -> dict:
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    return {
+        f"ari_{prefix}": round(float(adjusted_rand_score(labels, pred)), 4),
+        f"nmi_{prefix}": round(float(normalized_mutual_info_score(labels, pred)), 4),
+        f"n_{prefix}": len(np.unique(pred)),
+    }
+
+
+def _latent_scores(latent: np.ndarray, labels: np.ndarray, seed: int) -> dict:
+    from sklearn.cluster import KMeans
+
+    k = len(np.unique(labels))
+    kmeans = KMeans(n_clusters=k, n_init=20, random_state=seed).fit_predict(latent)
+    out = _scores("kmeans", kmeans, labels)
+    out.update(_scores("leiden", _leiden(latent, seed), labels))
+    return out
+
+
+def run_lsi(adata, seed: int) -> dict:
+    """TF-IDF + SVD (31 components, first dropped), rows L2-normalized, as in methods.py."""
+    import scipy.sparse as sp
+    from sklearn.decomposition import TruncatedSVD
+
+    X = sp.csr_matrix(adata.X)
+    X.data = (X.data > 0).astype(np.float64)
+    t0 = time.perf_counter()
+    tf = sp.diags(1.0 / np.maximum(np.asarray(X.sum(1)).ravel(), 1)) @ X
+    idf = X.shape[0] / np.maximum(np.asarray(X.sum(0)).ravel(), 1)
+    tfidf = (tf @ sp.diags(idf)).tocsr()
+    tfidf.data = np.log1p(1e4 * tfidf.data)
+    svd = TruncatedSVD(31, random_state=seed).fit_transform(tfidf)[:, 1:]
+    latent = svd / np.linalg.norm(svd, axis=1, keepdims=True)
+    return {"latent": latent, "train_s": time.perf_counter() - t0}
+
+
+def run_scale(adata, seed: int, config: dict) -> dict:
+    import scvi
+    import torch
+
+    from scale_scvi import SCALE
+
+    torch.set_num_threads(1)
+    scvi.settings.seed = seed
+    min_frac = config.get("min_frac")
+    if min_frac:
+        X = adata.X
+        open_in = np.asarray((X > 0).sum(0)).ravel()
+        adata = adata[:, open_in >= min_frac * adata.n_obs].copy()
+    SCALE.setup_anndata(adata, **config.get("setup", {}))
+    model = SCALE(adata, **config.get("model", {}))
+    t0 = time.perf_counter()
+    model.train(**config.get("train", {}))
+    train_s = time.perf_counter() - t0
+    own = model.get_cluster_assignments()
+    return {
+        "latent": model.get_latent_representation(),
+        "own": np.asarray(own).astype(str),
+        "train_s": train_s,
+        "n_epochs": int(model.history["elbo_train"].shape[0]),
+        "n_peaks_used": int(
+            getattr(model, "n_selected_peaks_", None) or model.summary_stats.n_vars
+        ),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", choices=sorted(DATASETS), required=True)
+    parser.add_argument("--config", default="defaults")
+    parser.add_argument("--method", choices=["scale", "lsi"], default="scale")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    import anndata as ad
+
+    from scale_scvi.data import shared_data_path
+
+    path = shared_data_path(DATASETS[args.dataset])
+    if path is None:
+        raise SystemExit(f"{DATASETS[args.dataset]} not found: set SCALE_SCVI_DATA.")
+    adata = ad.read_h5ad(path)
+    labels = adata.obs["cell_type"].astype(str).to_numpy()
+    t0 = time.perf_counter()
+    if args.method == "lsi":
+        out, config = run_lsi(adata, args.seed), {}
+    else:
+        config = CONFIGS.get(args.config, {}) if args.config != "defaults" else {}
+        out = run_scale(adata, args.seed, config)
+    row = {
+        "dataset": args.dataset,
+        "method": args.method,
+        "config": args.config if args.method == "scale" else "lsi",
+        "seed": args.seed,
+        "settings": json.dumps(config, sort_keys=True),
+    }
+    if "own" in out:
+        row.update(_scores("own", out["own"], labels))
+    else:
+        row.update({"ari_own": "", "nmi_own": "", "n_own": ""})
+    row.update(_latent_scores(out["latent"], labels, args.seed))
+    row.update(
+        {
+            "train_s": round(out["train_s"], 1),
+            "wall_s": round(time.perf_counter() - t0, 1),
+            "n_epochs": out.get("n_epochs", ""),
+            "n_peaks_used": out.get("n_peaks_used", adata.n_vars),
+            "threads": 1,
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+        }
+    )
+    print(json.dumps(row))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    fields = list(row)
+    new = not RESULTS.exists()
+    if not new:
+        with open(RESULTS) as fh:
+            fields = next(csv.reader(fh))
+            missing = [f for f in row if f not in fields]
+        if missing:
+            raise SystemExit(f"{RESULTS} lacks columns {missing}; move it aside first.")
+    with open(RESULTS, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields, restval="")
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""The peaks a model reads: chosen once from the registered matrix, recorded in the registry."""
+
+from __future__ import annotations
+
+import numpy as np
+from anndata import AnnData
+from scvi.data.fields import LayerField
+
+from scale_scvi.module import open_fraction
+
+#: Default selection of :meth:`~scale_scvi.SCALE.setup_anndata`: peaks open in at least
+#: 2 % of the cells, at most the 50,000 most often open ones.
+MIN_FRACTION = 0.02
+N_TOP_PEAKS = 50_000
+
+SELECTED_PEAKS_KEY = "selected_peaks"
+N_SELECTED_KEY = "n_selected_peaks"
+
+
+def validate_selection(min_cells, min_fraction, n_top_peaks) -> None:
+    """Raise a ``TypeError``/``ValueError`` for a selection argument out of range."""
+    for name, value in (("min_cells", min_cells), ("n_top_peaks", n_top_peaks)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise TypeError(f"{name} must be an integer or None, got {type(value).__name__}.")
+        if value < (1 if name == "n_top_peaks" else 0):
+            raise ValueError(
+                f"{name} must be >= {1 if name == 'n_top_peaks' else 0}, got {value}."
+            )
+    if min_fraction is not None and not 0.0 <= float(min_fraction) <= 1.0:
+        raise ValueError(f"min_fraction must be between 0 and 1 (or None), got {min_fraction}.")
+
+
+def select_peaks_index(
+    open_frac: np.ndarray,
+    n_cells: int,
+    min_cells: int | None = None,
+    min_fraction: float | None = MIN_FRACTION,
+    n_top_peaks: int | None = N_TOP_PEAKS,
+) -> np.ndarray:
+    """Indices (sorted) of the peaks open in enough cells, at most ``n_top_peaks`` of them.
+
+    Parameters
+    ----------
+    open_frac
+        Fraction of the cells in which each peak is open.
+    n_cells
+        Number of cells it was counted on.
+    min_cells, min_fraction
+        Keep peaks open in at least ``max(min_cells, ceil(min_fraction * n_cells))`` cells.
+    n_top_peaks
+        Then keep at most this many, those open in the most cells (ties: the first peaks).
+
+    Returns
+    -------
+    Sorted ``int64`` indices of the selected peaks.
+    """
+    counts = np.rint(np.asarray(open_frac, dtype=np.float64) * n_cells)
+    threshold = max(
+        min_cells or 0, 0 if min_fraction is None else int(np.ceil(min_fraction * n_cells))
+    )
+    keep = counts >= threshold
+    if not keep.any():
+        raise ValueError(
+            f"No peak is open in at least {threshold} cells (the most is {int(counts.max())}): "
+            "lower min_cells / min_fraction in setup_anndata (None keeps every peak)."
+        )
+    if n_top_peaks is not None and keep.sum() > n_top_peaks:
+        order = np.argsort(-np.where(keep, counts, -1), kind="stable")
+        keep = np.zeros_like(keep)
+        keep[order[:n_top_peaks]] = True
+    return np.flatnonzero(keep).astype(np.int64)
+
+
+class PeakLayerField(LayerField):
+    """The peak matrix, with the peaks the model reads chosen at registration.
+
+    The whole matrix is registered (and loaded, minibatch by minibatch) as by
+    :class:`~scvi.data.fields.LayerField`; the indices of the selected peaks go into the
+    field's state registry, which is saved with a model and transferred as it is to data
+    registered later from it (``load``, ``load_query_data``, any ``get_*`` on new data),
+    so that every later use reads the same peaks. The open fraction of each peak is computed
+    block by block of rows, on dense, sparse or backed data.
+
+    Parameters
+    ----------
+    registry_key, layer
+        As in :class:`~scvi.data.fields.LayerField`.
+    min_cells, min_fraction, n_top_peaks
+        The selection rule of :func:`select_peaks_index`; all ``None``: every peak.
+    """
+
+    def __init__(
+        self,
+        registry_key: str,
+        layer: str | None,
+        min_cells: int | None = None,
+        min_fraction: float | None = MIN_FRACTION,
+        n_top_peaks: int | None = N_TOP_PEAKS,
+    ):
+        super().__init__(registry_key, layer, is_count_data=False)
+        validate_selection(min_cells, min_fraction, n_top_peaks)
+        self.min_cells = min_cells
+        self.min_fraction = min_fraction
+        self.n_top_peaks = n_top_peaks
+
+    def register_field(self, adata: AnnData) -> dict:
+        state = super().register_field(adata)
+        matrix = self.get_field_data(adata)
+        index = select_peaks_index(
+            open_fraction(matrix),
+            adata.n_obs,
+            self.min_cells,
+            self.min_fraction,
+            self.n_top_peaks,
+        )
+        state[SELECTED_PEAKS_KEY] = index
+        return state
+
+    def transfer_field(self, state_registry: dict, adata_target: AnnData, **kwargs) -> dict:
+        state = super().transfer_field(state_registry, adata_target, **kwargs)
+        n_vars = state_registry[self.N_VARS_KEY]
+        state[SELECTED_PEAKS_KEY] = np.asarray(
+            state_registry.get(SELECTED_PEAKS_KEY, np.arange(n_vars)), dtype=np.int64
+        )
+        return state
+
+    def get_summary_stats(self, state_registry: dict) -> dict:
+        stats = super().get_summary_stats(state_registry)
+        selected = state_registry.get(SELECTED_PEAKS_KEY)
+        stats[N_SELECTED_KEY] = (
+            len(selected) if selected is not None else state_registry[self.N_VARS_KEY]
+        )
+        return stats
