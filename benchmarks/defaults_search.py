@@ -25,7 +25,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results" / "defaults_search.csv"
 DATASETS = {
@@ -38,14 +38,11 @@ DATASETS = {
 # before feature selection was part of the model, the open-fraction threshold applied to
 # the matrix by this script.
 CONFIGS: dict[str, dict] = {
-    # Runs on the code before the default path had feature selection and pruning: the
-    # matrix is subset here (min_frac), K is given or the old default of 30 is used.
-    "old_k30_min2pct": {"min_frac": 0.02, "model": {"n_centroids": 30}, "train": {}},
-    "leiden30_min2pct": {
-        "min_frac": 0.02,
-        "model": {"n_centroids": 30},
-        "train": {"gmm_init_method": "leiden"},
-    },
+    # "defaults" (no entry): setup_anndata(adata), SCALE(adata), train(), nothing else.
+    "k_true": {"model": {"n_centroids": "true"}},
+    "all_peaks": {"setup": {"min_fraction": None, "n_top_peaks": None}},
+    "steps3000": {"train": {"n_steps": 3000}},
+    "steps6000": {"train": {"n_steps": 6000}},
 }
 
 
@@ -106,15 +103,20 @@ def run_scale(adata, seed: int, config: dict) -> dict:
 
     torch.set_num_threads(1)
     scvi.settings.seed = seed
-    min_frac = config.get("min_frac")
-    if min_frac:
-        X = adata.X
-        open_in = np.asarray((X > 0).sum(0)).ravel()
-        adata = adata[:, open_in >= min_frac * adata.n_obs].copy()
+    model_kwargs = dict(config.get("model", {}))
+    if model_kwargs.get("n_centroids") == "true":
+        model_kwargs["n_centroids"] = int(adata.obs["cell_type"].nunique())
+    train_kwargs = dict(config.get("train", {}))
+    if "n_steps" in train_kwargs:
+        from scale_scvi.model._scale import default_max_epochs
+
+        train_kwargs["max_epochs"] = default_max_epochs(
+            adata.n_obs, 1.0, 32, n_steps=train_kwargs.pop("n_steps")
+        )
     SCALE.setup_anndata(adata, **config.get("setup", {}))
-    model = SCALE(adata, **config.get("model", {}))
+    model = SCALE(adata, **model_kwargs)
     t0 = time.perf_counter()
-    model.train(**config.get("train", {}))
+    model.train(**train_kwargs)
     train_s = time.perf_counter() - t0
     own = model.get_cluster_assignments()
     return {
@@ -122,9 +124,7 @@ def run_scale(adata, seed: int, config: dict) -> dict:
         "own": np.asarray(own).astype(str),
         "train_s": train_s,
         "n_epochs": int(model.history["elbo_train"].shape[0]),
-        "n_peaks_used": int(
-            getattr(model, "n_selected_peaks_", None) or model.summary_stats.n_vars
-        ),
+        "n_peaks_used": len(model.selected_peaks_),
     }
 
 

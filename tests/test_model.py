@@ -15,9 +15,12 @@ from scale_scvi.data import FOREBRAIN
 
 from .conftest import load_shared
 
+#: setup_anndata arguments that make the model read every peak (no selection)
+ALL_PEAKS = {"min_fraction": None, "n_top_peaks": None}
 
-def _train(adata, epochs=15, **kwargs):
-    SCALE.setup_anndata(adata)
+
+def _train(adata, epochs=15, setup=None, **kwargs):
+    SCALE.setup_anndata(adata, **(setup or {}))
     model = SCALE(adata, n_centroids=4, n_hidden=(64, 32), **kwargs)
     model.train(max_epochs=epochs, enable_progress_bar=False)
     return model
@@ -25,11 +28,13 @@ def _train(adata, epochs=15, **kwargs):
 
 def test_outputs_shapes_and_types(small_adata):
     model = _train(small_adata, epochs=3)
-    n, p = small_adata.shape
+    n, p = small_adata.n_obs, len(model.selected_peaks_)
+    assert p < small_adata.n_vars  # the default selection of peaks
     z = model.get_latent_representation()
     assert z.shape == (n, 10)
     probs = model.get_cluster_probabilities()
-    assert probs.shape == (n, 4)
+    k = model.n_clusters_
+    assert 1 <= k <= 4 and probs.shape == (n, k)
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
     labels = model.get_cluster_assignments()
     assert isinstance(labels, pd.Categorical) and len(labels) == n
@@ -40,7 +45,7 @@ def test_outputs_shapes_and_types(small_adata):
     idx = np.arange(10, 30)
     sub = model.get_normalized_accessibility(indices=idx, batch_size=7)
     np.testing.assert_allclose(sub, dense[idx], rtol=1e-5, atol=1e-6)
-    assert model.get_cluster_probabilities(indices=idx).shape == (20, 4)
+    assert model.get_cluster_probabilities(indices=idx).shape == (20, k)
 
 
 def test_thresholded_imputation_is_csr_and_matches_dense(small_adata):
@@ -243,7 +248,7 @@ def test_forebrain_clustering():
 
 def test_depth_offset_explains_depth(small_adata):
     """Logits shift by log(depth / mean depth); imputation is at the mean depth."""
-    model = _train(small_adata, epochs=2)
+    model = _train(small_adata, epochs=2, setup=ALL_PEAKS)
     module = model.module
     x = torch.as_tensor(small_adata.X[:8].toarray())
     depth = x.sum(1)

@@ -26,7 +26,7 @@ def planted():
     """
     scvi.settings.seed = 0
     adata = simulate_scatac(n_cells=120, n_peaks=200, n_types=N_TYPES, seed=3)
-    SCALE.setup_anndata(adata)
+    SCALE.setup_anndata(adata, min_fraction=None, n_top_peaks=None)
     model = SCALE(adata, n_centroids=N_TYPES, n_hidden=(32,))
     model.is_trained_ = True
     model.module.eval()  # as training leaves it (batch norm on its running statistics)

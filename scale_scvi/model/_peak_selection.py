@@ -6,7 +6,7 @@ import numpy as np
 from anndata import AnnData
 from scvi.data.fields import LayerField
 
-from scale_scvi.module import open_fraction
+from scale_scvi.module._feature_stats import open_fraction
 
 #: Default selection of :meth:`~scale_scvi.SCALE.setup_anndata`: peaks open in at least
 #: 2 % of the cells, at most the 50,000 most often open ones.

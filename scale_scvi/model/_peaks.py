@@ -49,11 +49,13 @@ def _decoder_covariates(
 
 
 def peak_names(model: BaseModelClass, adata=None) -> pd.Index:
-    """Names of the peaks: ``var_names`` of the AnnData, or of the ATAC modality of a MuData."""
+    """Names of the peaks the model reads: ``var_names`` of the AnnData (those selected by
+    ``setup_anndata``), or of the ATAC modality of a MuData."""
     data = model._validate_anndata(adata)
     registry = model.adata_manager.registry
     if registry.get("setup_method_name") != "setup_mudata":
-        return data.var_names
+        index = getattr(model.module, "peak_index", None)
+        return data.var_names if index is None else data.var_names[index.cpu().numpy()]
     mod = (registry["setup_args"].get("modalities") or {}).get("atac_layer")
     if mod is None:
         raise ValueError(
@@ -66,7 +68,8 @@ def peak_names(model: BaseModelClass, adata=None) -> pd.Index:
 def used_components(
     model: BaseModelClass, adata: AnnData | None, batch_size: int | None
 ) -> list[int]:
-    """Components that are the most probable one of at least one cell."""
+    """Clusters (labels of ``get_cluster_assignments``) that are the most probable one of at
+    least one cell."""
     probs = model.get_cluster_probabilities(adata, batch_size=batch_size)
     return sorted(np.unique(probs.argmax(1)).tolist())
 
@@ -77,14 +80,17 @@ def component_accessibility(
     components: Sequence[int],
     batch: str | None = None,
 ) -> np.ndarray:
-    """Decoder probabilities of every peak at the mean of each mixture component.
+    """Decoder probabilities of every peak read at the mean of each cluster's component.
+
+    ``components`` are cluster labels (``0 .. n_clusters_ - 1``).
 
     Returns
     -------
     Array of shape ``(len(components), n_peaks)``.
     """
     module = model.module
-    means = module.prior.means[torch.as_tensor(list(components), device=model.device)]
+    index = model._cluster_components()[np.asarray(list(components), dtype=np.int64)]
+    means = module.prior.means[torch.as_tensor(index, device=model.device)]
     covs = _decoder_covariates(model, len(components), batch)
     return module.decode(means, ATAC, **covs).cpu().numpy()
 

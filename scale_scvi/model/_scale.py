@@ -17,7 +17,6 @@ from scvi import REGISTRY_KEYS, settings
 from scvi.data.fields import (
     CategoricalJointObsField,
     CategoricalObsField,
-    LayerField,
     NumericalJointObsField,
 )
 from scvi.model.base import ArchesMixin, BaseModelClass, UnsupervisedTrainingMixin, VAEMixin
@@ -37,6 +36,13 @@ from ._canonical import CanonicalAnnDataManager, warn_if_not_canonical
 from ._features import FeatureIdentityMixin
 from ._io import ModelFolderMixin
 from ._mudata import MuDataSetupMixin
+from ._peak_selection import (
+    MIN_FRACTION,
+    N_TOP_PEAKS,
+    SELECTED_PEAKS_KEY,
+    PeakLayerField,
+    validate_selection,
+)
 from ._validation import (
     get_matrix,
     validate_accessibility_matrix,
@@ -50,6 +56,23 @@ from ._validation import (
 )
 
 logger = logging.getLogger(__name__)
+
+#: Upper bound on the number of clusters when ``n_centroids`` is not given.
+MAX_CENTROIDS = 30
+#: Optimizer steps of the default training length (see :meth:`SCALE.train`).
+N_STEPS = 4_000
+
+
+def default_max_epochs(
+    n_cells: int,
+    train_size: float | None,
+    batch_size: int,
+    n_steps: int = N_STEPS,
+) -> int:
+    """Epochs that make about ``n_steps`` optimizer steps (at least 2 epochs)."""
+    n_train = math.ceil((1.0 if train_size is None else train_size) * n_cells)
+    steps_per_epoch = max(1, math.ceil(n_train / batch_size))
+    return max(2, math.ceil(n_steps / steps_per_epoch))
 
 
 def _trains_on_cpu(accelerator: str) -> bool:
@@ -90,7 +113,13 @@ class SCALE(
     adata
         AnnData registered with :meth:`setup_anndata`.
     n_centroids
-        Number of mixture components (clusters) ``K``.
+        Number of mixture components (clusters) ``K``. ``None`` (default): the data choose
+        it, up to 30 (or the number of cells): the mixture is initialized from a Leiden
+        partition of the posterior means whose pieces that one Gaussian describes as well
+        are merged, and components that no cell takes are switched off during and at the
+        end of training. An integer gives exactly that many components at initialization
+        (fitted by k-means), of which those no cell takes are switched off at the end.
+        :attr:`n_clusters_` is the number left.
     n_latent
         Latent dimensionality.
     n_hidden
@@ -111,10 +140,11 @@ class SCALE(
     Examples
     --------
     >>> SCALE.setup_anndata(adata)
-    >>> model = SCALE(adata, n_centroids=8)
+    >>> model = SCALE(adata)
     >>> model.train()
     >>> adata.obsm["X_scale"] = model.get_latent_representation()
     >>> adata.obs["scale_cluster"] = model.get_cluster_assignments()
+    >>> model.n_clusters_
     """
 
     #: The module of an AnnData model; a model set up with ``setup_mudata`` on RNA sets its
@@ -125,7 +155,7 @@ class SCALE(
     def __init__(
         self,
         adata: AnnData,
-        n_centroids: int = 30,
+        n_centroids: int | None = None,
         n_latent: int = 10,
         n_hidden: Sequence[int] = (1024, 128),
         n_hidden_decoder: Sequence[int] = (),
@@ -135,10 +165,15 @@ class SCALE(
         **module_kwargs,
     ):
         super().__init__(adata)
-        validate_n_centroids(n_centroids, self.summary_stats.n_cells)
+        if n_centroids is not None:
+            validate_n_centroids(n_centroids, self.summary_stats.n_cells)
         validate_count(n_latent, "n_latent")
         validate_layer_widths(n_hidden, "n_hidden")
         validate_layer_widths(n_hidden_decoder, "n_hidden_decoder")
+        self._choose_n_clusters = n_centroids is None
+        n_components = (
+            min(MAX_CENTROIDS, self.summary_stats.n_cells) if n_centroids is None else n_centroids
+        )
         if n_particles is None:
             n_particles = 1 if objective == "elbo" else 8
         n_cats_per_cov = (
@@ -148,10 +183,11 @@ class SCALE(
         )
         self._module_cls = module_class(self._registered_modalities())
         inputs = self._module_cls.input_arguments(self._n_features(), self._modality_flags())
+        inputs.update(self._peak_selection())
         self.module = self._module_cls(
             **inputs,
             n_batch=self.summary_stats.n_batch,
-            n_centroids=n_centroids,
+            n_centroids=n_components,
             n_latent=n_latent,
             n_hidden=tuple(n_hidden),
             n_hidden_decoder=tuple(n_hidden_decoder),
@@ -168,13 +204,48 @@ class SCALE(
                 for m in self.module.modalities
             }
         )
+        k = f"at most {n_components} (chosen by the data)" if n_centroids is None else n_centroids
+        peaks = getattr(self.module, "n_peaks", None)
         self._model_summary_string = (
-            f"SCALE model with n_centroids: {n_centroids}, n_latent: {n_latent}, "
-            f"encoder: {tuple(n_hidden)}, decoder: {tuple(n_hidden_decoder) or 'linear'}, "
+            f"SCALE model with n_centroids: {k}, n_latent: {n_latent}, "
+            + (f"peaks read: {peaks}, " if peaks is not None else "")
+            + f"encoder: {tuple(n_hidden)}, decoder: {tuple(n_hidden_decoder) or 'linear'}, "
             f"objective: {objective} (n_particles: {n_particles}), "
             f"modalities: {self.module.modalities}"
         )
         self.init_params_ = self._get_init_params(locals())
+
+    def _peak_selection(self) -> dict:
+        """``{"peak_index": ...}`` for the module when the registry selected peaks, else ``{}``."""
+        if self.adata_manager.registry.get("setup_method_name") != "setup_anndata":
+            return {}
+        state = self.adata_manager.get_state_registry(REGISTRY_KEYS.X_KEY)
+        index = state.get(SELECTED_PEAKS_KEY)
+        if index is None or len(index) == self.summary_stats.n_vars:
+            return {}
+        return {"peak_index": np.asarray(index)}
+
+    @property
+    def selected_peaks_(self) -> pd.Index:
+        """Names of the peaks the model reads (chosen by :meth:`setup_anndata`), in order.
+
+        The columns of :meth:`get_normalized_accessibility` and the peaks of
+        :meth:`get_cluster_specific_peaks` and :meth:`differential_accessibility`.
+        """
+        return _peaks.peak_names(self)
+
+    @property
+    def n_clusters_(self) -> int:
+        """Number of clusters: the mixture components left on after training.
+
+        :meth:`get_cluster_assignments` labels cells ``"0"`` .. ``n_clusters_ - 1`` and
+        :meth:`get_cluster_probabilities` has one column per cluster.
+        """
+        return self.module.prior.n_active
+
+    def _cluster_components(self) -> np.ndarray:
+        """Index of the mixture component of each cluster label (the components left on)."""
+        return np.flatnonzero(self.module.prior.active.cpu().numpy())
 
     # ------------------------------------------------------------------ setup
     @classmethod
@@ -185,12 +256,25 @@ class SCALE(
         batch_key: str | None = None,
         categorical_covariate_keys: list[str] | None = None,
         continuous_covariate_keys: list[str] | None = None,
+        min_cells: int | None = None,
+        min_fraction: float | None = MIN_FRACTION,
+        n_top_peaks: int | None = N_TOP_PEAKS,
         **kwargs,
     ) -> None:
         """Register an AnnData of cells x peaks with SCALE.
 
         Counts or binary values are accepted; any value > 0 is read as accessible, and the
         binarization happens inside the model (the matrix is not modified).
+
+        The model reads only the peaks open in enough cells, and at most ``n_top_peaks`` of
+        them: by default those open in at least 2 % of the cells, at most the 50,000 most
+        often open (peaks open in a handful of cells carry little but noise, and cost
+        training time and memory in proportion to their number; see ``benchmarks/NOTES.md``,
+        "Default path"). The counts are made block by block of rows (the matrix is never
+        densified); the selection is recorded in the registry and saved with the model, so
+        that ``load``, ``load_query_data`` and every ``get_*`` on new data read the same
+        peaks. :attr:`SCALE.selected_peaks_` names them. To read every peak, pass
+        ``min_fraction=None, n_top_peaks=None``.
 
         Parameters
         ----------
@@ -204,9 +288,15 @@ class SCALE(
             Columns of ``adata.obs`` with further categorical covariates.
         continuous_covariate_keys
             Columns of ``adata.obs`` with continuous covariates.
+        min_cells, min_fraction
+            Read the peaks open in at least ``max(min_cells, ceil(min_fraction * n_cells))``
+            cells; ``None`` for no such bound.
+        n_top_peaks
+            Of those, read at most this many, the ones open in the most cells; ``None``: all.
         """
         # Before any other local, so that only the arguments are recorded (and saved).
         setup_method_args = cls._get_setup_method_args(**locals())
+        validate_selection(min_cells, min_fraction, n_top_peaks)
         if not isinstance(adata, AnnData):
             raise TypeError(
                 f"setup_anndata takes an AnnData, got {type(adata).__name__}; for a MuData use "
@@ -227,7 +317,7 @@ class SCALE(
         validate_obs_keys(adata, categorical_covariate_keys or [], "categorical_covariate_keys")
         validate_obs_keys(adata, continuous_covariate_keys or [], "continuous_covariate_keys")
         anndata_fields = [
-            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
+            PeakLayerField(REGISTRY_KEYS.X_KEY, layer, min_cells, min_fraction, n_top_peaks),
             CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
             CategoricalJointObsField(REGISTRY_KEYS.CAT_COVS_KEY, categorical_covariate_keys),
             NumericalJointObsField(REGISTRY_KEYS.CONT_COVS_KEY, continuous_covariate_keys),
@@ -289,7 +379,7 @@ class SCALE(
         gradient_clip_val: float | None = 10.0,
         n_epochs_kl_warmup: int | None = None,
         gmm_init_epoch: int | None = None,
-        gmm_init_method: Literal["kmeans", "em"] = "kmeans",
+        gmm_init_method: Literal["kmeans", "em", "leiden"] | None = None,
         train_size: float | None = 1.0,
         validation_size: float | None = None,
         early_stopping: bool = False,
@@ -312,8 +402,10 @@ class SCALE(
         Parameters
         ----------
         max_epochs
-            Passes through the data. Default: ``clip(150_000 / n_cells, 10, 400)``, about
-            150,000 cell updates in all.
+            Passes through the data. Default: as many as make 4,000 optimizer steps
+            (``ceil(4000 / ceil(n_train / batch_size))``, at least 2): the length follows the
+            optimizer, not the number of cells (measured in ``benchmarks/NOTES.md``,
+            "Default path").
         lr
             Learning rate of AdamW (:class:`~scale_scvi.train.FusedAdamW`, torch's AdamW on
             its fused kernel).
@@ -337,10 +429,13 @@ class SCALE(
             Default: the end of the KL warm-up, so that the mixture is fitted on a trained
             encoder.
         gmm_init_method
-            How that mixture is fitted (:func:`~scale_scvi.train.fit_gmm`): ``"kmeans"``
-            reads it off a k-means partition of the posterior means; ``"em"`` runs EM on a
-            diagonal Gaussian mixture from there, which moved the partition away from the
-            cell types in the measurements of ``benchmarks/NOTES.md``.
+            How that mixture is fitted (:func:`~scale_scvi.train.fit_gmm`): ``"leiden"``
+            reads it off a Leiden partition of the posterior means, merged where one Gaussian
+            describes two pieces as well, so that the data choose the number of components;
+            ``"kmeans"`` off a k-means partition into ``n_centroids`` clusters; ``"em"`` runs
+            EM on a diagonal Gaussian mixture from there, which moved the partition away from
+            the cell types in the measurements of ``benchmarks/NOTES.md``. Default:
+            ``"leiden"`` for a model made without ``n_centroids``, else ``"kmeans"``.
         train_size, validation_size
             Fractions of cells for training and validation (default: all for training).
         early_stopping
@@ -361,9 +456,10 @@ class SCALE(
         **trainer_kwargs
             Further arguments of :class:`~scvi.train.Trainer`.
         """
-        n_cells = self.adata.n_obs
         if max_epochs is None:
-            max_epochs = int(np.clip(150_000 / n_cells, 10, 400))
+            max_epochs = default_max_epochs(self.adata.n_obs, train_size, batch_size)
+        if gmm_init_method is None:
+            gmm_init_method = "leiden" if self._choose_n_clusters else "kmeans"
         if n_epochs_kl_warmup is None:
             n_epochs_kl_warmup = max(1, max_epochs // 4)
         if gmm_init_epoch is None:
@@ -470,27 +566,32 @@ class SCALE(
         return datasplitter_kwargs
 
     def _gmm_latent_fn(self, batch_size: int):
-        def latent_fn(indices: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        def latent_fn(indices: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             return self._posterior_moments(self.adata, indices, batch_size)
 
         return latent_fn
 
     # ------------------------------------------------------------------ outputs
     @torch.inference_mode()
-    def _posterior_moments(self, adata, indices, batch_size) -> tuple[np.ndarray, np.ndarray]:
-        """Means and variances of the components of the aggregate posterior of the cells.
+    def _posterior_moments(
+        self, adata, indices, batch_size
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Means, variances and weights of the components of the aggregate posterior.
 
         One row per cell for ATAC alone; for RNA + ATAC, one per cell and mixture component
-        it has (see :meth:`~scale_scvi.module.SCALEModuleBase.aggregate_posterior_components`).
+        it has, weighted by one over the number of components of its cell, so that every
+        cell counts once (see
+        :meth:`~scale_scvi.module.SCALEModuleBase.aggregate_posterior_components`).
         """
         loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
-        means, variances = [], []
+        means, variances, weights = [], [], []
         for tensors in loader:
             out = self.module.inference(**self.module._get_inference_input(tensors))
             qz_m, qz_v = self.module.aggregate_posterior_components(out)
             means.append(qz_m.cpu())
             variances.append(qz_v.cpu())
-        return torch.cat(means).numpy(), torch.cat(variances).numpy()
+            weights.append(self.module.aggregate_posterior_weights(out).cpu())
+        return tuple(torch.cat(t).numpy() for t in (means, variances, weights))
 
     @torch.inference_mode()
     def get_latent_representation(
@@ -568,25 +669,42 @@ class SCALE(
         indices: Sequence[int] | None = None,
         batch_size: int | None = None,
         modality: Modality = "joint",
+        n_samples: int = 1,
     ) -> np.ndarray:
-        """Posterior cluster probabilities ``p(c | z)`` at the posterior mean of each cell.
+        """Posterior cluster probabilities ``p(c | z)`` of each cell, one column per cluster.
 
-        ``modality`` picks the posterior of a multimodal model (see
-        :meth:`get_latent_representation`); for ``"joint"`` the probabilities are averaged
-        over the experts of the mixture, each at its posterior mean.
+        With ``n_samples=1`` (default) at the posterior mean of each cell; with more, the
+        average of ``p(c | z_s)`` over ``n_samples`` draws ``z_s ~ q(z|x)``, which accounts
+        for the uncertainty of the cell's position (a cell whose posterior straddles two
+        components gets probabilities nearer to one half). ``modality`` picks the posterior
+        of a multimodal model (see :meth:`get_latent_representation`); for ``"joint"`` at the
+        mean the probabilities are averaged over the experts of the mixture, each at its
+        posterior mean, and the draws are from the mixture of experts.
 
         Returns
         -------
-        Array of shape ``(n_cells, n_centroids)`` whose rows sum to one.
+        Array of shape ``(n_cells, n_clusters_)`` whose rows sum to one; column ``j`` is
+        cluster ``"j"`` of :meth:`get_cluster_assignments`.
         """
+        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+            raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}.")
         self.module.check_modality(modality)
         self._check_if_trained(warn=False)
         adata = self._validate_anndata(adata)
         loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
+        columns = torch.as_tensor(self._cluster_components(), device=self.device)
         probs = []
         for tensors in loader:
             out = self.module.inference(**self.module._get_inference_input(tensors))
-            probs.append(self.module.posterior_cluster_probabilities(out, modality).cpu())
+            if n_samples == 1:
+                p = self.module.posterior_cluster_probabilities(out, modality)
+            else:
+                p = sum(
+                    self.module.cluster_probabilities(self.module.latent_sample(out, modality))
+                    for _ in range(n_samples)
+                )
+                p = p / n_samples
+            probs.append(p[:, columns].cpu())
         return torch.cat(probs).numpy()
 
     def get_cluster_assignments(
@@ -594,17 +712,51 @@ class SCALE(
         adata: AnnData | None = None,
         indices: Sequence[int] | None = None,
         batch_size: int | None = None,
-    ) -> pd.Categorical:
-        """The most probable mixture component of each cell.
+        return_confidence: bool = False,
+        n_samples: int = 1,
+    ) -> pd.Categorical | pd.DataFrame:
+        """The cluster of each cell: its most probable mixture component.
+
+        Clusters are labelled ``"0"`` .. ``n_clusters_ - 1`` (the components left on after
+        training, in order; see :attr:`n_clusters_`).
+
+        Parameters
+        ----------
+        adata, indices, batch_size
+            Cells to assign.
+        return_confidence
+            Also return, per cell, the probability of its cluster (``confidence``) and the
+            entropy of its cluster probabilities in nats (``entropy``: 0 for a certain
+            assignment, ``log(n_clusters_)`` for a uniform one).
+        n_samples
+            Average the probabilities over this many draws of ``q(z|x)`` (see
+            :meth:`get_cluster_probabilities`); 1: at the posterior mean.
 
         Returns
         -------
-        A :class:`pandas.Categorical` of component indices (as strings, ordered numerically),
-        ready for ``adata.obs["scale_cluster"]``.
+        A :class:`pandas.Categorical` of cluster labels (strings, ordered numerically; every
+        cluster is a category even if no cell of ``adata`` falls in it), ready for
+        ``adata.obs["scale_cluster"]``; with ``return_confidence``, a
+        :class:`pandas.DataFrame` (indexed by cell) with columns ``cluster``,
+        ``confidence`` and ``entropy``.
         """
-        labels = self.get_cluster_probabilities(adata, indices, batch_size).argmax(1)
-        used = np.unique(labels)
-        return pd.Categorical(labels.astype(str), categories=used.astype(str))
+        probs = self.get_cluster_probabilities(adata, indices, batch_size, n_samples=n_samples)
+        labels = probs.argmax(1)
+        categories = np.arange(probs.shape[1]).astype(str)
+        clusters = pd.Categorical(labels.astype(str), categories=categories)
+        if not return_confidence:
+            return clusters
+        entropy = -(probs * np.log(np.clip(probs, 1e-12, None))).sum(1)
+        names = self._validate_anndata(adata).obs_names
+        names = names if indices is None else names[np.asarray(indices)]
+        return pd.DataFrame(
+            {
+                "cluster": clusters,
+                "confidence": probs[np.arange(len(labels)), labels],
+                "entropy": np.maximum(entropy, 0.0),
+            },
+            index=names,
+        )
 
     def get_cluster_specific_peaks(
         self,
@@ -647,10 +799,11 @@ class SCALE(
         if components is None:
             components = _peaks.used_components(self, adata, batch_size)
         components = [int(c) for c in components]
-        bad = [c for c in components if not 0 <= c < self.module.n_centroids]
+        bad = [c for c in components if not 0 <= c < self.n_clusters_]
         if bad:
             raise ValueError(
-                f"components {bad} are out of range: the model has {self.module.n_centroids}."
+                f"components {bad} are out of range: the model has {self.n_clusters_} "
+                "clusters (labels 0 .. n_clusters_ - 1)."
             )
         names = _peaks.peak_names(self, adata)
         probs = _peaks.component_accessibility(self, components, batch=batch)

@@ -74,6 +74,34 @@ def binarize(x: torch.Tensor) -> torch.Tensor:
     return csr_with_values(x, (x.values() > 0).to(torch.float32))
 
 
+def select_columns(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The columns ``index`` of a minibatch, dense or sparse CSR, in the same layout.
+
+    ``index`` holds sorted, distinct column indices. A CSR minibatch is subset through its
+    stored values (one pass over them), without building the dense matrix.
+    """
+    if x.layout == torch.strided:
+        return x.index_select(-1, index.to(x.device))
+    x = x if x.layout == torch.sparse_csr else x.to_sparse_csr()
+    index = index.to(x.device)
+    new_col = torch.full((x.shape[-1],), -1, dtype=torch.int64, device=x.device)
+    new_col[index] = torch.arange(index.numel(), device=x.device)
+    crow, col, values = x.crow_indices(), x.col_indices(), x.values()
+    mapped = new_col[col]
+    keep = mapped >= 0
+    rows = torch.repeat_interleave(torch.arange(x.shape[0], device=x.device), torch.diff(crow))
+    counts = torch.bincount(rows[keep], minlength=x.shape[0])
+    new_crow = torch.zeros(x.shape[0] + 1, dtype=crow.dtype, device=x.device)
+    new_crow[1:] = torch.cumsum(counts, 0)
+    return torch.sparse_csr_tensor(
+        new_crow,
+        mapped[keep].to(col.dtype),
+        values[keep],
+        size=(x.shape[0], index.numel()),
+        check_invariants=False,
+    )
+
+
 def _sparse_linear(
     x: torch.Tensor, weight_t: torch.Tensor, covs: torch.Tensor | None
 ) -> torch.Tensor:

@@ -382,6 +382,13 @@ class MultiSCALEVAE(SCALEModuleBase):
             inference_outputs[K.QZV_COMPONENTS_KEY][mask],
         )
 
+    def aggregate_posterior_weights(self, inference_outputs: Mapping) -> torch.Tensor:
+        """One over the number of mixture components of each row's cell (a paired cell's
+        two or three rows count as one cell)."""
+        mask = inference_outputs[K.COMPONENT_MASK_KEY].bool()  # (C, B)
+        per_cell = mask.sum(0, keepdim=True).clamp_min(1).to(torch.float32)
+        return (1.0 / per_cell).expand_as(mask)[mask]
+
     @classmethod
     def input_arguments(
         cls, n_features: Mapping[str, int], modality_flags: Sequence | None = None

@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 from scvi import REGISTRY_KEYS
 from scvi.module.base import LossOutput, auto_move_data
 from torch.distributions import Normal
 
 from ._base import SCALEModuleBase
-from ._components import binarize
+from ._components import binarize, select_columns
 from ._constants import ATAC, MODULE_KEYS
 from ._feature_stats import open_fraction
 from ._objectives import (
@@ -34,7 +35,11 @@ class SCALEVAE(SCALEModuleBase):
     Parameters
     ----------
     n_input
-        Number of peaks.
+        Number of peaks of the registered matrix.
+    peak_index
+        The peaks the module reads (sorted column indices of the registered matrix); every
+        minibatch is cut to them, dense or sparse, and the networks see only those.
+        ``None`` (default): every peak.
     gamma_from
         ``q(c|x)`` in the closed-form ELBO: the responsibilities ``p(c|z)`` at the posterior
         ``"mean"`` or at the ``"sample"`` used for the reconstruction (as the original
@@ -50,6 +55,7 @@ class SCALEVAE(SCALEModuleBase):
         self,
         n_input: int,
         gamma_from: Literal["mean", "sample", "expected"] = "mean",
+        peak_index: Sequence[int] | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -60,13 +66,31 @@ class SCALEVAE(SCALEModuleBase):
         self.n_input = n_input
         self.modalities = (ATAC,)
         self.gamma_from = gamma_from
-        self.z_encoder = self._make_encoder(n_input)
-        self.decoder = self._make_decoder(n_input)
+        if peak_index is not None:
+            peak_index = torch.as_tensor(np.asarray(peak_index), dtype=torch.int64)
+            if peak_index.ndim != 1 or not len(peak_index):
+                raise ValueError("peak_index must be a non-empty 1-d sequence of peak indices.")
+            if (peak_index.diff() <= 0).any() or peak_index[0] < 0 or peak_index[-1] >= n_input:
+                raise ValueError(
+                    f"peak_index must be increasing column indices in [0, {n_input})."
+                )
+            # saved with the model, so that every later use reads the same peaks
+            self.register_buffer("peak_index", peak_index)
+        else:
+            self.peak_index = None
+        self.n_peaks = n_input if peak_index is None else len(peak_index)
+        self.z_encoder = self._make_encoder(self.n_peaks)
+        self.decoder = self._make_decoder(self.n_peaks)
         self._add_prior()
+
+    def select_peaks(self, x: torch.Tensor) -> torch.Tensor:
+        """The columns of the peaks the module reads (all without ``peak_index``)."""
+        return x if self.peak_index is None else select_columns(x, self.peak_index)
 
     # ------------------------------------------------------------------ inputs
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict:
-        return {MODULE_KEYS.X_KEY: tensors[REGISTRY_KEYS.X_KEY], **self.covariates(tensors)}
+        x = self.select_peaks(tensors[REGISTRY_KEYS.X_KEY])
+        return {MODULE_KEYS.X_KEY: x, **self.covariates(tensors)}
 
     def _get_generative_input(
         self, tensors: dict[str, torch.Tensor], inference_outputs: dict
@@ -143,8 +167,11 @@ class SCALEVAE(SCALEModuleBase):
         return REGISTRY_KEYS.X_KEY
 
     def init_from_data(self, matrices: Mapping[str, object]) -> None:
-        """Decoder bias ``logit(open fraction)`` of each peak, from ``matrices["atac"]``."""
-        self._init_bernoulli_decoder(self.decoder, open_fraction(matrices[ATAC]))
+        """Decoder bias ``logit(open fraction)`` of each peak read, from ``matrices["atac"]``."""
+        frac = open_fraction(matrices[ATAC])
+        if self.peak_index is not None:
+            frac = frac[self.peak_index.cpu().numpy()]
+        self._init_bernoulli_decoder(self.decoder, frac)
 
     def _joint_moments(self, inference_outputs: Mapping, joint_mean: str):
         return inference_outputs[MODULE_KEYS.QZM_KEY], inference_outputs[MODULE_KEYS.QZV_KEY]
@@ -171,7 +198,7 @@ class SCALEVAE(SCALEModuleBase):
         qz_v = inference_outputs[MODULE_KEYS.QZV_KEY]
         x = inference_outputs.get(MODULE_KEYS.X_BINARIZED_KEY)
         if x is None:
-            x = binarize(tensors[REGISTRY_KEYS.X_KEY].to(qz_m.device))
+            x = binarize(self.select_peaks(tensors[REGISTRY_KEYS.X_KEY].to(qz_m.device)))
 
         if objective == "elbo":
             z = inference_outputs[MODULE_KEYS.Z_KEY]

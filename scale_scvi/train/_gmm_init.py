@@ -147,39 +147,86 @@ def leiden_partition(
 ) -> np.ndarray:
     """Leiden clusters of the k-nearest-neighbour graph of ``latent``, at most ``max_clusters``.
 
-    The graph and the partition are scanpy's (``pp.neighbors`` on ``latent`` itself,
-    ``tl.leiden`` with the igraph implementation). Clusters are numbered by decreasing
-    size; if there are more than ``max_clusters``, the cells of the smallest go to the
-    nearest centroid of the ``max_clusters`` largest.
+    The graph is scanpy's default (``pp.neighbors``: 15 neighbours including the cell
+    itself, UMAP's fuzzy connectivities; :func:`knn_connectivities`) and the partition
+    igraph's Leiden on it, maximizing modularity at ``resolution`` (``tl.leiden`` with
+    ``flavor="igraph"``), computed here without scanpy so that no JIT compilation runs
+    inside training. Clusters are numbered by decreasing size; if there are more than
+    ``max_clusters``, the cells of the smallest go to the nearest centroid of the
+    ``max_clusters`` largest.
 
     Returns
     -------
     Integer labels ``0 .. k-1``, shape ``(n_cells,)``.
     """
-    import anndata as ad
-    import scanpy as sc
+    import random
+
+    import igraph as ig
 
     n_cells = latent.shape[0]
     if n_cells <= n_neighbors:
         return np.zeros(n_cells, dtype=np.int64)
-    graph = ad.AnnData(np.zeros((n_cells, 0), dtype=np.float32))
-    graph.obsm["X"] = np.asarray(latent, dtype=np.float32)
-    sc.pp.neighbors(graph, n_neighbors=n_neighbors, use_rep="X", random_state=seed)
-    sc.tl.leiden(
-        graph,
-        resolution=resolution,
-        flavor="igraph",
-        n_iterations=2,
-        directed=False,
-        random_state=seed,
-    )
-    labels = _by_size(graph.obs["leiden"].astype(int).to_numpy())
+    graph = knn_connectivities(latent, n_neighbors).tocoo()
+    upper = graph.row < graph.col
+    g = ig.Graph(n=n_cells, edges=np.c_[graph.row[upper], graph.col[upper]].tolist())
+    g.es["weight"] = graph.data[upper].tolist()
+    previous = random.getstate()
+    ig.set_random_number_generator(random.Random(seed))
+    try:
+        parts = g.community_leiden(
+            objective_function="modularity",
+            weights="weight",
+            resolution=resolution,
+            beta=0.01,
+            n_iterations=2,
+        )
+    finally:
+        ig.set_random_number_generator(random)
+        random.setstate(previous)
+    labels = _by_size(np.asarray(parts.membership))
     if labels.max() >= max_clusters:
         kept = labels < max_clusters
         centroids = np.stack([latent[labels == j].mean(0) for j in range(max_clusters)])
         dist = ((latent[~kept, None, :] - centroids[None]) ** 2).sum(-1)
         labels[~kept] = dist.argmin(1)
     return labels
+
+
+def knn_connectivities(latent: np.ndarray, n_neighbors: int = 15):
+    """UMAP's fuzzy k-nearest-neighbour graph of ``latent`` (what scanpy's ``neighbors``
+    computes), as a symmetric :class:`scipy.sparse.csr_matrix`.
+
+    Each cell's ``n_neighbors`` nearest cells (itself included) by Euclidean distance get
+    weights ``exp(-(d - rho) / sigma)``, with ``rho`` the distance to its nearest other
+    cell and ``sigma`` such that the weights sum to ``log2(n_neighbors)``; the directed
+    weights ``W`` are symmetrized as ``W + W^T - W * W^T``.
+    """
+    import scipy.sparse as sp
+    from sklearn.neighbors import NearestNeighbors
+
+    n_cells = latent.shape[0]
+    dist, idx = NearestNeighbors(n_neighbors=n_neighbors).fit(latent).kneighbors(latent)
+    dist, idx = dist[:, 1:], idx[:, 1:]  # the cell itself carries no weight
+    rho = dist[:, 0]
+    target = np.log2(n_neighbors)
+    gap = np.maximum(dist - rho[:, None], 0.0)
+    lo, hi = np.zeros(n_cells), np.full(n_cells, np.inf)
+    sigma = np.ones(n_cells)
+    for _ in range(64):  # bisection on sigma, all cells at once (as UMAP's smooth_knn_dist)
+        total = np.exp(-gap / sigma[:, None]).sum(1)
+        too_big = total > target
+        hi = np.where(too_big, sigma, hi)
+        lo = np.where(too_big, lo, sigma)
+        sigma = np.where(np.isinf(hi), sigma * 2, (lo + hi) / 2)
+    mean_dist = dist.mean()
+    floor = 1e-3 * np.where(rho > 0, dist.mean(1), mean_dist)
+    sigma = np.maximum(sigma, floor)
+    weights = np.exp(-gap / sigma[:, None])
+    w = sp.csr_matrix(
+        (weights.ravel(), (np.repeat(np.arange(n_cells), idx.shape[1]), idx.ravel())),
+        shape=(n_cells, n_cells),
+    )
+    return (w + w.T - w.multiply(w.T)).tocsr()
 
 
 def _by_size(labels: np.ndarray) -> np.ndarray:
