@@ -51,7 +51,7 @@ def cluster_probabilities(
     ----------
     data
         An AnnData with the probabilities in ``obsm[key]``, or the
-        ``(n_cells, n_centroids)`` array of :meth:`~scale_scvi.SCALE.get_cluster_probabilities`.
+        ``(n_cells, n_clusters_)`` array of :meth:`~scale_scvi.SCALE.get_cluster_probabilities`.
     key
         Key of ``adata.obsm`` holding the probabilities.
     groupby
