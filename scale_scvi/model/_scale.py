@@ -214,6 +214,13 @@ class SCALE(
             f"modalities: {self.module.modalities}"
         )
         self.init_params_ = self._get_init_params(locals())
+        #: Names of the peaks the model reads (chosen by :meth:`setup_anndata`), in order:
+        #: the columns of :meth:`get_normalized_accessibility` and the peaks of
+        #: :meth:`get_cluster_specific_peaks` and :meth:`differential_accessibility`.
+        self.selected_peaks_ = self._selected_peak_names()
+        #: Number of clusters: the mixture components on (after training, those left);
+        #: :meth:`get_cluster_assignments` labels cells ``"0"`` .. ``n_clusters_ - 1``.
+        self.n_clusters_ = self.module.prior.n_active
 
     def _peak_selection(self) -> dict:
         """``{"peak_index": ...}`` for the module when the registry selected peaks, else ``{}``."""
@@ -225,23 +232,15 @@ class SCALE(
             return {}
         return {"peak_index": np.asarray(index)}
 
-    @property
-    def selected_peaks_(self) -> pd.Index:
-        """Names of the peaks the model reads (chosen by :meth:`setup_anndata`), in order.
-
-        The columns of :meth:`get_normalized_accessibility` and the peaks of
-        :meth:`get_cluster_specific_peaks` and :meth:`differential_accessibility`.
-        """
-        return _peaks.peak_names(self)
-
-    @property
-    def n_clusters_(self) -> int:
-        """Number of clusters: the mixture components left on after training.
-
-        :meth:`get_cluster_assignments` labels cells ``"0"`` .. ``n_clusters_ - 1`` and
-        :meth:`get_cluster_probabilities` has one column per cluster.
-        """
-        return self.module.prior.n_active
+    def _selected_peak_names(self) -> pd.Index | None:
+        """Names of the peaks read, from the registry (``None`` for a model without ATAC)."""
+        if self.adata_manager.registry.get("setup_method_name") == "setup_anndata":
+            names = pd.Index(
+                self.adata_manager.get_state_registry(REGISTRY_KEYS.X_KEY).column_names
+            )
+            index = getattr(self.module, "peak_index", None)
+            return names if index is None else names[index.cpu().numpy()]
+        return _peaks.peak_names(self) if ATAC in self.module.modalities else None
 
     def _cluster_components(self) -> np.ndarray:
         """Index of the mixture component of each cluster label (the components left on)."""
@@ -306,7 +305,8 @@ class SCALE(
         validate_accessibility_matrix(
             matrix,
             "adata.X" if layer is None else f"adata.layers[{layer!r}]",
-            warn_empty="source_registry" not in kwargs,
+            # peaks open in no cell are dropped by any threshold of the selection
+            warn_empty="source_registry" not in kwargs and not (min_cells or min_fraction),
         )
         if "source_registry" not in kwargs:
             warn_if_not_canonical(
@@ -527,7 +527,7 @@ class SCALE(
             datasplitter_kwargs, train_size, batch_size
         )
         with flush_denormal():
-            return super().train(
+            result = super().train(
                 max_epochs=max_epochs,
                 accelerator=accelerator,
                 devices=devices,
@@ -541,6 +541,8 @@ class SCALE(
                 callbacks=callbacks,
                 **trainer_kwargs,
             )
+        self.n_clusters_ = self.module.prior.n_active
+        return result
 
     def _drop_lone_last_cell(
         self, datasplitter_kwargs: dict | None, train_size: float | None, batch_size: int
