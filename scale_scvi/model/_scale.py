@@ -305,8 +305,7 @@ class SCALE(
         validate_accessibility_matrix(
             matrix,
             "adata.X" if layer is None else f"adata.layers[{layer!r}]",
-            # peaks open in no cell are dropped by any threshold of the selection
-            warn_empty="source_registry" not in kwargs and not (min_cells or min_fraction),
+            warn_empty="source_registry" not in kwargs,
         )
         if "source_registry" not in kwargs:
             warn_if_not_canonical(
