@@ -28,5 +28,7 @@ def test_query_training_keeps_the_reference_prior():
     weights_after = query_model.module.decoder.output.fc_layers[0][0].weight.detach()
     assert not torch.equal(weights_before[:, -1], weights_after[:, -1])
     probs = query_model.get_cluster_probabilities()
-    assert probs.shape == (query.n_obs, 3)
+    # the reference's clusters (its components left on after training)
+    assert query_model.n_clusters_ == model.n_clusters_
+    assert probs.shape == (query.n_obs, model.n_clusters_)
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
