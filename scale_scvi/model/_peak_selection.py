@@ -6,7 +6,7 @@ import numpy as np
 from anndata import AnnData
 from scvi.data.fields import LayerField
 
-from scale_scvi.module._feature_stats import open_fraction
+from scale_scvi.pp import cells_per_peak
 
 #: Default selection of :meth:`~scale_scvi.SCALE.setup_anndata`: peaks open in at least
 #: 2 % of the cells, at most the 50,000 most often open ones.
@@ -33,7 +33,7 @@ def validate_selection(min_cells, min_fraction, n_top_peaks) -> None:
 
 
 def select_peaks_index(
-    open_frac: np.ndarray,
+    counts: np.ndarray,
     n_cells: int,
     min_cells: int | None = None,
     min_fraction: float | None = MIN_FRACTION,
@@ -43,10 +43,10 @@ def select_peaks_index(
 
     Parameters
     ----------
-    open_frac
-        Fraction of the cells in which each peak is open.
+    counts
+        Number of cells in which each peak is open (:func:`scale_scvi.pp.cells_per_peak`).
     n_cells
-        Number of cells it was counted on.
+        Number of cells they were counted on.
     min_cells, min_fraction
         Keep peaks open in at least ``max(min_cells, ceil(min_fraction * n_cells))`` cells.
     n_top_peaks
@@ -56,7 +56,7 @@ def select_peaks_index(
     -------
     Sorted ``int64`` indices of the selected peaks.
     """
-    counts = np.rint(np.asarray(open_frac, dtype=np.float64) * n_cells)
+    counts = np.asarray(counts)
     threshold = max(
         min_cells or 0, 0 if min_fraction is None else int(np.ceil(min_fraction * n_cells))
     )
@@ -80,8 +80,9 @@ class PeakLayerField(LayerField):
     :class:`~scvi.data.fields.LayerField`; the indices of the selected peaks go into the
     field's state registry, which is saved with a model and transferred as it is to data
     registered later from it (``load``, ``load_query_data``, any ``get_*`` on new data),
-    so that every later use reads the same peaks. The open fraction of each peak is computed
-    block by block of rows, on dense, sparse or backed data.
+    so that every later use reads the same peaks. The count of cells per peak is
+    :func:`scale_scvi.pp.cells_per_peak` (block by block, on dense, CSR, CSC or backed
+    data, never densified).
 
     Parameters
     ----------
@@ -107,9 +108,8 @@ class PeakLayerField(LayerField):
 
     def register_field(self, adata: AnnData) -> dict:
         state = super().register_field(adata)
-        matrix = self.get_field_data(adata)
         index = select_peaks_index(
-            open_fraction(matrix),
+            cells_per_peak(adata, self.attr_key),
             adata.n_obs,
             self.min_cells,
             self.min_fraction,
