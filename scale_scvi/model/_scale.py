@@ -27,6 +27,7 @@ from scale_scvi.train import (
     FiniteLossGuard,
     FusedAdamW,
     GMMInitCallback,
+    InterruptRecorder,
     SparseDataSplitter,
     flush_denormal,
 )
@@ -424,27 +425,39 @@ class SCALE(
                     method=gmm_init_method,
                 )
             )
-        callbacks.append(FiniteLossGuard())
+        guard = FiniteLossGuard(trained_before=self.is_trained_)
+        interrupt = InterruptRecorder()
+        callbacks += [guard, interrupt]
         if load_sparse_tensor is None:
             load_sparse_tensor = _trains_on_cpu(accelerator)
         datasplitter_kwargs = self._drop_lone_last_cell(
             datasplitter_kwargs, train_size, batch_size
         )
-        with flush_denormal():
-            return super().train(
-                max_epochs=max_epochs,
-                accelerator=accelerator,
-                devices=devices,
-                train_size=train_size,
-                validation_size=validation_size,
-                batch_size=batch_size,
-                early_stopping=early_stopping,
-                load_sparse_tensor=load_sparse_tensor,
-                datasplitter_kwargs=datasplitter_kwargs,
-                plan_kwargs=plan_kwargs,
-                callbacks=callbacks,
-                **trainer_kwargs,
-            )
+        try:
+            with flush_denormal():
+                return super().train(
+                    max_epochs=max_epochs,
+                    accelerator=accelerator,
+                    devices=devices,
+                    train_size=train_size,
+                    validation_size=validation_size,
+                    batch_size=batch_size,
+                    early_stopping=early_stopping,
+                    load_sparse_tensor=load_sparse_tensor,
+                    datasplitter_kwargs=datasplitter_kwargs,
+                    plan_kwargs=plan_kwargs,
+                    callbacks=callbacks,
+                    **trainer_kwargs,
+                )
+        except BaseException as error:
+            self.module.eval()
+            if guard.restored_epoch is not None:  # diverged, back at the end of that epoch
+                self.is_trained_ = True
+            stop = interrupt.interrupt_of(error)
+            if stop is None:
+                raise
+            interrupt.finish(self)
+            raise stop from None
 
     def _drop_lone_last_cell(
         self, datasplitter_kwargs: dict | None, train_size: float | None, batch_size: int
