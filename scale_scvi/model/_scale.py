@@ -830,7 +830,7 @@ class SCALE(
         batch_size: int | None = None,
         return_mean: bool = True,
         **kwargs,
-    ) -> float | torch.Tensor:
+    ) -> float | np.ndarray:
         """The ELBO, with scvi-tools' sign convention: the bound itself, higher is better.
 
         Whatever the training objective, this is the module's ``objective="elbo"`` bound, a
@@ -849,6 +849,14 @@ class SCALE(
         module. (The ``elbo_train``/``elbo_validation`` columns of ``history`` are the
         opposite: losses, lower is better.) See the math page of the documentation.
 
+        With ``depth_offset=True`` (the default) the ATAC term is a conditional
+        pseudo-likelihood given each cell's observed depth (read from the cell itself, as
+        scVI's observed library size): the bound is then on a quantity that is not a
+        normalized ``log p(x)`` (its Bernoulli terms do not sum to one over ``x``) and is
+        comparable only between models with the same setting on the same peaks. A model with
+        ``depth_offset=False`` bounds the normalized ``log p(x)``, comparable across models and
+        tools (math page, section 1).
+
         Parameters
         ----------
         adata, indices, batch_size
@@ -858,10 +866,10 @@ class SCALE(
 
         Returns
         -------
-        The mean ELBO as a float, or a tensor with one value per cell (nats, summed over peaks).
+        The mean ELBO as a float, or an array with one value per cell (nats, summed over peaks).
         """
         loss_kwargs = {"objective": "elbo", **kwargs.pop("loss_kwargs", {})}
-        return super().get_elbo(
+        values = super().get_elbo(
             adata=adata,
             indices=indices,
             batch_size=batch_size,
@@ -869,6 +877,8 @@ class SCALE(
             loss_kwargs=loss_kwargs,
             **kwargs,
         )
+        values = torch.as_tensor(values).detach().cpu()
+        return float(values) if return_mean else values.numpy()
 
     @torch.inference_mode()
     def get_marginal_ll(
@@ -887,6 +897,12 @@ class SCALE(
         ``z_k ~ q(z|x)`` and the exact Gaussian-mixture density ``p(z)``, whatever the
         training objective. Its expectation is the IWAE bound: at least the ELBO of
         :meth:`get_elbo`, never decreasing in ``K``, and converging to ``log p(x)``.
+
+        With ``depth_offset=True`` (the default), ``p(x|z)`` is the conditional
+        pseudo-likelihood given each cell's observed depth, not normalized over ``x``: the
+        estimate is then of that quantity, comparable only between models with the same
+        setting on the same peaks; ``depth_offset=False`` gives the normalized ``log p(x)``,
+        comparable across models and tools (math page, section 1).
 
         Parameters
         ----------
