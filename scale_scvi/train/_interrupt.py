@@ -69,8 +69,9 @@ class InterruptRecorder(Callback):
             if self.steps_done > 0
             else "no update was made, the model is as it was"
         )
+        cause = str(self.exception) or type(self.exception).__name__
         warnings.warn(
-            f"Training was interrupted ({type(self.exception).__name__}) during epoch "
+            f"Training was interrupted ({cause}) during epoch "
             f"{self.epochs_done + 1}{of}, after {self.epochs_done} complete epoch"
             f"{'' if self.epochs_done == 1 else 's'} ({self.steps_done} steps): {kept}.",
             UserWarning,
