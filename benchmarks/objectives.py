@@ -125,7 +125,7 @@ def run_quality(name, objective, n_particles, min_peak_fraction, max_epochs, bat
     start = time.perf_counter()
     log_px = model.get_marginal_ll(held, n_mc_samples=100, batch_size=32, return_mean=False)
     ll_s = time.perf_counter() - start
-    elbo = np.stack([model.get_elbo(held, return_mean=False).numpy() for _ in range(10)]).mean(0)
+    elbo = np.stack([model.get_elbo(held, return_mean=False) for _ in range(10)]).mean(0)
 
     SCALE.setup_anndata(adata)
     latent = model.get_latent_representation(adata)

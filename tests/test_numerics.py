@@ -168,7 +168,7 @@ def test_non_finite_loss_stops_training_naming_the_epoch() -> None:
     assert "at epoch 2" in message
     assert "Lower the learning rate (now 0.002)" in message
     assert "lr=0.0002" in message
-    assert not model.is_trained
+    assert model.is_trained  # what epochs 0 and 1 trained is kept
 
 
 @pytest.mark.parametrize("objective", ["elbo", "iwae"])
@@ -180,6 +180,80 @@ def test_absurd_learning_rate_stops_with_advice(objective: str) -> None:
     message = _full_message(info.value)
     assert "at epoch 0" in message
     assert "Lower the learning rate (now 1e+30)" in message
+
+
+def _state(model: SCALE) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.module.state_dict().items()}
+
+
+def _assert_same_state(model: SCALE, state: dict[str, torch.Tensor]) -> None:
+    for key, value in model.module.state_dict().items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0, msg=key)
+
+
+def test_diverged_run_leaves_the_model_before_it_and_trains_again() -> None:
+    """lr=1e3 diverges; the model is given back as it was, and a sane lr then trains it."""
+    scvi.settings.seed = 0
+    model = _small_model()
+    before = _state(model)
+    with pytest.raises((NonFiniteLossError, ValueError)) as info:
+        model.train(max_epochs=3, lr=1e3, gmm_init_epoch=0, **TRAIN)
+    message = _full_message(info.value)
+    assert "Lower the learning rate (now 1000)" in message
+    assert "restored as it was before this train() call" in message
+    _assert_same_state(model, before)
+    assert not model.module.training
+    assert not model.is_trained
+    model.train(max_epochs=2, lr=1e-3, **TRAIN)
+    assert model.is_trained
+    means = model.module.prior.means.detach()
+    assert torch.isfinite(means).all() and means.abs().max() < 100
+    assert np.isfinite(model.get_latent_representation()).all()
+
+
+def test_divergence_restores_the_last_complete_epoch() -> None:
+    """A NaN put into the decoder at epoch 2: the model holds the end of epoch 1."""
+    scvi.settings.seed = 0
+    model = _small_model()
+
+    class KeepEpoch1(Callback):
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            if trainer.current_epoch == 1:
+                self.state = _state(model)
+
+    keep = KeepEpoch1()
+    with pytest.raises(NonFiniteLossError, match="at the end of epoch 1, its last finite"):
+        model.train(max_epochs=5, callbacks=[keep, PoisonAt(epoch=2)], **TRAIN)
+    _assert_same_state(model, keep.state)
+    assert model.is_trained and not model.module.training
+    assert np.isfinite(model.get_latent_representation()).all()
+    model.train(max_epochs=1, **TRAIN)
+
+
+def test_diverged_model_given_to_train_asks_for_a_new_model() -> None:
+    """A loss that is not finite before any update blames the model, not the lr."""
+    scvi.settings.seed = 0
+    model = _small_model()
+    model.train(max_epochs=1, **TRAIN)
+    with torch.no_grad():
+        model.module.prior.means.fill_(float("inf"))
+    with pytest.raises(NonFiniteLossError) as info:
+        model.train(max_epochs=2, **TRAIN)
+    message = str(info.value)
+    assert "at epoch 0 (step 0)" in message
+    assert "Build a new model" in message
+    assert "Lower the learning rate" not in message
+
+
+def test_divergence_with_large_covariates_advises_standardizing() -> None:
+    adata = simulate_scatac(n_cells=64, n_peaks=60, n_types=2, seed=2)
+    adata.obs["size"] = np.linspace(0, 1e6, adata.n_obs)
+    SCALE.setup_anndata(adata, continuous_covariate_keys=["size"])
+    scvi.settings.seed = 0
+    model = SCALE(adata, n_centroids=2, n_hidden=(16,), n_latent=3)
+    with pytest.raises((NonFiniteLossError, ValueError)) as info:
+        model.train(max_epochs=3, lr=1e3, gmm_init_epoch=0, **TRAIN)
+    assert "standardize them" in _full_message(info.value)
 
 
 def test_guard_lets_finite_training_through() -> None:

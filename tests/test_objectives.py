@@ -340,7 +340,7 @@ def test_marginal_ll_is_above_the_elbo_on_held_out_cells(trained):
     model, held_out = trained
     scvi.settings.seed = 0
     # the ELBO's reconstruction term is a one-sample estimate: average 20 of them per cell
-    elbos = np.stack([model.get_elbo(held_out, return_mean=False).numpy() for _ in range(20)])
+    elbos = np.stack([model.get_elbo(held_out, return_mean=False) for _ in range(20)])
     elbo, elbo_se = elbos.mean(0), elbos.std(0, ddof=1) / np.sqrt(elbos.shape[0])
     log_px = model.get_marginal_ll(held_out, n_mc_samples=100, return_mean=False)
     assert log_px.shape == elbo.shape == (held_out.n_obs,)
@@ -396,3 +396,46 @@ def test_importance_weighted_training_through_the_public_api(small_adata, object
     log_px = model.get_marginal_ll(n_mc_samples=20, return_mean=False)
     assert np.isfinite(log_px).all() and (log_px < 0).all()
     assert np.isfinite(model.get_elbo())
+
+
+@pytest.mark.parametrize("depth_offset", [False, True])
+def test_bernoulli_mass_over_all_cells_is_one_only_without_the_depth_offset(
+    depth_offset: bool,
+) -> None:
+    """Exact enumeration of the 2^P binary cells for a fixed z (docs/math.md, section 1).
+
+    Without the depth offset, ``p(x|z)`` is a distribution over ``x``: its mass is one. With
+    it, each cell's logits are shifted by its own depth, read from ``x``: a conditional
+    pseudo-likelihood whose mass over ``x`` is not one (here above one).
+    """
+    torch.manual_seed(0)
+    n_peaks = 10
+    module = SCALEVAE(
+        n_input=n_peaks,
+        n_batch=1,
+        n_centroids=2,
+        n_latent=2,
+        n_hidden=(8,),
+        depth_offset=depth_offset,
+    ).eval()
+    module.log_mean_depth.fill_(math.log(3.0))
+    codes = torch.arange(2**n_peaks).unsqueeze(1)
+    x = ((codes >> torch.arange(n_peaks)) & 1).float()
+    z = torch.randn(1, 2).expand(x.shape[0], 2)
+    with torch.no_grad():
+        batch = {REGISTRY_KEYS.BATCH_KEY: torch.zeros(x.shape[0], 1, dtype=torch.long)}
+        log_px = module._log_likelihood_fn(x, batch)(z)
+    mass = float(torch.logsumexp(log_px.double(), 0).exp())
+    if depth_offset:
+        assert mass > 1.05
+    else:
+        assert mass == pytest.approx(1.0, abs=1e-5)
+
+
+def test_get_elbo_returns_a_float_or_an_array(trained) -> None:
+    model, held_out = trained
+    elbo = model.get_elbo(held_out)
+    per_cell = model.get_elbo(held_out, return_mean=False)
+    assert type(elbo) is float
+    assert isinstance(per_cell, np.ndarray) and per_cell.shape == (held_out.n_obs,)
+    assert type(model.get_marginal_ll(held_out, n_mc_samples=5)) is float

@@ -26,6 +26,7 @@ from scale_scvi.train import (
     FiniteLossGuard,
     FusedAdamW,
     GMMInitCallback,
+    InterruptRecorder,
     SparseDataSplitter,
     flush_denormal,
 )
@@ -519,27 +520,40 @@ class SCALE(
                     method=gmm_init_method,
                 )
             )
-        callbacks.append(FiniteLossGuard())
+        guard = FiniteLossGuard(trained_before=self.is_trained_)
+        interrupt = InterruptRecorder()
+        callbacks += [guard, interrupt]
         if load_sparse_tensor is None:
             load_sparse_tensor = _trains_on_cpu(accelerator)
         datasplitter_kwargs = self._drop_lone_last_cell(
             datasplitter_kwargs, train_size, batch_size
         )
-        with flush_denormal():
-            result = super().train(
-                max_epochs=max_epochs,
-                accelerator=accelerator,
-                devices=devices,
-                train_size=train_size,
-                validation_size=validation_size,
-                batch_size=batch_size,
-                early_stopping=early_stopping,
-                load_sparse_tensor=load_sparse_tensor,
-                datasplitter_kwargs=datasplitter_kwargs,
-                plan_kwargs=plan_kwargs,
-                callbacks=callbacks,
-                **trainer_kwargs,
-            )
+        try:
+            with flush_denormal():
+                result = super().train(
+                    max_epochs=max_epochs,
+                    accelerator=accelerator,
+                    devices=devices,
+                    train_size=train_size,
+                    validation_size=validation_size,
+                    batch_size=batch_size,
+                    early_stopping=early_stopping,
+                    load_sparse_tensor=load_sparse_tensor,
+                    datasplitter_kwargs=datasplitter_kwargs,
+                    plan_kwargs=plan_kwargs,
+                    callbacks=callbacks,
+                    **trainer_kwargs,
+                )
+        except BaseException as error:
+            self.module.eval()
+            self.n_clusters_ = self.module.prior.n_active
+            if guard.restored_epoch is not None:  # diverged, back at the end of that epoch
+                self.is_trained_ = True
+            stop = interrupt.interrupt_of(error)
+            if stop is None:
+                raise
+            interrupt.finish(self)
+            raise stop from None
         self.n_clusters_ = self.module.prior.n_active
         return result
 
@@ -971,7 +985,7 @@ class SCALE(
         batch_size: int | None = None,
         return_mean: bool = True,
         **kwargs,
-    ) -> float | torch.Tensor:
+    ) -> float | np.ndarray:
         """The ELBO, with scvi-tools' sign convention: the bound itself, higher is better.
 
         Whatever the training objective, this is the module's ``objective="elbo"`` bound, a
@@ -990,6 +1004,14 @@ class SCALE(
         module. (The ``elbo_train``/``elbo_validation`` columns of ``history`` are the
         opposite: losses, lower is better.) See the math page of the documentation.
 
+        With ``depth_offset=True`` (the default) the ATAC term is a conditional
+        pseudo-likelihood given each cell's observed depth (read from the cell itself, as
+        scVI's observed library size): the bound is then on a quantity that is not a
+        normalized ``log p(x)`` (its Bernoulli terms do not sum to one over ``x``) and is
+        comparable only between models with the same setting on the same peaks. A model with
+        ``depth_offset=False`` bounds the normalized ``log p(x)``, comparable across models and
+        tools (math page, section 1).
+
         Parameters
         ----------
         adata, indices, batch_size
@@ -999,10 +1021,10 @@ class SCALE(
 
         Returns
         -------
-        The mean ELBO as a float, or a tensor with one value per cell (nats, summed over peaks).
+        The mean ELBO as a float, or an array with one value per cell (nats, summed over peaks).
         """
         loss_kwargs = {"objective": "elbo", **kwargs.pop("loss_kwargs", {})}
-        return super().get_elbo(
+        values = super().get_elbo(
             adata=adata,
             indices=indices,
             batch_size=batch_size,
@@ -1010,6 +1032,8 @@ class SCALE(
             loss_kwargs=loss_kwargs,
             **kwargs,
         )
+        values = torch.as_tensor(values).detach().cpu()
+        return float(values) if return_mean else values.numpy()
 
     @torch.inference_mode()
     def get_marginal_ll(
@@ -1028,6 +1052,12 @@ class SCALE(
         ``z_k ~ q(z|x)`` and the exact Gaussian-mixture density ``p(z)``, whatever the
         training objective. Its expectation is the IWAE bound: at least the ELBO of
         :meth:`get_elbo`, never decreasing in ``K``, and converging to ``log p(x)``.
+
+        With ``depth_offset=True`` (the default), ``p(x|z)`` is the conditional
+        pseudo-likelihood given each cell's observed depth, not normalized over ``x``: the
+        estimate is then of that quantity, comparable only between models with the same
+        setting on the same peaks; ``depth_offset=False`` gives the normalized ``log p(x)``,
+        comparable across models and tools (math page, section 1).
 
         Parameters
         ----------

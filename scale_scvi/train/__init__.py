@@ -4,6 +4,7 @@ from ._datasplitter import SparseDataSplitter
 from ._denormal import flush_denormal
 from ._finite_guard import FiniteLossGuard, NonFiniteLossError
 from ._gmm_init import GMMInitCallback, fit_gmm
+from ._interrupt import InterruptRecorder
 from ._optim import FusedAdamW, InPlaceGradient
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "FusedAdamW",
     "GMMInitCallback",
     "InPlaceGradient",
+    "InterruptRecorder",
     "NonFiniteLossError",
     "SparseDataSplitter",
     "fit_gmm",
