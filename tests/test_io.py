@@ -135,6 +135,9 @@ def test_setup_records_only_its_arguments(model, tmp_path) -> None:
         "batch_key",
         "categorical_covariate_keys",
         "continuous_covariate_keys",
+        "min_cells",
+        "min_fraction",
+        "n_top_peaks",
     }
 
 
