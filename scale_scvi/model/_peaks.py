@@ -1,4 +1,4 @@
-"""Cluster-specific peaks: decoded mixture components and differential accessibility."""
+"""Cluster-specific peaks: decoded mixture components."""
 
 from __future__ import annotations
 
@@ -156,65 +156,3 @@ def rank_specific_peaks(
             )
         )
     return pd.concat(tables, ignore_index=True)
-
-
-def mean_accessibility(
-    model: BaseModelClass,
-    adata: AnnData | None,
-    indices: np.ndarray,
-    batch_size: int,
-) -> np.ndarray:
-    """Mean imputed accessibility of the cells ``indices``, computed a block of cells at a time."""
-    total = None
-    for start in range(0, len(indices), batch_size):
-        block = model.get_normalized_accessibility(
-            adata, indices=indices[start : start + batch_size], batch_size=batch_size
-        )
-        part = np.asarray(block, dtype=np.float64).sum(0)
-        total = part if total is None else total + part
-    return total / len(indices)
-
-
-def differential_accessibility(
-    model: BaseModelClass,
-    adata: AnnData | None,
-    groupby: str,
-    group1: str,
-    group2: str | None,
-    batch_size: int,
-) -> pd.DataFrame:
-    """Mean imputed accessibility of two groups of cells, peak by peak.
-
-    Returns
-    -------
-    Table indexed by peak with ``p1``, ``p2``, ``difference = p1 - p2`` and
-    ``log2_fold_change``, sorted by decreasing ``difference``.
-    """
-    adata = model._validate_anndata(adata)
-    if groupby not in adata.obs:
-        raise ValueError(
-            f"groupby={groupby!r} is not a column of adata.obs (columns: "
-            f"{list(adata.obs.columns)}); e.g. store model.get_cluster_assignments() in "
-            "adata.obs['scale_cluster'] first."
-        )
-    labels = adata.obs[groupby].astype(str).to_numpy()
-    available = sorted(set(labels))
-    for name, group in (("group1", group1), ("group2", group2)):
-        if group is not None and str(group) not in available:
-            raise ValueError(f"{name}={group!r} is not a value of obs[{groupby!r}]: {available}.")
-    in1 = labels == str(group1)
-    in2 = ~in1 if group2 is None else labels == str(group2)
-    if not in2.any():
-        raise ValueError(f"No cells outside group {group1!r} to compare with.")
-    p1 = mean_accessibility(model, adata, np.flatnonzero(in1), batch_size)
-    p2 = mean_accessibility(model, adata, np.flatnonzero(in2), batch_size)
-    table = pd.DataFrame(
-        {
-            "p1": p1,
-            "p2": p2,
-            "difference": p1 - p2,
-            "log2_fold_change": np.log2((p1 + _EPS) / (p2 + _EPS)),
-        },
-        index=peak_names(model, adata).copy(),
-    )
-    return table.sort_values("difference", ascending=False, kind="stable")

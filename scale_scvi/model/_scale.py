@@ -10,7 +10,6 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS, settings
@@ -21,7 +20,7 @@ from scvi.data.fields import (
 )
 from scvi.model.base import ArchesMixin, BaseModelClass, UnsupervisedTrainingMixin, VAEMixin
 
-from scale_scvi.module import ATAC, JOINT, RNA, SCALEVAE, Modality, module_class
+from scale_scvi.module import ATAC, JOINT, SCALEVAE, Modality, module_class
 from scale_scvi.train import (
     FiniteLossGuard,
     FusedAdamW,
@@ -34,7 +33,9 @@ from scale_scvi.train._gmm_init import check_gmm_init_method
 
 from . import _peaks
 from ._canonical import CanonicalAnnDataManager, warn_if_not_canonical
+from ._differential import DifferentialMixin
 from ._features import FeatureIdentityMixin
+from ._imputation import ImputationMixin, feature_names
 from ._io import ModelFolderMixin
 from ._mudata import MuDataSetupMixin
 from ._peak_selection import (
@@ -90,6 +91,8 @@ class SCALE(
     ModelFolderMixin,
     FeatureIdentityMixin,
     MuDataSetupMixin,
+    ImputationMixin,
+    DifferentialMixin,
     ArchesMixin,
     VAEMixin,
     UnsupervisedTrainingMixin,
@@ -729,6 +732,7 @@ class SCALE(
         batch_size: int | None = None,
         return_confidence: bool = False,
         n_samples: int = 1,
+        modality: Modality = "joint",
     ) -> pd.Categorical | pd.DataFrame:
         """The cluster of each cell: its most probable mixture component.
 
@@ -746,6 +750,8 @@ class SCALE(
         n_samples
             Average the probabilities over this many draws of ``q(z|x)`` (see
             :meth:`get_cluster_probabilities`); 1: at the posterior mean.
+        modality
+            The posterior of a multimodal model, as in :meth:`get_cluster_probabilities`.
 
         Returns
         -------
@@ -755,7 +761,9 @@ class SCALE(
         :class:`pandas.DataFrame` (indexed by cell) with columns ``cluster``,
         ``confidence`` and ``entropy``.
         """
-        probs = self.get_cluster_probabilities(adata, indices, batch_size, n_samples=n_samples)
+        probs = self.get_cluster_probabilities(
+            adata, indices, batch_size, modality=modality, n_samples=n_samples
+        )
         labels = probs.argmax(1)
         categories = np.arange(probs.shape[1]).astype(str)
         clusters = pd.Categorical(labels.astype(str), categories=categories)
@@ -820,162 +828,9 @@ class SCALE(
                 f"components {bad} are out of range: the model has {self.n_clusters_} "
                 "clusters (labels 0 .. n_clusters_ - 1)."
             )
-        names = _peaks.peak_names(self, adata)
+        names = feature_names(self, adata, ATAC)
         probs = _peaks.component_accessibility(self, components, batch=batch)
         return _peaks.rank_specific_peaks(probs, components, names, n_top=n_top, rest=rest)
-
-    def differential_accessibility(
-        self,
-        groupby: str,
-        group1: str,
-        group2: str | None = None,
-        adata: AnnData | None = None,
-        batch_size: int = 128,
-    ) -> pd.DataFrame:
-        """Compare the imputed accessibility of two groups of cells, peak by peak.
-
-        Parameters
-        ----------
-        groupby
-            Column of ``adata.obs`` with the groups, e.g. ``"scale_cluster"`` or ``"leiden"``.
-        group1
-            The group of interest.
-        group2
-            The group to compare with (default: all other cells).
-        adata, batch_size
-            Cells to use; the imputation is computed ``batch_size`` cells at a time.
-
-        Returns
-        -------
-        :class:`pandas.DataFrame` indexed by peak with the mean imputed probabilities ``p1``
-        and ``p2``, ``difference`` and ``log2_fold_change``, sorted by decreasing
-        ``difference``.
-        """
-        self._check_if_trained(warn=False)
-        return _peaks.differential_accessibility(
-            self, adata, groupby, group1, group2, batch_size=batch_size
-        )
-
-    @torch.inference_mode()
-    def get_normalized_accessibility(
-        self,
-        adata: AnnData | None = None,
-        indices: Sequence[int] | None = None,
-        batch_size: int | None = None,
-        threshold: float | None = None,
-        use_z_mean: bool = True,
-        modality: Modality = "joint",
-    ) -> np.ndarray | sp.csr_matrix:
-        """Imputed accessibility: the decoder's probability that each peak is open.
-
-        Parameters
-        ----------
-        adata, indices, batch_size
-            Cells to impute, as in scvi-tools.
-        threshold
-            If given, probabilities below it are set to zero and a :class:`scipy.sparse.csr_matrix`
-            is returned, built minibatch by minibatch (the dense matrix never exists).
-            ``threshold=0.5`` gives a binarized imputation's support with its probabilities.
-        use_z_mean
-            Decode the posterior mean (default) rather than a sample.
-        modality
-            For a multimodal model, the posterior to decode: ``"joint"``, ``"atac"``, or
-            ``"rna"`` (accessibility predicted from expression alone).
-
-        Returns
-        -------
-        Dense ``float32`` array of shape ``(n_cells, n_peaks)``, or CSR when ``threshold`` is set.
-        """
-        if threshold is not None and not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1], got {threshold}.")
-        if ATAC not in self.module.modalities:
-            raise ValueError(
-                "This model has no ATAC modality: set it up with SCALE.setup_mudata and an "
-                "'atac_layer' modality to impute accessibility."
-            )
-        self.module.check_modality(modality)
-        blocks = [
-            p if threshold is None else sp.csr_matrix(np.where(p >= threshold, p, np.float32(0)))
-            for p in self._decoded(adata, indices, batch_size, ATAC, modality, use_z_mean)
-        ]
-        if threshold is None:
-            return np.concatenate(blocks, axis=0)
-        return sp.vstack(blocks, format="csr")
-
-    @torch.inference_mode()
-    def get_normalized_expression(
-        self,
-        adata=None,
-        indices: Sequence[int] | None = None,
-        batch_size: int | None = None,
-        modality: Modality = "joint",
-        library_size: float | Literal["observed"] = 1.0,
-        use_z_mean: bool = True,
-    ) -> np.ndarray:
-        """Expected expression: the RNA decoder's gene proportions times a library size.
-
-        With ``modality="atac"`` the cells are encoded from their accessibility alone, which
-        predicts expression from ATAC (cross-modal prediction).
-
-        Parameters
-        ----------
-        adata, indices, batch_size
-            Cells, as in scvi-tools.
-        modality
-            Posterior to decode: ``"joint"``, ``"atac"`` (RNA from ATAC) or ``"rna"``.
-        library_size
-            Scale of each row: a number (1 gives proportions summing to one), or
-            ``"observed"`` for each cell's RNA library size (0 for cells without RNA).
-        use_z_mean
-            Decode the posterior mean (default) rather than a sample.
-
-        Returns
-        -------
-        ``float32`` array of shape ``(n_cells, n_genes)``.
-        """
-        if RNA not in self.module.modalities:
-            raise ValueError(
-                "get_normalized_expression needs RNA: set the model up with SCALE.setup_mudata "
-                "and an 'rna_layer' modality."
-            )
-        if not (library_size == "observed" or isinstance(library_size, int | float)):
-            raise ValueError(f"library_size must be a number or 'observed', got {library_size!r}.")
-        self.module.check_modality(modality)
-        scale = None if library_size == "observed" else float(library_size)
-        blocks = self._decoded(adata, indices, batch_size, RNA, modality, use_z_mean, scale)
-        return np.concatenate(list(blocks), axis=0)
-
-    def _decoded(
-        self,
-        adata,
-        indices,
-        batch_size,
-        target: str,
-        modality: Modality,
-        use_z_mean: bool,
-        library_size: float | None = 1.0,
-    ):
-        """Yield, minibatch by minibatch, ``target`` decoded from ``modality``'s posterior,
-        times ``library_size`` (``None``: each cell's observed library)."""
-        self._check_if_trained(warn=False)
-        adata = self._validate_anndata(adata)
-        loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
-        for tensors in loader:
-            out = self.module.inference(**self.module._get_inference_input(tensors))
-            if use_z_mean:
-                z = self.module.latent_moments(out, modality)[0]
-            else:
-                z = self.module.latent_sample(out, modality)
-            covs = {
-                k: v.to(z.device) if v is not None else None
-                for k, v in self.module.covariates(tensors).items()
-            }
-            value = self.module.decode(z, target, **covs)
-            if library_size is None:
-                value = value * self.module.observed_library(tensors, target).to(value.device)
-            elif library_size != 1.0:
-                value = value * library_size
-            yield value.cpu().numpy()
 
     @torch.inference_mode()
     def get_elbo(
