@@ -190,3 +190,24 @@ def test_cluster_assignments_take_the_probabilities_arguments(trained):
     )
     with pytest.raises(ValueError, match="modality"):
         model.get_cluster_assignments(modality="rna")
+
+
+def test_da_matrixplot_of_the_top_peaks(trained):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from scale_scvi import pl
+
+    model, adata = trained
+    da = model.differential_accessibility(groupby="cell_type", n_samples_overall=FEW)
+    top = pl.top_da_peaks(da, n_top=3)
+    assert list(top) == ["0", "1", "2"] and all(len(p) == 3 for p in top.values())
+    for group, peaks in top.items():
+        rows = da[(da["group1"] == group)].loc[peaks]
+        assert (rows["effect_size"] < 0).all()
+    axes = pl.differential_accessibility(adata, da, groupby="cell_type", n_top=3, show=False)
+    assert "mainplot_ax" in axes
+    labels = [t.get_text() for t in axes["mainplot_ax"].get_xticklabels()]
+    assert labels == [p for peaks in top.values() for p in peaks]
+    with pytest.raises(ValueError, match="group1"):
+        pl.differential_accessibility(adata, da.drop(columns="group1"), groupby="cell_type")
