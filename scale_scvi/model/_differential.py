@@ -3,6 +3,8 @@ and between mixture components of the prior (SCALE's own)."""
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from collections.abc import Iterable, Sequence
 from functools import partial
 from typing import Literal
@@ -219,29 +221,31 @@ class DifferentialMixin:
             obs_backup = adata.obs[groupby]
             adata.obs[groupby] = obs_backup.astype(str).to_numpy()
         try:
-            result = _de_core(
-                adata_manager=self.get_anndata_manager(adata, required=True),
-                model_fn=model_fn,
-                representation_fn=None,
-                groupby=groupby,
-                group1=group1,
-                group2=group2,
-                idx1=idx1,
-                idx2=idx2,
-                all_stats=all_stats,
-                all_stats_fn=partial(scatac_raw_counts_properties, registry_key=x_key),
-                col_names=feature_names(self, adata, ATAC),
-                mode=mode,
-                batchid1=batchid1,
-                batchid2=batchid2,
-                delta=delta,
-                batch_correction=batch_correction,
-                fdr=fdr_target,
-                silent=silent,
-                m1_domain_fn=_domain_fn(delta, two_sided),
-                pseudocounts=pseudocounts,
-                **kwargs,
-            )
+            # scvi-tools' progress bar writes to stdout: SCALE's progress goes to stderr
+            with contextlib.redirect_stdout(sys.stderr):
+                result = _de_core(
+                    adata_manager=self.get_anndata_manager(adata, required=True),
+                    model_fn=model_fn,
+                    representation_fn=None,
+                    groupby=groupby,
+                    group1=group1,
+                    group2=group2,
+                    idx1=idx1,
+                    idx2=idx2,
+                    all_stats=all_stats,
+                    all_stats_fn=partial(scatac_raw_counts_properties, registry_key=x_key),
+                    col_names=feature_names(self, adata, ATAC),
+                    mode=mode,
+                    batchid1=batchid1,
+                    batchid2=batchid2,
+                    delta=delta,
+                    batch_correction=batch_correction,
+                    fdr=fdr_target,
+                    silent=silent,
+                    m1_domain_fn=_domain_fn(delta, two_sided),
+                    pseudocounts=pseudocounts,
+                    **kwargs,
+                )
         finally:
             if obs_backup is not None:
                 adata.obs[groupby] = obs_backup

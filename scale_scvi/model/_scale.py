@@ -30,6 +30,11 @@ from scale_scvi.train import (
     flush_denormal,
 )
 from scale_scvi.train._gmm_init import check_gmm_init_method
+from scale_scvi.train._quiet import (
+    StderrProgressBar,
+    no_download_message,
+    sparse_minibatch_warnings_handled,
+)
 
 from . import _peaks
 from ._canonical import CanonicalAnnDataManager, warn_if_not_canonical
@@ -85,6 +90,18 @@ def _trains_on_cpu(accelerator: str) -> bool:
         return False
     mps = getattr(torch.backends, "mps", None)
     return not torch.cuda.is_available() and not (mps is not None and mps.is_available())
+
+
+def _quiet_trainer_kwargs(trainer_kwargs: dict, n_train_batches: int, callbacks: list) -> dict:
+    """scvi-tools' trainer arguments with its progress bar on stderr (appended to
+    ``callbacks``) and Lightning's logging interval within an epoch (else Lightning warns
+    on small data)."""
+    kwargs = dict(trainer_kwargs)
+    kwargs.setdefault("log_every_n_steps", max(1, min(10, n_train_batches)))
+    if kwargs.get("enable_progress_bar", True) and kwargs.get("simple_progress_bar", True):
+        kwargs["simple_progress_bar"] = False
+        callbacks.append(StderrProgressBar())
+    return kwargs
 
 
 class SCALE(
@@ -361,15 +378,16 @@ class SCALE(
         """
         if adata is not None:
             validate_saved_var_names(dir_path, adata, prefix)
-        return super().load(
-            dir_path,
-            adata=adata,
-            accelerator=accelerator,
-            device=device,
-            prefix=prefix,
-            backup_url=backup_url,
-            **kwargs,
-        )
+        with no_download_message():
+            return super().load(
+                dir_path,
+                adata=adata,
+                accelerator=accelerator,
+                device=device,
+                prefix=prefix,
+                backup_url=backup_url,
+                **kwargs,
+            )
 
     # ------------------------------------------------------------------ training
     def train(
@@ -531,8 +549,12 @@ class SCALE(
         datasplitter_kwargs = self._drop_lone_last_cell(
             datasplitter_kwargs, train_size, batch_size
         )
+        n_train_batches = math.ceil(
+            (1.0 if train_size is None else train_size) * n_cells / batch_size
+        )
+        trainer_kwargs = _quiet_trainer_kwargs(trainer_kwargs, n_train_batches, callbacks)
         try:
-            with flush_denormal():
+            with flush_denormal(), sparse_minibatch_warnings_handled():
                 result = super().train(
                     max_epochs=max_epochs,
                     accelerator=accelerator,
