@@ -2,14 +2,14 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import data, pl, pp
+from . import data, datasets, pl, pp
 
 try:
     __version__ = version("scale-scvi")
 except PackageNotFoundError:  # pragma: no cover
     __version__ = "0.0.0"
 
-__all__ = ["SCALE", "data", "pl", "pp", "__version__"]
+__all__ = ["SCALE", "data", "datasets", "pl", "pp", "__version__"]
 
 
 def __getattr__(name: str):
