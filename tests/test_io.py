@@ -261,7 +261,7 @@ METHODS = {
     "normalized_accessibility": lambda m, a: m.get_normalized_accessibility(a),
     "marginal_ll": lambda m, a: m.get_marginal_ll(a, n_mc_samples=2),
     "elbo": lambda m, a: m.get_elbo(a),
-    "differential": lambda m, a: m.differential_accessibility("batch", "x", adata=a),
+    "differential": lambda m, a: m.differential_accessibility(a, groupby="batch", group1="x"),
 }
 
 
