@@ -550,7 +550,7 @@ class SCALE(
             datasplitter_kwargs, train_size, batch_size
         )
         n_train_batches = math.ceil(
-            (1.0 if train_size is None else train_size) * n_cells / batch_size
+            (1.0 if train_size is None else train_size) * self.adata.n_obs / batch_size
         )
         trainer_kwargs = _quiet_trainer_kwargs(trainer_kwargs, n_train_batches, callbacks)
         try:
