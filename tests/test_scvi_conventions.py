@@ -24,7 +24,8 @@ def trained():
         n_cells=180, n_peaks=150, n_types=3, specific_fraction=0.15, density=(0.1, 0.3), seed=2
     )
     adata.obs["batch"] = np.where(np.arange(adata.n_obs) % 2 == 0, "b1", "b2")
-    SCALE.setup_anndata(adata, batch_key="batch")
+    # all peaks (no selection), so that outputs line up with adata.var_names
+    SCALE.setup_anndata(adata, batch_key="batch", min_fraction=None, n_top_peaks=None)
     model = SCALE(adata, n_centroids=3, n_hidden=(64,))
     model.train(max_epochs=30, enable_progress_bar=False)
     adata.obs["cell_type"] = adata.obs["cell_type"].cat.codes.astype(str)

@@ -207,7 +207,9 @@ class DifferentialMixin:
             group1 = str(group1)
         group2 = None if group2 is None else str(group2)
         x_key = self.module.registry_key(ATAC)
-        if pseudocounts is None and x_key != REGISTRY_KEYS.X_KEY:
+        var_idx = _selected_peaks(self)
+        if pseudocounts is None and (x_key != REGISTRY_KEYS.X_KEY or var_idx is not None):
+            # scvi-tools estimates it from all of X, which holds more than the model's peaks
             pseudocounts = 1e-6
         model_fn = partial(
             self.get_normalized_accessibility,
@@ -233,7 +235,9 @@ class DifferentialMixin:
                     idx1=idx1,
                     idx2=idx2,
                     all_stats=all_stats,
-                    all_stats_fn=partial(scatac_raw_counts_properties, registry_key=x_key),
+                    all_stats_fn=partial(
+                        scatac_raw_counts_properties, registry_key=x_key, var_idx=var_idx
+                    ),
                     col_names=feature_names(self, adata, ATAC),
                     mode=mode,
                     batchid1=batchid1,
@@ -319,6 +323,9 @@ class DifferentialMixin:
             raise ValueError(f"components {bad} are out of range: the model has {n}.")
         names = feature_names(self, adata, ATAC)
         matrix = self.adata_manager.get_from_registry(self.module.registry_key(ATAC))
+        var_idx = _selected_peaks(self)
+        if var_idx is not None:
+            matrix = matrix[:, var_idx]
         codes = np.asarray(labels.astype(int))
         tables = []
         for c1 in (int(c) for c in wanted):
@@ -374,6 +381,12 @@ class DifferentialMixin:
         z = prior.means[pick] + std * torch.randn_like(std)
         covs = _peaks._decoder_covariates(self, n_samples, batch)
         return self.module.decode(z, ATAC, **covs).cpu().numpy().astype(np.float64)
+
+
+def _selected_peaks(model) -> np.ndarray | None:
+    """Columns of the registered matrix that the model reads (``None``: all of them)."""
+    index = getattr(model.module, "peak_index", None)
+    return None if index is None else index.cpu().numpy()
 
 
 def _open_fraction(matrix, rows: np.ndarray) -> np.ndarray:
