@@ -216,6 +216,10 @@ def test_cli_h5ad_end_to_end(h5ad_file, sim, tmp_path, capsys):
     assert imputed.nnz > 0 and imputed.data.min() >= 0.2
     np.testing.assert_array_equal(binary.indices, imputed.indices)
     np.testing.assert_array_equal(binary.data, 1.0)
+    # The imputation covers the peaks the model reads; the others' columns stay empty.
+    read = result.var["scale_selected"].to_numpy()
+    assert 0 < read.sum() < result.n_vars
+    assert imputed.shape == (n_cells, result.n_vars) and imputed[:, ~read].nnz == 0
     has_peaks = (out / "cluster_specific_peaks.csv").is_file()
     assert has_peaks == (result.obs["scale_cluster"].nunique() > 1)
     model = SCALE.load(out / "model", adata=result)

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import scipy.sparse as sp
 from anndata import AnnData
 from mudata import MuData
 
@@ -124,6 +125,7 @@ def _annotate(model, data: AnnData | MuData, args: argparse.Namespace) -> AnnDat
         imputed = model.get_normalized_accessibility(
             threshold=args.threshold if args.threshold is not None else DEFAULT_THRESHOLD
         )
+        imputed = _over_all_peaks(imputed, adata, model.selected_peaks_)
         if args.impute:
             adata.layers["scale_imputed"] = imputed
         if args.binary:
@@ -131,6 +133,24 @@ def _annotate(model, data: AnnData | MuData, args: argparse.Namespace) -> AnnDat
             binary.data[:] = 1.0
             adata.layers["scale_binary"] = binary
     return adata
+
+
+def _over_all_peaks(imputed, adata: AnnData, selected) -> sp.csr_matrix:
+    """The imputation (over the peaks the model reads) in the columns of ``adata``.
+
+    Peaks that ``setup_anndata`` did not select have no imputation: their columns stay
+    empty, and ``adata.var["scale_selected"]`` says which peaks were read.
+    """
+    adata.var["scale_selected"] = adata.var_names.isin(selected)
+    if imputed.shape[1] == adata.n_vars:
+        return imputed
+    columns = adata.var_names.get_indexer(selected)
+    full = sp.csr_matrix(
+        (imputed.data, columns[imputed.indices], imputed.indptr),
+        shape=(adata.n_obs, adata.n_vars),
+    )
+    full.sort_indices()
+    return full
 
 
 def _figures(model, adata: AnnData, args: argparse.Namespace, state: Run) -> None:
