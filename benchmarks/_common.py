@@ -20,6 +20,9 @@ RESULTS = BENCH_DIR / "results"
 MAIN_PYTHON = sys.executable
 ORIGINAL_VENV = BENCH_DIR / ".venv-scale"
 ORIGINAL_PYTHON = ORIGINAL_VENV / "bin" / "python"
+SNAPATAC2_VENV = BENCH_DIR / ".venv-snapatac2"
+SNAPATAC2_PYTHON = SNAPATAC2_VENV / "bin" / "python"
+SNAPATAC2_VERSION = "2.9.0"
 
 DATASETS = {
     "forebrain": "preissl2018_forebrain_1043cells.h5ad",
@@ -27,14 +30,20 @@ DATASETS = {
 }
 
 
-def prepare_dataset(name: str, min_open_fraction: float = 0.0) -> Path | None:
-    """Write the binarized CSR matrix and labels of a shared dataset to ``work/``.
+def prepare_dataset(
+    name: str, min_open_fraction: float = 0.0, binarize: bool = True
+) -> Path | None:
+    """Write the CSR matrix and labels of a shared dataset to ``work/``.
 
-    Every method reads this one file, so all of them see the same binarized matrix. With
-    ``min_open_fraction`` > 0 only the peaks open in at least that fraction of the cells are
-    kept (``work/<name>_min<percent>.npz``). Returns ``None`` when the shared data folder
-    does not hold the dataset.
+    Every method reads this one file, so all of them see the same matrix. By default it is
+    binarized; with ``min_open_fraction`` > 0 only the peaks open in at least that fraction
+    of the cells are kept (``work/<name>_min<percent>.npz``). ``binarize=False`` keeps the
+    matrix as shipped, every peak and its values (``work/<name>_shipped.npz``; the
+    fraction must then be 0). Returns ``None`` when the shared data folder does not hold
+    the dataset.
     """
+    if not binarize and min_open_fraction > 0:
+        raise ValueError("binarize=False keeps every peak: pass min_open_fraction=0.")
     import anndata as ad
 
     from scale_scvi.data import shared_data_path
@@ -43,13 +52,14 @@ def prepare_dataset(name: str, min_open_fraction: float = 0.0) -> Path | None:
     if path is None:
         return None
     suffix = f"_min{min_open_fraction * 100:g}pct" if min_open_fraction > 0 else ""
-    out = WORK / f"{name}{suffix}.npz"
+    out = WORK / f"{name}{suffix if binarize else '_shipped'}.npz"
     if out.exists():
         return out
     WORK.mkdir(parents=True, exist_ok=True)
     adata = ad.read_h5ad(path)
     X = sp.csr_matrix(adata.X, dtype=np.float32)
-    X.data = (X.data > 0).astype(np.float32)
+    if binarize:
+        X.data = (X.data > 0).astype(np.float32)
     X.eliminate_zeros()
     if min_open_fraction > 0:
         open_in = np.bincount(X.indices, minlength=X.shape[1])
@@ -87,6 +97,39 @@ def cluster_scores(latent: np.ndarray, labels: np.ndarray, seed: int = 0) -> dic
     return label_scores(pred, labels)
 
 
+def leiden_scores(latent: np.ndarray, labels: np.ndarray) -> dict:
+    """ARI and NMI of Leiden clusters at scanpy's defaults on a latent representation.
+
+    ``sc.pp.neighbors(adata, use_rep=...)`` with its defaults (15 neighbours, all dimensions of
+    the representation), then ``sc.tl.leiden(adata)`` with its defaults (resolution 1.0,
+    ``random_state=0``). Above about 4,000 cells scanpy 1.11.5 computes the neighbours with
+    pynndescent, which under scipy 1.17 fails with ``'csr_array' object has no attribute
+    'getnnz'``; then, and only then, the exact neighbours (``transformer="sklearn"``) are
+    computed instead, and ``knn`` says so.
+    """
+    import warnings
+
+    import anndata as ad
+    import pandas as pd
+    import scanpy as sc
+
+    adata = ad.AnnData(obs=pd.DataFrame(index=[str(i) for i in range(len(latent))]))
+    adata.obsm["X_emb"] = np.asarray(latent, dtype=np.float32)
+    knn = "scanpy default"
+    try:
+        sc.pp.neighbors(adata, use_rep="X_emb")
+    except AttributeError as err:
+        if "getnnz" not in str(err):
+            raise
+        sc.pp.neighbors(adata, use_rep="X_emb", transformer="sklearn")
+        knn = "exact (sklearn): pynndescent failed"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # scanpy's note on the igraph flavor
+        sc.tl.leiden(adata)
+    pred = adata.obs["leiden"].to_numpy()
+    return {**label_scores(pred, labels), "n_clusters": int(len(np.unique(pred))), "knn": knn}
+
+
 def label_scores(pred: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """ARI and NMI of predicted labels."""
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
@@ -97,13 +140,17 @@ def label_scores(pred: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     }
 
 
-def run_child(cmd: list[str], log: Path, timeout: float | None = None) -> dict:
+def run_child(
+    cmd: list[str], log: Path, timeout: float | None = None, env_extra: dict | None = None
+) -> dict:
     """Run ``cmd`` in its own process; return its wall and CPU time, peak RSS, exit status.
 
     The peak resident set size comes from ``os.wait4``, i.e. ``getrusage`` of exactly that
-    child (``ru_maxrss``, KiB on Linux).
+    child (``ru_maxrss``, KiB on Linux). ``env_extra`` is added to the child's environment
+    (e.g. thread counts).
     """
     env = dict(os.environ)
+    env.update(env_extra or {})
     env.setdefault("TQDM_DISABLE", "1")
     # Every child runs in the same environment: PyTorch's huge-page allocations on (the
     # default of scale_scvi, set here explicitly for the original SCALE and PeakVI too).
@@ -173,7 +220,16 @@ def machine_info() -> dict[str, str]:
         "os": platform.platform(),
         "python": platform.python_version(),
     }
-    for pkg in ["scale-scvi", "scvi-tools", "torch", "lightning", "numpy", "scikit-learn"]:
+    for pkg in [
+        "scale-scvi",
+        "scvi-tools",
+        "torch",
+        "lightning",
+        "numpy",
+        "scikit-learn",
+        "scanpy",
+        "leidenalg",
+    ]:
         try:
             info[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -192,25 +248,47 @@ def machine_info() -> dict[str, str]:
         if out.returncode == 0:
             s, t, n = out.stdout.split()
             info["original scale (own venv)"] = f"scale {s}, torch {t}, numpy {n}"
+    if SNAPATAC2_PYTHON.exists():
+        out = subprocess.run(
+            [
+                str(SNAPATAC2_PYTHON),
+                "-c",
+                "from importlib.metadata import version as v;print(v('snapatac2'))",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if out.returncode == 0:
+            info["snapatac2 (own venv)"] = out.stdout.strip()
     return info
 
 
-def ensure_original_venv() -> bool:
-    """Create ``benchmarks/.venv-scale`` with ``torch==2.13.0`` first, then ``scale==1.1.2``."""
-    if ORIGINAL_PYTHON.exists():
+def _ensure_venv(venv: Path, package: str, installs: list[list[str]]) -> bool:
+    """Create ``venv`` and pip-install ``installs`` (one argument list each) unless ``package``
+    is already importable there."""
+    python = venv / "bin" / "python"
+    if python.exists():
         ok = subprocess.run(
-            [str(ORIGINAL_PYTHON), "-c", "import importlib.metadata as m; m.version('scale')"],
+            [str(python), "-c", f"import importlib.metadata as m; m.version({package!r})"],
             capture_output=True,
         )
         if ok.returncode == 0:
             return True
-    steps = [
-        [sys.executable, "-m", "venv", str(ORIGINAL_VENV)],
-        [str(ORIGINAL_PYTHON), "-m", "pip", "install", "-q", "torch==2.13.0"],
-        [str(ORIGINAL_PYTHON), "-m", "pip", "install", "-q", "scale==1.1.2"],
-    ]
+    steps = [[sys.executable, "-m", "venv", str(venv)]]
+    steps += [[str(python), "-m", "pip", "install", "-q", *args] for args in installs]
     for cmd in steps:
         if subprocess.run(cmd).returncode != 0:
-            print("Could not install the original SCALE:", " ".join(cmd), file=sys.stderr)
+            print(f"Could not install {package}:", " ".join(cmd), file=sys.stderr)
             return False
     return True
+
+
+def ensure_original_venv() -> bool:
+    """Create ``benchmarks/.venv-scale`` with ``torch==2.13.0`` first, then ``scale==1.1.2``."""
+    return _ensure_venv(ORIGINAL_VENV, "scale", [["torch==2.13.0"], ["scale==1.1.2"]])
+
+
+def ensure_snapatac2_venv() -> bool:
+    """Create ``benchmarks/.venv-snapatac2`` with ``snapatac2==2.9.0`` (several minutes: one
+    of its dependencies, macs3, is built from source)."""
+    return _ensure_venv(SNAPATAC2_VENV, "snapatac2", [[f"snapatac2=={SNAPATAC2_VERSION}"]])

@@ -65,6 +65,9 @@ def main() -> None:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     X, labels = load_matrix(args.data)
+    # the package's own preprocessing (scale.dataset.preprocessing_atac) sets counts above 1
+    # to 1 before anything else; a binary matrix is unchanged
+    X.data = np.minimum(X.data, 1.0)
     k = args.n_centroids or len(np.unique(labels))
     adata = AnnData(X)
     adata.obs["batch"] = pd.Categorical(["batch"] * X.shape[0])

@@ -92,9 +92,10 @@ def main() -> None:
             for name, extra in variants:
                 tag = f"{'sparse' if extra else 'dense'}_t{threads}"
                 out = str(WORK / f"speed_scale_{tag}_{rep}")
-                cmd = [MAIN_PYTHON, "benchmarks/methods.py", "--method", "scale"]
+                cmd = [MAIN_PYTHON, "benchmarks/methods.py", "--method", "scale_k"]
                 cmd += ["--data", str(data), "--out", out, "--batch-size", str(args.batch_size)]
                 cmd += ["--no-outputs", "--max-epochs", str(args.epochs), "--no-batch-norm"]
+                cmd += ["--time-epochs"]
                 cmd += [*extra, *thread_args]
                 usage = run_child(cmd, WORK / "logs" / f"speed_scale_{tag}_{rep}.log")
                 if usage["returncode"] != 0:
