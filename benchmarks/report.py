@@ -83,8 +83,9 @@ def shipped_section(df: pd.DataFrame) -> list[str]:
         "`get_cluster_assignments()` for this SCALE (`SCALE(adata)` with no K for the first "
         "row, so the number of clusters is the model's), the argmax of `get_gamma` for the "
         "original. *train s*: the method's `train()` (or embedding) call alone, wall clock; "
-        "*wall s*: the whole process (imports, data, training, inference). Mean ± sd over "
-        "seeds (n).",
+        "*wall s*: the whole process (imports, data, training, inference); *load*: the "
+        "machine's 1-minute load average during the run (2 cores; wall times stretch with "
+        "it, CPU times much less). Mean ± sd over seeds (n).",
         "",
         "| dataset | method | n | ARI k-means | NMI k-means | ARI Leiden | NMI Leiden | "
         "Leiden clusters | ARI own clusters | NMI own clusters | own clusters | train s | "
@@ -107,8 +108,8 @@ def shipped_section(df: pd.DataFrame) -> list[str]:
         "Per seed:",
         "",
         "| dataset | method | seed | ARI k-means | ARI Leiden (clusters) | ARI own (clusters) | "
-        "NMI k-means | NMI Leiden | NMI own | train s | train CPU s | epochs | run on |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "NMI k-means | NMI Leiden | NMI own | train s | train CPU s | epochs | load | run on |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = {m: i for i, m in enumerate(LABELS)}
     per_seed = df.assign(_o=df.method.map(order)).sort_values(["dataset", "_o", "seed"])
@@ -119,7 +120,7 @@ def shipped_section(df: pd.DataFrame) -> list[str]:
             f"{_fmt(r.ari_kmeans)} | {r.ari_leiden:.3f} ({int(r.n_leiden)}) | {own} | "
             f"{_fmt(r.nmi_kmeans)} | {_fmt(r.nmi_leiden)} | {_fmt(r.nmi_own)} | "
             f"{r.train_s:.0f} | {_fmt(float(r.train_cpu_s), 0)} | {_fmt(float(r.n_epochs), 0)} "
-            f"| {r.date} |"
+            f"| {_fmt(float(getattr(r, 'load_avg', np.nan)), 1)} | {r.date} |"
         )
     knn = df.leiden_knn.unique()
     if len(knn) > 1 or knn[0] != "scanpy default":

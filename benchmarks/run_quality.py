@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import sys
 from pathlib import Path
 
@@ -128,6 +129,7 @@ def run_one(dataset: str, method: str, seed: int, redo: bool) -> dict | None:
     have = all(Path(out + s).exists() for s in (".json", "_latent.npy")) and usage_file.exists()
     if redo or not have:
         log(f"run   {dataset} {method} seed {seed}")
+        load_before = os.getloadavg()[0]
         usage = run_child(
             command(method, str(data), out, seed, dataset),
             OUT_DIR / "logs" / f"{method}_{dataset}_{seed}.log",
@@ -136,6 +138,8 @@ def run_one(dataset: str, method: str, seed: int, redo: bool) -> dict | None:
         if usage["returncode"] != 0:
             log(f"FAIL  {dataset} {method} seed {seed}; see work/shipped/logs")
             return None
+        # how busy the machine was: the 1-minute load average at the start and the end
+        usage["load_avg"] = (load_before + os.getloadavg()[0]) / 2
         write_json(usage_file, usage)
     else:
         log(f"score {dataset} {method} seed {seed} (outputs of an earlier run)")
@@ -168,6 +172,7 @@ def run_one(dataset: str, method: str, seed: int, redo: bool) -> dict | None:
         "n_epochs": info.get("n_epochs", np.nan),
         "s_per_epoch": info.get("s_per_epoch", np.nan),
         "peak_rss_mb": usage["peak_rss_mb"],
+        "load_avg": usage.get("load_avg", np.nan),
         "threads": THREADS,
         "in_targets": (method, dataset) not in NOT_CONVERGED,
         "settings": info.get("settings", ""),
