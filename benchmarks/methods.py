@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 from _common import load_matrix, write_json
 from lightning.pytorch.callbacks import Callback
@@ -118,7 +119,8 @@ def run_scale(X, k: int | None, seed: int, out: str, train_kwargs: dict) -> dict
     t0 = time.perf_counter()
     if not no_outputs:
         np.save(out + "_latent.npy", model.get_latent_representation())
-        own = model.get_cluster_assignments()
+        # codes of the clusters, whether they come as a Categorical or as an array of labels
+        own = pd.Categorical(np.asarray(model.get_cluster_assignments()))
         np.save(out + "_own.npy", np.asarray(own.codes))
         # the number of clusters the model reports having found, where it reports one
         n_found = getattr(model, "n_clusters_", None)
