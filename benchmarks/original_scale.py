@@ -117,6 +117,7 @@ def main() -> None:
         "train_s": t_fit,
         "s_per_epoch": t_fit / n_epochs,
         "cpu_s_per_epoch": c_fit / n_epochs,
+        "train_cpu_s": c_fit,
     }
     if not args.no_outputs:
         model.eval()

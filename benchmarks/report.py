@@ -64,8 +64,15 @@ def _ordered(df: pd.DataFrame):
     )
 
 
+def _with_in_targets(df: pd.DataFrame) -> pd.DataFrame:
+    """``in_targets`` as booleans; rows written before the column existed count as in."""
+    in_targets = df["in_targets"] if "in_targets" in df else pd.Series(True, index=df.index)
+    return df.assign(in_targets=[True if pd.isna(v) else bool(v) for v in in_targets])
+
+
 def shipped_section(df: pd.DataFrame) -> list[str]:
     """The quality table on the matrices as shipped (``results/quality_shipped.csv``)."""
+    df = _with_in_targets(df)
     threads = ", ".join(str(t) for t in sorted(df.threads.unique()))
     inputs = "; ".join(
         f"{d}: {g.input.iloc[0]} ({int(g.k_true.iloc[0])} types)" for d, g in df.groupby("dataset")
@@ -85,7 +92,10 @@ def shipped_section(df: pd.DataFrame) -> list[str]:
         "original. *train s*: the method's `train()` (or embedding) call alone, wall clock; "
         "*wall s*: the whole process (imports, data, training, inference); *load*: the "
         "machine's 1-minute load average during the run (2 cores; wall times stretch with "
-        "it, CPU times much less). Mean ± sd over seeds (n).",
+        "it, CPU times much less). *peak RSS*: the process's own `VmHWM` (- for runs made "
+        "before the runner read it: `ru_maxrss` of a child includes the runner's own size at "
+        "the fork, and the earlier tables' peak RSS columns include it too). Mean ± sd over "
+        "seeds (n).",
         "",
         "| dataset | method | n | ARI k-means | NMI k-means | ARI Leiden | NMI Leiden | "
         "Leiden clusters | ARI own clusters | NMI own clusters | own clusters | train s | "
@@ -101,7 +111,7 @@ def shipped_section(df: pd.DataFrame) -> list[str]:
             f"{_mean_sd(g, 'nmi_own')} | {_mean_sd(g, 'n_own', 1)} | "
             f"{_mean_sd(g, 'train_s', 0)} | {_mean_sd(g, 'train_cpu_s', 0)} | "
             f"{_fmt(float(g.n_epochs.mean()), 0)} | {_mean_sd(g, 'wall_s', 0)} | "
-            f"{g.peak_rss_mb.max():.0f} | {g.settings.iloc[0]} |"
+            f"{_fmt(float(g.peak_rss_mb.max()), 0)} | {g.settings.iloc[0]} |"
         )
     lines += [
         "",
@@ -122,6 +132,14 @@ def shipped_section(df: pd.DataFrame) -> list[str]:
             f"{r.train_s:.0f} | {_fmt(float(r.train_cpu_s), 0)} | {_fmt(float(r.n_epochs), 0)} "
             f"| {_fmt(float(getattr(r, 'load_avg', np.nan)), 1)} | {r.date} |"
         )
+    excluded = df[~df.in_targets] if "in_targets" in df else df.iloc[:0]
+    for (dataset, method), g in excluded.groupby(["dataset", "method"]):
+        lines += [
+            "",
+            f"{LABELS.get(method, method)} on {dataset} is capped ({g.settings.iloc[0]}): its "
+            "row gives its time per epoch, not its quality, and is left out of the targets' "
+            "quality comparisons (see the notes above).",
+        ]
     knn = df.leiden_knn.unique()
     if len(knn) > 1 or knn[0] != "scanpy default":
         lines += ["", "Neighbours for Leiden: " + ", ".join(sorted(knn)) + "."]
@@ -214,8 +232,7 @@ def targets_section(df: pd.DataFrame) -> list[str]:
         note = f"; not compared: {', '.join(LABELS.get(m, m) for m in missing)}" if missing else ""
         return float(r[col]), name, note
 
-    in_targets = df["in_targets"] if "in_targets" in df else pd.Series(True, index=df.index)
-    df = df.assign(in_targets=[True if pd.isna(v) else bool(v) for v in in_targets])
+    df = _with_in_targets(df)
     for dataset, d in df.groupby("dataset"):
         lines += ["", f"**{dataset}**", ""]
         for title, key in (

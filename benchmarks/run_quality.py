@@ -118,7 +118,9 @@ def input_description(X) -> str:
     return f"as shipped: {X.shape[1]:,} peaks, {'binary' if binary else 'counts'}"
 
 
-def run_one(dataset: str, method: str, seed: int, redo: bool) -> dict | None:
+def run_one(dataset: str, method: str, seed: int, redo: bool, run: bool = True) -> dict | None:
+    """Run one child (unless its outputs exist and not ``redo``) and score it; ``run=False``
+    only scores outputs that exist."""
     data = prepare_dataset(dataset, binarize=False)
     if data is None:
         log(f"skip {dataset}: not in the shared data folder")
@@ -127,6 +129,8 @@ def run_one(dataset: str, method: str, seed: int, redo: bool) -> dict | None:
     out = str(OUT_DIR / f"{method}_{dataset}_{seed}")
     usage_file = Path(out + "_usage.json")
     have = all(Path(out + s).exists() for s in (".json", "_latent.npy")) and usage_file.exists()
+    if not run and not have:
+        return None
     if redo or not have:
         log(f"run   {dataset} {method} seed {seed}")
         load_before = os.getloadavg()[0]
@@ -168,10 +172,15 @@ def run_one(dataset: str, method: str, seed: int, redo: bool) -> dict | None:
         "wall_s": usage["wall_s"],
         "cpu_s": usage["cpu_s"],
         "train_s": info["train_s"],
-        "train_cpu_s": info.get("train_cpu_s", np.nan),
+        # the original's wrapper wrote only the per-epoch CPU time before
+        "train_cpu_s": info.get(
+            "train_cpu_s", info.get("cpu_s_per_epoch", np.nan) * info.get("n_epochs", np.nan)
+        ),
         "n_epochs": info.get("n_epochs", np.nan),
         "s_per_epoch": info.get("s_per_epoch", np.nan),
-        "peak_rss_mb": usage["peak_rss_mb"],
+        # the child's own peak (VmHWM) where run_child read it; older runs: ru_maxrss, which
+        # includes this runner's size at the fork
+        "peak_rss_mb": usage["peak_rss_mb"] if "peak_rss_mb_rusage" in usage else np.nan,
         "load_avg": usage.get("load_avg", np.nan),
         "threads": THREADS,
         "in_targets": (method, dataset) not in NOT_CONVERGED,
@@ -212,7 +221,9 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--redo", action="store_true", help="run rows already in the CSV again")
     parser.add_argument(
-        "--rescore", action="store_true", help="score rows already in the CSV again, not rerun"
+        "--rescore",
+        action="store_true",
+        help="score again the runs whose outputs are in work/shipped; run nothing",
     )
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -229,7 +240,7 @@ def main() -> None:
                     have = (done.dataset == dataset) & (done.method == method)
                     if (have & (done.seed == seed)).any():
                         continue
-                row = run_one(dataset, method, seed, args.redo)
+                row = run_one(dataset, method, seed, args.redo, run=not args.rescore)
                 if row is None:
                     continue
                 save_row(row)
