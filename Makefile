@@ -40,7 +40,8 @@ tutorials: $(DOCS_STAMP)
 		../../$(BIN)/jupyter-execute --inplace --timeout=3600 $$nb.ipynb || exit 1; done
 	rm -rf docs/tutorials/*_model docs/tutorials/*.h5ad
 
-# Benchmarks against the original SCALE (own venv, benchmarks/.venv-scale), PeakVI and LSI;
+# Benchmarks against the original SCALE (own venv, benchmarks/.venv-scale), SnapATAC2 (own
+# venv, benchmarks/.venv-snapatac2), PeakVI and LSI, on the matrices as shipped;
 # writes benchmarks/results/*.csv, *.png and benchmarks/RESULTS.md. Hours on a small CPU.
 BENCH_SEEDS ?= 0 1 2
 bench: $(STAMP)

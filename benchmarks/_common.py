@@ -102,10 +102,10 @@ def leiden_scores(latent: np.ndarray, labels: np.ndarray) -> dict:
 
     ``sc.pp.neighbors(adata, use_rep=...)`` with its defaults (15 neighbours, all dimensions of
     the representation), then ``sc.tl.leiden(adata)`` with its defaults (resolution 1.0,
-    ``random_state=0``). Above about 4,000 cells scanpy 1.11.5 computes the neighbours with
-    pynndescent, which under scipy 1.17 fails with ``'csr_array' object has no attribute
-    'getnnz'``; then, and only then, the exact neighbours (``transformer="sklearn"``) are
-    computed instead, and ``knn`` says so.
+    ``random_state=0``). From 8,192 cells on (Euclidean metric) scanpy 1.11.5 computes the
+    neighbours with pynndescent, which under scipy 1.17 fails with ``'csr_array' object has no
+    attribute 'getnnz'``; then, and only then, the same exact neighbours that scanpy computes
+    below that size (``transformer="sklearn"``) are computed instead, and ``knn`` says so.
     """
     import warnings
 
