@@ -431,7 +431,9 @@ class GMMInitCallback(Callback):
                     sample_weight=sample_weight,
                     resolution=self.resolution,
                 )
-                payload = [torch.as_tensor(p) for p in fitted]
+                # The number of cells goes with the parameters: every rank needs it to take
+                # part in the pruning broadcasts of on_train_epoch_end.
+                payload = ([torch.as_tensor(p) for p in fitted], self.n_train)
                 logger.info(
                     "Initialized the GMM prior (%d components) on %d posterior means.",
                     len(fitted[0]),
@@ -443,7 +445,8 @@ class GMMInitCallback(Callback):
         payload = trainer.strategy.broadcast(payload, src=0)
         if isinstance(payload, str):
             raise ValueError(payload)
-        module.prior.set_parameters(*payload)
+        parameters, self.n_train = payload
+        module.prior.set_parameters(*parameters)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if not self.prune or trainer.current_epoch < self.init_epoch or self.n_train is None:
