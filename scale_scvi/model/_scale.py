@@ -21,6 +21,7 @@ from scvi.data.fields import (
 from scvi.model.base import ArchesMixin, BaseModelClass, UnsupervisedTrainingMixin, VAEMixin
 
 from scale_scvi.module import ATAC, JOINT, SCALEVAE, Modality, module_class
+from scale_scvi.pp._counts import get_matrix
 from scale_scvi.train import (
     FiniteLossGuard,
     FusedAdamW,
@@ -51,7 +52,6 @@ from ._peak_selection import (
     validate_selection,
 )
 from ._validation import (
-    get_matrix,
     validate_accessibility_matrix,
     validate_count,
     validate_data_split,

@@ -32,20 +32,6 @@ def _row_blocks(matrix) -> Iterator[np.ndarray | sp.spmatrix]:
         yield block if sp.issparse(block) else np.asarray(block)
 
 
-def get_matrix(adata: AnnData, layer: str | None):
-    """The matrix ``setup_anndata`` will register, with a clear error for a missing layer."""
-    if layer is None:
-        if adata.X is None:
-            raise ValueError("adata.X is None: put the peak counts in adata.X or name a `layer`.")
-        return adata.X
-    if layer not in adata.layers:
-        raise ValueError(
-            f"Layer {layer!r} is not in adata.layers (available: {list(adata.layers)}); "
-            "pass one of those, or layer=None to use adata.X."
-        )
-    return adata.layers[layer]
-
-
 def validate_accessibility_matrix(
     matrix,
     what: str = "adata.X",
