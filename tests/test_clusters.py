@@ -153,6 +153,45 @@ def test_confidence_and_sampled_probabilities(four_types):
         model.get_cluster_probabilities(n_samples=0)
 
 
+def test_mixture_is_fitted_again_on_the_trained_latent(four_types):
+    adata, model = four_types
+    means, variances, _ = model._posterior_moments(adata, None, 128)
+    weights, centers, _ = fit_gmm(means, 30, seed=0, posterior_var=variances, method="leiden")
+    prior = model.module.prior
+    active = prior.active.cpu().numpy()
+    # the components left on are those of a fit on the final posterior means (the ones no
+    # cell chose as its most probable are switched off afterwards)
+    assert active[: len(weights)].sum() == active.sum() == model.n_clusters_
+    kept = active[: len(weights)]
+    np.testing.assert_allclose(
+        prior.means.detach().cpu().numpy()[: len(weights)][kept], centers[kept], atol=1e-5
+    )
+
+
+def test_without_refit_the_mixture_is_the_trained_one():
+    from scale_scvi.train._gmm_init import GMMInitCallback
+
+    scvi_seed()
+    adata = simulate_scatac(n_cells=120, n_peaks=200, n_types=3, seed=4)
+    SCALE.setup_anndata(adata)
+    model = SCALE(adata, **SMALL)
+    calls = []
+
+    class Recording(GMMInitCallback):
+        def _fit(self, trainer, module, when):
+            calls.append(when)
+            super()._fit(trainer, module, when)
+
+    latent_fn = model._gmm_latent_fn(32)
+    for refit, expected in ((True, ["epoch 1", "end of training"]), (False, ["epoch 1"])):
+        calls.clear()
+        callback = Recording(latent_fn, 30, init_epoch=1, method="leiden", refit=refit)
+        model.module.prior.requires_grad_(False)  # train() then adds no callback of its own
+        model.train(max_epochs=3, callbacks=[callback], enable_progress_bar=False)
+        model.module.prior.requires_grad_(True)
+        assert calls == expected
+
+
 def test_explicit_k_is_kept_and_unused_components_are_pruned():
     scvi_seed()
     adata = simulate_scatac(n_cells=120, n_peaks=200, n_types=3, seed=4)

@@ -348,9 +348,13 @@ class GMMInitCallback(Callback):
     and its weights, means and variances are copied into the module's prior; with
     ``method="leiden"`` the number of components is the number of Leiden clusters (at most
     the prior's), the others are switched off. From then on, at the end of every epoch,
-    components whose weight is below half a cell's (``0.5 / n_train``) are switched off, and
-    at the end of training so is every component that is the most probable one of no
-    training cell, so that the components left are the clusters (see
+    components whose weight is below half a cell's (``0.5 / n_train``) are switched off.
+    When training ends, the mixture is fitted once more, the same way, on the posterior
+    means of the trained encoder (``refit``): the clusters are then read off the final
+    latent space, where the mixture learned by gradient alongside the encoder drifts away
+    from the cell types (``benchmarks/NOTES.md``, "Clusters read off the trained latent").
+    Last, every component that is the most probable one of no training cell is switched
+    off, so that the components left are the clusters (see
     :meth:`~scale_scvi.module.GaussianMixturePrior.prune`). Under a distributed strategy
     the fit runs once, on rank 0, and the parameters are broadcast to every rank; if the fit
     fails (e.g. the posterior means are not finite), every rank raises the same
@@ -376,6 +380,9 @@ class GMMInitCallback(Callback):
         Resolution of the Leiden partition.
     prune
         Switch off the components the data do not support (as above).
+    refit
+        Fit the mixture once more, the same way, on the posterior means of the trained
+        encoder when training ends (as above).
     """
 
     def __init__(
@@ -387,6 +394,7 @@ class GMMInitCallback(Callback):
         method: Literal["kmeans", "em", "leiden"] = "kmeans",
         resolution: float = 1.0,
         prune: bool = True,
+        refit: bool = True,
     ):
         super().__init__()
         check_gmm_init_method(method)
@@ -397,6 +405,7 @@ class GMMInitCallback(Callback):
         self.method = method
         self.resolution = resolution
         self.prune = prune
+        self.refit = refit
         self.n_train = None
 
     def _rows(self, trainer, module) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
@@ -412,9 +421,11 @@ class GMMInitCallback(Callback):
         return tuple(rows) + (None,) * (3 - len(rows))
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if trainer.current_epoch != self.init_epoch:
-            return
-        module = pl_module.module
+        if trainer.current_epoch == self.init_epoch:
+            self._fit(trainer, pl_module.module, f"epoch {trainer.current_epoch}")
+
+    def _fit(self, trainer, module, when: str) -> None:
+        """Fit the mixture on rank 0 and copy it into every rank's prior."""
         payload = None
         if trainer.is_global_zero:
             latent, posterior_var, sample_weight = self._rows(trainer, module)
@@ -435,13 +446,14 @@ class GMMInitCallback(Callback):
                 # part in the pruning broadcasts of on_train_epoch_end.
                 payload = ([torch.as_tensor(p) for p in fitted], self.n_train)
                 logger.info(
-                    "Initialized the GMM prior (%d components) on %d posterior means.",
+                    "Fitted the GMM prior (%d components) on %d posterior means (%s).",
                     len(fitted[0]),
                     latent.shape[0],
+                    when,
                 )
             except ValueError as error:
                 # Sent to every rank, so that all of them stop instead of waiting for rank 0.
-                payload = f"{error} (GMM initialization at epoch {trainer.current_epoch})"
+                payload = f"{error} (GMM fit at the {when})"
         payload = trainer.strategy.broadcast(payload, src=0)
         if isinstance(payload, str):
             raise ValueError(payload)
@@ -457,9 +469,13 @@ class GMMInitCallback(Callback):
         prior.prune(keep)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if not self.prune or trainer.current_epoch <= self.init_epoch:
+        if trainer.current_epoch <= self.init_epoch:
             return
         module = pl_module.module
+        if self.refit:
+            self._fit(trainer, module, "end of training")
+        if not self.prune:
+            return
         keep = None
         if trainer.is_global_zero:
             latent, _, _ = self._rows(trainer, module)
