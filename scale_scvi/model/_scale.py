@@ -138,9 +138,10 @@ class SCALE(
         it, up to 30 (or the number of cells): the mixture is initialized from a Leiden
         partition of the posterior means whose pieces that one Gaussian describes as well
         are merged, and components that no cell takes are switched off during and at the
-        end of training. An integer gives exactly that many components at initialization
-        (fitted by k-means), of which those no cell takes are switched off at the end.
-        :attr:`n_clusters_` is the number left.
+        end of training. An integer gives exactly that many components (fitted by
+        k-means), of which those no cell takes are switched off at the end. Either way the
+        mixture is fitted once more, the same way, on the posterior means of the trained
+        encoder when training ends. :attr:`n_clusters_` is the number left.
     n_latent
         Latent dimensionality.
     n_hidden
@@ -418,7 +419,9 @@ class SCALE(
         (:func:`~scale_scvi.train.flush_denormal`), restored when it ends or fails.
 
         The Gaussian mixture of the prior is fitted on the posterior means at the start of
-        epoch ``gmm_init_epoch`` by a callback; nothing needs to be done by hand.
+        epoch ``gmm_init_epoch``, and again when training ends (the clusters are then read
+        off the trained encoder's latent space), by a callback; nothing needs to be done by
+        hand.
 
         Parameters
         ----------
