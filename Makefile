@@ -28,10 +28,11 @@ $(DOCS_STAMP): $(STAMP)
 	$(BIN)/pip install -q torch==2.13.0 -e ".[docs]"
 	touch $(DOCS_STAMP)
 
-# Notebooks are stored with their outputs and not executed. Warnings are printed, not fatal:
-# inherited scvi-tools docstrings and duplicated method entries on the API page still warn.
+# Notebooks are stored with their outputs and not executed. Warnings are errors; the
+# autosummary pages are written afresh, so that a page an older API listed does not linger.
 docs: $(DOCS_STAMP)
-	$(BIN)/sphinx-build --keep-going -b html docs docs/_build/html
+	rm -rf docs/generated
+	$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html
 	@echo "Open docs/_build/html/index.html"
 
 # Re-run the tutorials in place to refresh their stored outputs (needs the labeled data in

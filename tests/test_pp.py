@@ -140,7 +140,7 @@ BAD = [
     (pp.filter_cells, {"inplace": True, "copy": True}, ValueError, "not both"),
     (pp.select_peaks, {"inplace": True, "copy": True}, ValueError, "not both"),
     (pp.select_peaks, {"min_cells": 10_000}, ValueError, "No peak is open in at least 10000"),
-    (pp.select_peaks, {"n_top": 0}, ValueError, "n_top must be a positive integer"),
+    (pp.select_peaks, {"n_top": 0}, ValueError, "n_top must be >= 1"),
     (pp.select_peaks, {"min_fraction": 1.5}, ValueError, "between 0 and 1"),
     (pp.select_peaks, {"cells": np.ones(3, bool)}, ValueError, "boolean mask of length 60"),
 ]

@@ -7,6 +7,7 @@ from anndata import AnnData
 from scvi.data.fields import LayerField
 
 from scale_scvi.pp import cells_per_peak
+from scale_scvi.pp._filter import check_peak_selection, peak_mask
 
 #: Default selection of :meth:`~scale_scvi.SCALE.setup_anndata`: peaks open in at least
 #: 2 % of the cells, at most the 50,000 most often open ones.
@@ -15,62 +16,6 @@ N_TOP_PEAKS = 50_000
 
 SELECTED_PEAKS_KEY = "selected_peaks"
 N_SELECTED_KEY = "n_selected_peaks"
-
-
-def validate_selection(min_cells, min_fraction, n_top_peaks) -> None:
-    """Raise a ``TypeError``/``ValueError`` for a selection argument out of range."""
-    for name, value in (("min_cells", min_cells), ("n_top_peaks", n_top_peaks)):
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int | np.integer):
-            raise TypeError(f"{name} must be an integer or None, got {type(value).__name__}.")
-        if value < (1 if name == "n_top_peaks" else 0):
-            raise ValueError(
-                f"{name} must be >= {1 if name == 'n_top_peaks' else 0}, got {value}."
-            )
-    if min_fraction is not None and not 0.0 <= float(min_fraction) <= 1.0:
-        raise ValueError(f"min_fraction must be between 0 and 1 (or None), got {min_fraction}.")
-
-
-def select_peaks_index(
-    counts: np.ndarray,
-    n_cells: int,
-    min_cells: int | None = None,
-    min_fraction: float | None = MIN_FRACTION,
-    n_top_peaks: int | None = N_TOP_PEAKS,
-) -> np.ndarray:
-    """Indices (sorted) of the peaks open in enough cells, at most ``n_top_peaks`` of them.
-
-    Parameters
-    ----------
-    counts
-        Number of cells in which each peak is open (:func:`scale_scvi.pp.cells_per_peak`).
-    n_cells
-        Number of cells they were counted on.
-    min_cells, min_fraction
-        Keep peaks open in at least ``max(min_cells, ceil(min_fraction * n_cells))`` cells.
-    n_top_peaks
-        Then keep at most this many, those open in the most cells (ties: the first peaks).
-
-    Returns
-    -------
-    Sorted ``int64`` indices of the selected peaks.
-    """
-    counts = np.asarray(counts)
-    threshold = max(
-        min_cells or 0, 0 if min_fraction is None else int(np.ceil(min_fraction * n_cells))
-    )
-    keep = counts >= threshold
-    if not keep.any():
-        raise ValueError(
-            f"No peak is open in at least {threshold} cells (the most is {int(counts.max())}): "
-            "lower min_cells / min_fraction in setup_anndata (None keeps every peak)."
-        )
-    if n_top_peaks is not None and keep.sum() > n_top_peaks:
-        order = np.argsort(-np.where(keep, counts, -1), kind="stable")
-        keep = np.zeros_like(keep)
-        keep[order[:n_top_peaks]] = True
-    return np.flatnonzero(keep).astype(np.int64)
 
 
 class PeakLayerField(LayerField):
@@ -89,7 +34,9 @@ class PeakLayerField(LayerField):
     registry_key, layer
         As in :class:`~scvi.data.fields.LayerField`.
     min_cells, min_fraction, n_top_peaks
-        The selection rule of :func:`select_peaks_index`; all ``None``: every peak.
+        Keep the peaks open in at least ``max(min_cells, ceil(min_fraction * n_cells))``
+        cells, then at most ``n_top_peaks`` of them, those open in the most cells (ties: the
+        first peaks); all ``None``: every peak. The rule of :func:`scale_scvi.pp.select_peaks`.
     """
 
     def __init__(
@@ -101,20 +48,22 @@ class PeakLayerField(LayerField):
         n_top_peaks: int | None = N_TOP_PEAKS,
     ):
         super().__init__(registry_key, layer, is_count_data=False)
-        validate_selection(min_cells, min_fraction, n_top_peaks)
+        check_peak_selection(min_cells, min_fraction, n_top_peaks, n_top_name="n_top_peaks")
         self.min_cells = min_cells
         self.min_fraction = min_fraction
         self.n_top_peaks = n_top_peaks
 
     def register_field(self, adata: AnnData) -> dict:
         state = super().register_field(adata)
-        index = select_peaks_index(
+        mask = peak_mask(
             cells_per_peak(adata, self.attr_key),
             adata.n_obs,
             self.min_cells,
             self.min_fraction,
             self.n_top_peaks,
+            where=" in setup_anndata (None keeps every peak)",
         )
+        index = np.flatnonzero(mask).astype(np.int64)
         state[SELECTED_PEAKS_KEY] = index
         return state
 

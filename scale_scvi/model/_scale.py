@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import Literal
 
@@ -21,7 +21,8 @@ from scvi.data.fields import (
 from scvi.model.base import ArchesMixin, BaseModelClass, UnsupervisedTrainingMixin, VAEMixin
 
 from scale_scvi.module import ATAC, JOINT, SCALEVAE, Modality, module_class
-from scale_scvi.pp._counts import get_matrix
+from scale_scvi.pp._counts import get_matrix, matrix_name
+from scale_scvi.pp._filter import check_peak_selection
 from scale_scvi.train import (
     FiniteLossGuard,
     FusedAdamW,
@@ -49,7 +50,6 @@ from ._peak_selection import (
     N_TOP_PEAKS,
     SELECTED_PEAKS_KEY,
     PeakLayerField,
-    validate_selection,
 )
 from ._validation import (
     validate_accessibility_matrix,
@@ -317,7 +317,7 @@ class SCALE(
         """
         # Before any other local, so that only the arguments are recorded (and saved).
         setup_method_args = cls._get_setup_method_args(**locals())
-        validate_selection(min_cells, min_fraction, n_top_peaks)
+        check_peak_selection(min_cells, min_fraction, n_top_peaks, n_top_name="n_top_peaks")
         if not isinstance(adata, AnnData):
             raise TypeError(
                 f"setup_anndata takes an AnnData, got {type(adata).__name__}; for a MuData use "
@@ -325,14 +325,10 @@ class SCALE(
             )
         matrix = get_matrix(adata, layer)
         validate_accessibility_matrix(
-            matrix,
-            "adata.X" if layer is None else f"adata.layers[{layer!r}]",
-            warn_empty="source_registry" not in kwargs,
+            matrix, matrix_name(layer), warn_empty="source_registry" not in kwargs
         )
         if "source_registry" not in kwargs:
-            warn_if_not_canonical(
-                matrix, "adata.X" if layer is None else f"adata.layers[{layer!r}]"
-            )
+            warn_if_not_canonical(matrix, matrix_name(layer))
         validate_unique_var_names(adata)
         validate_obs_keys(adata, [batch_key], "batch_key")
         validate_obs_keys(adata, categorical_covariate_keys or [], "categorical_covariate_keys")
@@ -615,6 +611,17 @@ class SCALE(
         return latent_fn
 
     # ------------------------------------------------------------------ outputs
+    def _inference_outputs(
+        self, adata: AnnData, indices, batch_size: int | None, **loader_kwargs
+    ) -> Iterator[dict]:
+        """The module's inference outputs of the cells given, minibatch by minibatch (the
+        caller runs it under ``torch.inference_mode``)."""
+        loader = self._make_data_loader(
+            adata=adata, indices=indices, batch_size=batch_size, **loader_kwargs
+        )
+        for tensors in loader:
+            yield self.module.inference(**self.module._get_inference_input(tensors))
+
     @torch.inference_mode()
     def _posterior_moments(
         self, adata, indices, batch_size
@@ -626,10 +633,8 @@ class SCALE(
         cell counts once (see
         :meth:`~scale_scvi.module.SCALEModuleBase.aggregate_posterior_components`).
         """
-        loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
         means, variances, weights = [], [], []
-        for tensors in loader:
-            out = self.module.inference(**self.module._get_inference_input(tensors))
+        for out in self._inference_outputs(adata, indices, batch_size):
             qz_m, qz_v = self.module.aggregate_posterior_components(out)
             means.append(qz_m.cpu())
             variances.append(qz_v.cpu())
@@ -686,12 +691,8 @@ class SCALE(
         self.module.check_modality(modality)
         self._check_if_trained(warn=False)
         adata = self._validate_anndata(adata)
-        loader = self._make_data_loader(
-            adata=adata, indices=indices, batch_size=batch_size, **kwargs
-        )
         points, variances = [], []
-        for tensors in loader:
-            out = self.module.inference(**self.module._get_inference_input(tensors))
+        for out in self._inference_outputs(adata, indices, batch_size, **kwargs):
             qz_m, qz_v = self.module.latent_moments(out, modality, joint_mean)
             if return_dist or give_mean:
                 point = qz_m
@@ -734,11 +735,9 @@ class SCALE(
         self.module.check_modality(modality)
         self._check_if_trained(warn=False)
         adata = self._validate_anndata(adata)
-        loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
         columns = torch.as_tensor(self._cluster_components(), device=self.device)
         probs = []
-        for tensors in loader:
-            out = self.module.inference(**self.module._get_inference_input(tensors))
+        for out in self._inference_outputs(adata, indices, batch_size):
             if n_samples == 1:
                 p = self.module.posterior_cluster_probabilities(out, modality)
             else:

@@ -11,6 +11,19 @@ from typing import Literal, NamedTuple
 
 from scvi import REGISTRY_KEYS
 
+#: The names :mod:`scale_scvi.module` exports (``expert_keys`` is the modules' own).
+__all__ = [
+    "ATAC",
+    "ATAC_KEY",
+    "JOINT",
+    "MODALITIES",
+    "MODALITY_FLAG_KEY",
+    "MODULE_KEYS",
+    "Modality",
+    "RNA",
+    "RNA_KEY",
+]
+
 #: The modalities a module can model, in the order of the multimodal module's experts.
 ATAC = "atac"
 RNA = "rna"

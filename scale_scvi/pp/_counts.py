@@ -8,6 +8,8 @@ import numpy as np
 import scipy.sparse as sp
 from anndata import AnnData
 
+from ._docs import pp_dsp
+
 _BLOCK_ENTRIES = 20_000_000  # stored values per block (about 160 MB of float32 data + indices)
 _BLOCK_VALUES = 20_000_000  # values per block of a dense matrix (80 MB of float32)
 
@@ -131,6 +133,7 @@ def count_open(
     return per_row, per_col
 
 
+@pp_dsp.dedent
 def peaks_per_cell(adata: AnnData, layer: str | None = None) -> np.ndarray:
     """Number of open peaks (entries > 0) in each cell.
 
@@ -138,18 +141,17 @@ def peaks_per_cell(adata: AnnData, layer: str | None = None) -> np.ndarray:
 
     Parameters
     ----------
-    adata
-        Cells x peaks AnnData (in memory or backed).
-    layer
-        Layer holding the peak matrix; ``None`` for ``adata.X``.
+    %(adata)s
+    %(layer)s
 
     Returns
     -------
     int64 array of length ``adata.n_obs``.
     """
-    return count_open(get_matrix(adata, layer), what=_name(layer))[0]
+    return _count_open_in(adata, layer)[0]
 
 
+@pp_dsp.dedent
 def cells_per_peak(
     adata: AnnData, layer: str | None = None, cells: np.ndarray | None = None
 ) -> np.ndarray:
@@ -161,19 +163,24 @@ def cells_per_peak(
 
     Parameters
     ----------
-    adata
-        Cells x peaks AnnData (in memory or backed).
-    layer
-        Layer holding the peak matrix; ``None`` for ``adata.X``.
-    cells
-        Boolean mask of the cells to count (default: all), e.g. from :func:`filter_cells`.
+    %(adata)s
+    %(layer)s
+    %(cells)s
 
     Returns
     -------
     int64 array of length ``adata.n_vars``.
     """
-    return count_open(get_matrix(adata, layer), rows=cells, what=_name(layer))[1]
+    return _count_open_in(adata, layer, cells)[1]
 
 
-def _name(layer: str | None) -> str:
+def _count_open_in(
+    adata: AnnData, layer: str | None, cells: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`count_open` of ``adata.X`` or of the layer, its errors naming that matrix."""
+    return count_open(get_matrix(adata, layer), rows=cells, what=matrix_name(layer))
+
+
+def matrix_name(layer: str | None) -> str:
+    """How error messages name the matrix of ``adata``: ``adata.X`` or its layer."""
     return "adata.X" if layer is None else f"adata.layers[{layer!r}]"

@@ -6,15 +6,73 @@ import numpy as np
 from anndata import AnnData
 
 from ._counts import cells_per_peak, peaks_per_cell
+from ._docs import pp_dsp
 
 
-def _check_count(value: int | None, name: str) -> None:
+def _check_count(value: int | None, name: str, minimum: int = 0) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
         raise TypeError(f"{name} must be an integer or None, got {type(value).__name__}.")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}.")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
+
+
+def check_peak_selection(
+    min_cells: int | None,
+    min_fraction: float | None,
+    n_top: int | None,
+    n_top_name: str = "n_top",
+) -> None:
+    """Raise a ``TypeError``/``ValueError`` for a peak-selection argument out of range.
+
+    The rule of :func:`select_peaks` and of ``SCALE.setup_anndata`` (whose ``n_top`` is
+    called ``n_top_peaks``: ``n_top_name`` names it in the messages).
+    """
+    _check_count(min_cells, "min_cells")
+    _check_count(n_top, n_top_name, minimum=1)
+    if min_fraction is not None and not 0.0 <= float(min_fraction) <= 1.0:
+        raise ValueError(f"min_fraction must be between 0 and 1 (or None), got {min_fraction}.")
+
+
+def peak_mask(
+    counts: np.ndarray,
+    n_cells: int,
+    min_cells: int | None,
+    min_fraction: float | None,
+    n_top: int | None,
+    where: str = "",
+) -> np.ndarray:
+    """Boolean mask of the peaks open in enough cells, at most ``n_top`` of them.
+
+    Parameters
+    ----------
+    counts
+        Number of cells in which each peak is open (:func:`cells_per_peak`).
+    n_cells
+        Number of cells they were counted on.
+    min_cells, min_fraction
+        Keep peaks open in at least ``max(min_cells, ceil(min_fraction * n_cells))`` cells.
+    n_top
+        Then keep at most this many, those open in the most cells (ties: the first peaks).
+    where
+        Where the arguments were given, for the error when no peak passes.
+    """
+    counts = np.asarray(counts)
+    threshold = max(
+        min_cells or 0, 0 if min_fraction is None else int(np.ceil(min_fraction * n_cells))
+    )
+    mask = counts >= threshold
+    if not mask.any():
+        raise ValueError(
+            f"No peak is open in at least {threshold} cells (the most is {int(counts.max())}): "
+            f"lower min_cells / min_fraction{where}."
+        )
+    if n_top is not None and n_top < mask.sum():
+        order = np.argsort(-np.where(mask, counts, -1), kind="stable")
+        mask = np.zeros_like(mask)
+        mask[order[:n_top]] = True
+    return mask
 
 
 def _check_output(adata: AnnData, inplace: bool, copy: bool) -> None:
@@ -38,6 +96,7 @@ def _apply(adata: AnnData, mask: np.ndarray, axis: int, inplace: bool, copy: boo
     return mask
 
 
+@pp_dsp.dedent
 def filter_cells(
     adata: AnnData,
     min_peaks: int | None = 1,
@@ -55,8 +114,7 @@ def filter_cells(
 
     Parameters
     ----------
-    adata
-        Cells x peaks AnnData (in memory or backed).
+    %(adata)s
     min_peaks
         Keep cells with at least this many open peaks; ``None`` for no lower bound. The
         default drops only cells without any open peak, which carry no signal; quality
@@ -64,12 +122,8 @@ def filter_cells(
     max_peaks
         Keep cells with at most this many open peaks (e.g. to drop likely doublets);
         ``None`` (default) for no upper bound.
-    layer
-        Layer holding the peak matrix; ``None`` for ``adata.X``.
-    inplace
-        Filter ``adata`` itself (as scanpy's filters do) and return ``None``.
-    copy
-        Return a filtered copy of ``adata``.
+    %(layer)s
+    %(inplace_copy)s
 
     Returns
     -------
@@ -108,6 +162,7 @@ def filter_cells(
     return _apply(adata, mask, 0, inplace, copy)
 
 
+@pp_dsp.dedent
 def select_peaks(
     adata: AnnData,
     min_cells: int | None = 1,
@@ -127,8 +182,7 @@ def select_peaks(
 
     Parameters
     ----------
-    adata
-        Cells x peaks AnnData (in memory or backed).
+    %(adata)s
     min_cells
         Keep peaks open in at least this many cells; ``None`` for no such bound. The default
         drops only peaks open in no cell, which carry no signal.
@@ -138,14 +192,9 @@ def select_peaks(
     min_fraction
         Keep peaks open in at least this fraction of the (counted) cells, in ``[0, 1]``;
         combined with ``min_cells`` when both are given.
-    layer
-        Layer holding the peak matrix; ``None`` for ``adata.X``.
-    cells
-        Boolean mask of the cells to count, e.g. from :func:`filter_cells` (default: all).
-    inplace
-        Filter ``adata`` itself and return ``None``.
-    copy
-        Return a filtered copy of ``adata``.
+    %(layer)s
+    %(cells)s
+    %(inplace_copy)s
 
     Returns
     -------
@@ -164,25 +213,8 @@ def select_peaks(
     >>> adata = adata[:, peaks].copy()
     """
     _check_output(adata, inplace, copy)
-    _check_count(min_cells, "min_cells")
-    _check_count(n_top, "n_top")
-    if n_top is not None and n_top < 1:
-        raise ValueError(f"n_top must be a positive integer or None, got {n_top}.")
-    if min_fraction is not None and not 0.0 <= min_fraction <= 1.0:
-        raise ValueError(f"min_fraction must be between 0 and 1, got {min_fraction}.")
+    check_peak_selection(min_cells, min_fraction, n_top)
     counts = cells_per_peak(adata, layer, cells)
     n_cells = adata.n_obs if cells is None else int(np.count_nonzero(cells))
-    threshold = max(
-        min_cells or 0, 0 if min_fraction is None else int(np.ceil(min_fraction * n_cells))
-    )
-    mask = counts >= threshold
-    if not mask.any():
-        raise ValueError(
-            f"No peak is open in at least {threshold} cells (the most is {int(counts.max())}); "
-            "lower min_cells / min_fraction."
-        )
-    if n_top is not None and n_top < mask.sum():
-        order = np.argsort(-np.where(mask, counts, -1), kind="stable")
-        mask = np.zeros_like(mask)
-        mask[order[:n_top]] = True
+    mask = peak_mask(counts, n_cells, min_cells, min_fraction, n_top)
     return _apply(adata, mask, 1, inplace, copy)
