@@ -458,6 +458,9 @@ class SCALE(
             ``"leiden"`` for a model made without ``n_centroids``, else ``"kmeans"``.
         train_size, validation_size
             Fractions of cells for training and validation (default: all for training).
+            With cells held out, the validation metrics are computed after every epoch
+            (``check_val_every_n_epoch=1`` unless given) and are in :attr:`history` as
+            ``*_validation`` (drawn by :func:`scale_scvi.pl.training_curves`).
         early_stopping
             Stop when the validation ELBO stops improving (needs ``train_size < 1``).
         load_sparse_tensor
@@ -492,12 +495,14 @@ class SCALE(
             minimum=2 if has_batch_norm else 1,
             why=" (batch normalization needs two cells per minibatch)" if has_batch_norm else "",
         )
-        validate_data_split(
-            train_size,
-            validation_size,
-            early_stopping,
-            external_indexing=(datasplitter_kwargs or {}).get("external_indexing") is not None,
+        external_indexing = (datasplitter_kwargs or {}).get("external_indexing") is not None
+        n_validation = validate_data_split(
+            train_size, validation_size, early_stopping, external_indexing=external_indexing
         )
+        if n_validation > 0 or external_indexing:
+            # scvi-tools' trainer validates only with early stopping unless told; held-out
+            # cells should give the validation curves of `history` (and of training_curves).
+            trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
         if not 0 <= gmm_init_epoch < max_epochs:
             raise ValueError(
                 f"gmm_init_epoch={gmm_init_epoch} must be in [0, max_epochs={max_epochs})."

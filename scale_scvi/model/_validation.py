@@ -220,9 +220,9 @@ def validate_data_split(
     validation_size: float | None,
     early_stopping: bool,
     external_indexing: bool = False,
-) -> None:
+) -> float:
     """Raise a ``ValueError`` for fractions of cells that leave no training (or, with early
-    stopping, no validation) cells."""
+    stopping, no validation) cells; return the fraction of cells held out for validation."""
     if train_size is not None and not 0 < train_size <= 1:
         raise ValueError(
             f"train_size={train_size} is out of range: it is the fraction of cells to train "
@@ -243,6 +243,7 @@ def validate_data_split(
             "early_stopping=True stops when the validation ELBO stops improving, but no cells "
             "are held out for validation: pass train_size < 1 (e.g. train_size=0.9)."
         )
+    return n_validation
 
 
 def validate_saved_var_names(dir_path: str, adata, prefix: str | None = None) -> None:
