@@ -168,28 +168,26 @@ def test_mixture_is_fitted_again_on_the_trained_latent(four_types):
     )
 
 
-def test_without_refit_the_mixture_is_the_trained_one():
+@pytest.mark.parametrize(
+    ("gmm_refit", "expected"), [(True, ["epoch 1", "end of training"]), (False, ["epoch 1"])]
+)
+def test_gmm_refit_fits_the_mixture_again_when_training_ends(monkeypatch, gmm_refit, expected):
     from scale_scvi.train._gmm_init import GMMInitCallback
 
+    calls = []
+    fit = GMMInitCallback._fit
+
+    def recording(self, trainer, module, when):
+        calls.append(when)
+        fit(self, trainer, module, when)
+
+    monkeypatch.setattr(GMMInitCallback, "_fit", recording)
     scvi_seed()
     adata = simulate_scatac(n_cells=120, n_peaks=200, n_types=3, seed=4)
     SCALE.setup_anndata(adata)
     model = SCALE(adata, **SMALL)
-    calls = []
-
-    class Recording(GMMInitCallback):
-        def _fit(self, trainer, module, when):
-            calls.append(when)
-            super()._fit(trainer, module, when)
-
-    latent_fn = model._gmm_latent_fn(32)
-    for refit, expected in ((True, ["epoch 1", "end of training"]), (False, ["epoch 1"])):
-        calls.clear()
-        callback = Recording(latent_fn, 30, init_epoch=1, method="leiden", refit=refit)
-        model.module.prior.requires_grad_(False)  # train() then adds no callback of its own
-        model.train(max_epochs=3, callbacks=[callback], enable_progress_bar=False)
-        model.module.prior.requires_grad_(True)
-        assert calls == expected
+    model.train(max_epochs=3, gmm_init_epoch=1, gmm_refit=gmm_refit, enable_progress_bar=False)
+    assert calls == expected
 
 
 def test_explicit_k_is_kept_and_unused_components_are_pruned():

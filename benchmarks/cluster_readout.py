@@ -1,0 +1,98 @@
+"""How to read the model's own clusters off a trained model (NOTES: "Clusters read off the
+trained latent").
+
+Trains SCALE on the default path (the matrix as shipped, ``setup_anndata(adata)``,
+``SCALE(adata)``, ``train(gmm_refit=False)``, one thread) and scores, on the same latent,
+the ARI of: the mixture as trained (argmax of ``p(c|z)``); the mixture fitted again on the
+final posterior means the way the initialization fits it (Leiden at resolution 1 or 0.5,
+BIC merging; what ``gmm_refit=True``, the default, does); that refit followed by 20 EM
+iterations on the posterior moments; and Leiden on the latent (scanpy's defaults).
+
+    OMP_NUM_THREADS=1 python benchmarks/cluster_readout.py --datasets cell_lines forebrain \\
+        --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import anndata as ad
+import numpy as np
+import scanpy as sc
+import scvi
+import torch
+from sklearn.metrics import adjusted_rand_score
+
+from scale_scvi import SCALE
+from scale_scvi.data import shared_data_path
+from scale_scvi.train import fit_gmm
+
+FILES = {
+    "forebrain": "preissl2018_forebrain_1043cells.h5ad",
+    "cell_lines": "schep2017_celllines_600cells.h5ad",
+}
+
+
+def log_joint(weights, means, variances, z):
+    """``log pi_c + log N(z; mu_c, var_c)`` of every row of ``z`` and component."""
+    return np.log(weights)[None] - 0.5 * (
+        np.log(2 * np.pi * variances).sum(-1)[None]
+        + ((z[:, None] - means[None]) ** 2 / variances[None]).sum(-1)
+    )
+
+
+def em(weights, means, variances, mu, var, n_iter=20):
+    """EM on the posterior moments (each row a Gaussian ``N(mu, var)``)."""
+    for _ in range(n_iter):
+        lp = log_joint(weights, means, variances, mu)
+        resp = np.exp(lp - lp.max(1, keepdims=True))
+        resp /= resp.sum(1, keepdims=True)
+        mass = resp.sum(0) + 1e-10
+        weights, means = mass / mass.sum(), resp.T @ mu / mass[:, None]
+        variances = resp.T @ (mu**2 + var) / mass[:, None] - means**2 + 1e-4
+    return weights, means, variances
+
+
+def readouts(model, adata) -> dict[str, tuple[float, int]]:
+    truth = adata.obs["cell_type"].astype(str).to_numpy()
+    mu, var = model.get_latent_representation(return_dist=True)
+
+    def score(labels):
+        return adjusted_rand_score(truth, labels), len(np.unique(labels))
+
+    out = {"as trained": score(np.asarray(model.get_cluster_assignments()))}
+    for resolution in (1.0, 0.5):
+        fitted = fit_gmm(mu, 30, 0, posterior_var=var, method="leiden", resolution=resolution)
+        out[f"refit, res. {resolution:g}"] = score(log_joint(*fitted, mu).argmax(1))
+        if resolution == 1.0:
+            out["refit + EM"] = score(log_joint(*em(*fitted, mu, var), mu).argmax(1))
+    view = ad.AnnData(mu)
+    sc.pp.neighbors(view, use_rep="X", transformer="sklearn")
+    sc.tl.leiden(view, random_state=0, flavor="igraph", n_iterations=2, directed=False)
+    out["Leiden on the latent"] = score(view.obs["leiden"].to_numpy())
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--datasets", nargs="+", default=list(FILES))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    for name in args.datasets:
+        for seed in args.seeds:
+            adata = ad.read_h5ad(shared_data_path(FILES[name]))
+            scvi.settings.seed = seed
+            SCALE.setup_anndata(adata)
+            model = SCALE(adata)
+            start = time.perf_counter()
+            model.train(gmm_refit=False, enable_progress_bar=False)
+            seconds = time.perf_counter() - start
+            scores = readouts(model, adata).items()
+            cells = "  ".join(f"{k}: {a:.3f} ({n})" for k, (a, n) in scores)
+            print(f"{name} seed {seed} ({seconds:.0f} s)  {cells}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
