@@ -23,6 +23,7 @@ ORIGINAL_PYTHON = ORIGINAL_VENV / "bin" / "python"
 SNAPATAC2_VENV = BENCH_DIR / ".venv-snapatac2"
 SNAPATAC2_PYTHON = SNAPATAC2_VENV / "bin" / "python"
 SNAPATAC2_VERSION = "2.9.0"
+ORIGINAL_VERSION = "1.1.2"
 
 DATASETS = {
     "forebrain": "preissl2018_forebrain_1043cells.h5ad",
@@ -251,6 +252,11 @@ def machine_info() -> dict[str, str]:
             info[pkg] = version(pkg)
         except PackageNotFoundError:
             info[pkg] = "not installed"
+    # Without a peer's venv on this machine, its pinned version is given (its rows were run
+    # in a venv made by ensure_*_venv with that pin).
+    absent = "pinned; venv absent when this report was written"
+    info["original scale (own venv)"] = f"scale {ORIGINAL_VERSION} ({absent})"
+    info["snapatac2 (own venv)"] = f"{SNAPATAC2_VERSION} ({absent})"
     if ORIGINAL_PYTHON.exists():
         out = subprocess.run(
             [
@@ -302,7 +308,9 @@ def _ensure_venv(venv: Path, package: str, installs: list[list[str]]) -> bool:
 
 def ensure_original_venv() -> bool:
     """Create ``benchmarks/.venv-scale`` with ``torch==2.13.0`` first, then ``scale==1.1.2``."""
-    return _ensure_venv(ORIGINAL_VENV, "scale", [["torch==2.13.0"], ["scale==1.1.2"]])
+    return _ensure_venv(
+        ORIGINAL_VENV, "scale", [["torch==2.13.0"], [f"scale=={ORIGINAL_VERSION}"]]
+    )
 
 
 def ensure_snapatac2_venv() -> bool:
