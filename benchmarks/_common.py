@@ -70,6 +70,25 @@ def prepare_dataset(
     return out
 
 
+def train_default_path(file: str, seed: int, **train_kwargs):
+    """What a user runs on a shared dataset: the matrix as shipped, ``setup_anndata(adata)``,
+    ``SCALE(adata)``, ``train(**train_kwargs)`` (no progress bar), at ``scvi.settings.seed =
+    seed``. Returns ``(adata, model, training seconds)``."""
+    import anndata as ad
+    import scvi
+
+    from scale_scvi import SCALE
+    from scale_scvi.data import shared_data_path
+
+    adata = ad.read_h5ad(shared_data_path(file))
+    scvi.settings.seed = seed
+    SCALE.setup_anndata(adata)
+    model = SCALE(adata)
+    start = time.perf_counter()
+    model.train(enable_progress_bar=False, **train_kwargs)
+    return adata, model, time.perf_counter() - start
+
+
 def save_matrix(path: Path, X: sp.csr_matrix, labels: np.ndarray) -> None:
     """Store a CSR matrix and its labels in one ``.npz``."""
     np.savez(

@@ -15,17 +15,14 @@ iterations on the posterior moments; and Leiden on the latent (scanpy's defaults
 from __future__ import annotations
 
 import argparse
-import time
 
 import anndata as ad
 import numpy as np
 import scanpy as sc
-import scvi
 import torch
+from _common import train_default_path
 from sklearn.metrics import adjusted_rand_score
 
-from scale_scvi import SCALE
-from scale_scvi.data import shared_data_path
 from scale_scvi.train import fit_gmm
 
 FILES = {
@@ -82,13 +79,7 @@ def main() -> None:
     torch.set_num_threads(1)
     for name in args.datasets:
         for seed in args.seeds:
-            adata = ad.read_h5ad(shared_data_path(FILES[name]))
-            scvi.settings.seed = seed
-            SCALE.setup_anndata(adata)
-            model = SCALE(adata)
-            start = time.perf_counter()
-            model.train(gmm_refit=False, enable_progress_bar=False)
-            seconds = time.perf_counter() - start
+            adata, model, seconds = train_default_path(FILES[name], seed, gmm_refit=False)
             scores = readouts(model, adata).items()
             cells = "  ".join(f"{k}: {a:.3f} ({n})" for k, (a, n) in scores)
             print(f"{name} seed {seed} ({seconds:.0f} s)  {cells}", flush=True)

@@ -12,18 +12,13 @@ model's own clusters and of k-means (true k) on the latent means. Rows are appen
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
-import anndata as ad
 import pandas as pd
-import scvi
 import torch
+from _common import train_default_path
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
-
-from scale_scvi import SCALE
-from scale_scvi.data import shared_data_path
 
 CSV = Path(__file__).resolve().parent / "results" / "validation_split.csv"
 DATASETS = {
@@ -32,19 +27,9 @@ DATASETS = {
 }
 
 
-def load(name: str) -> tuple[ad.AnnData, int]:
-    file, k = DATASETS[name]
-    return ad.read_h5ad(shared_data_path(file)), k
-
-
 def run(name: str, train_size: float, seed: int) -> dict:
-    adata, k = load(name)
-    scvi.settings.seed = seed
-    SCALE.setup_anndata(adata)
-    model = SCALE(adata)
-    start = time.perf_counter()
-    model.train(train_size=train_size, enable_progress_bar=False)
-    seconds = time.perf_counter() - start
+    file, k = DATASETS[name]
+    adata, model, seconds = train_default_path(file, seed, train_size=train_size)
     z = model.get_latent_representation()
     truth = adata.obs["cell_type"].astype(str).to_numpy()
     km = KMeans(k, n_init=20, random_state=0).fit_predict(z)
