@@ -2,7 +2,8 @@
 
 Usage: ``python tests/_ddp_train.py OUT_DIR N_PROCESSES``. Lightning's DDP launcher starts
 this script again for every further rank. Each rank writes the prior parameters it holds
-just before and just after the GMM initialization, and a line for each GMM fit it runs;
+just before and just after the GMM initialization and at the end, and a line for each GMM
+fit it runs;
 rank 0 also writes the trained model's ELBO and the ARI of k-means on its latent.
 ``train(out, 1)`` gives the single-process run to compare with.
 """
@@ -28,7 +29,8 @@ GMM_INIT_EPOCH = 2
 
 
 class RecordPrior(Callback):
-    """Save the prior on every rank at the last step before and the first step after init."""
+    """Save the prior on every rank at the last step before and the first step after init,
+    and when training has ended."""
 
     def __init__(self, out: Path):
         self.out = out
@@ -47,6 +49,10 @@ class RecordPrior(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.current_epoch == GMM_INIT_EPOCH and batch_idx == 0:
             self._save(trainer, pl_module, "after")
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        # after every callback's on_train_end, so after the mixture's final fit
+        self._save(trainer, pl_module, "end")
 
 
 def counting_fit_gmm(fit, out: Path):

@@ -54,13 +54,14 @@ def test_ddp_trains_on_two_processes(ddp_run: Path) -> None:
     assert np.isfinite(result["elbo"])
 
 
-def test_gmm_init_runs_once_and_is_broadcast(ddp_run: Path) -> None:
+def test_gmm_fits_run_on_rank_0_and_are_broadcast(ddp_run: Path) -> None:
     fits = (ddp_run / "gmm_fits_rank0.txt").read_text().split()
-    assert fits == ["fit"], "the GMM must be fitted exactly once, on rank 0"
+    # at the initialization and when training ends, on rank 0 only
+    assert fits == ["fit", "fit"], "the GMM must be fitted twice, on rank 0"
     assert not (ddp_run / "gmm_fits_rank1.txt").exists()
     before, after = _prior(ddp_run, "before", 0), _prior(ddp_run, "after", 0)
     assert not np.allclose(before["means"], after["means"]), "the GMM init did not happen"
-    for when in ("before", "after"):
+    for when in ("before", "after", "end"):
         rank0, rank1 = _prior(ddp_run, when, 0), _prior(ddp_run, when, 1)
         for key in rank0:
             np.testing.assert_array_equal(rank0[key], rank1[key], err_msg=f"{when}: {key}")
