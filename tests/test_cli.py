@@ -219,6 +219,7 @@ def test_cli_h5ad_end_to_end(h5ad_file, sim, tmp_path, capsys):
     # The imputation covers the peaks the model reads; the others' columns stay empty.
     read = result.var["scale_selected"].to_numpy()
     assert 0 < read.sum() < result.n_vars
+    assert f"{read.sum():,} features read of {result.n_vars:,}" in captured.err
     assert imputed.shape == (n_cells, result.n_vars) and imputed[:, ~read].nnz == 0
     has_peaks = (out / "cluster_specific_peaks.csv").is_file()
     assert has_peaks == (result.obs["scale_cluster"].nunique() > 1)
@@ -293,10 +294,12 @@ def test_cli_h5mu_modality_and_arc_h5_joint(tmp_path, capsys):
     assert atac.n_vars <= 150 and "X_scale" in atac.obsm
     assert _md5(path) == before
     arc = _arc_h5(tmp_path / "filtered_feature_bc_matrix.h5", mdata)
-    code, err = _run([arc, "-o", tmp_path / "joint", "-k", "3", *FAST], capsys)
+    code, err = _run([arc, "-o", tmp_path / "joint", "-k", "3", *FAST[:-1]], capsys)  # not -q
     assert code == 0, err
     joint = md.read_h5mu(tmp_path / "joint" / "mdata.h5mu")
     assert set(joint.mod) == {"atac", "rna"}
+    # every gene and every peak the model reads
+    assert f"{joint.n_vars:,} features read of {joint.n_vars:,}" in err
     assert joint.obsm["X_scale"].shape == (joint.n_obs, 10)
     assert "scale_cluster" in joint.obs
     assert joint.mod["atac"].var_names[0].startswith("chr2:")

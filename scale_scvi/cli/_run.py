@@ -86,9 +86,16 @@ def _train(data: AnnData | MuData, args: argparse.Namespace, log: Log):
     if args.no_progress_bar or args.quiet:
         train_kwargs["enable_progress_bar"] = False
     what = "RNA + ATAC" if multimodal else "ATAC"
-    log(f"Training SCALE on {what} ({data.n_obs:,} cells x {data.n_vars:,} features) ...")
+    # What the model reads: the peaks setup chose (and every gene), not the whole matrix.
+    n_read = len(model.selected_peaks_) if model.selected_peaks_ is not None else 0
+    if multimodal:
+        n_read += data.mod["rna"].n_vars
+    log(
+        f"Training SCALE on {what} ({data.n_obs:,} cells x {n_read:,} features read of "
+        f"{data.n_vars:,}) ..."
+    )
     try:
-        model.train(callbacks=[RunTimeNotice(data.n_vars, log)], **train_kwargs)
+        model.train(callbacks=[RunTimeNotice(n_read, log)], **train_kwargs)
     except (ValueError, TypeError) as err:
         raise from_library(err) from err
     return model
