@@ -23,6 +23,7 @@ import torch
 from _common import train_default_path
 from sklearn.metrics import adjusted_rand_score
 
+from scale_scvi.module import GaussianMixturePrior
 from scale_scvi.train import fit_gmm
 
 FILES = {
@@ -31,20 +32,20 @@ FILES = {
 }
 
 
-def log_joint(weights, means, variances, z):
-    """``log pi_c + log N(z; mu_c, var_c)`` of every row of ``z`` and component."""
-    return np.log(weights)[None] - 0.5 * (
-        np.log(2 * np.pi * variances).sum(-1)[None]
-        + ((z[:, None] - means[None]) ** 2 / variances[None]).sum(-1)
-    )
+def responsibilities(fitted, mu: np.ndarray) -> np.ndarray:
+    """``p(c | z)`` at ``mu`` under a mixture ``(weights, means, variances)``, computed by the
+    model's own prior."""
+    prior = GaussianMixturePrior(len(fitted[0]), mu.shape[1])
+    prior.set_parameters(*(torch.as_tensor(p) for p in fitted))
+    with torch.inference_mode():
+        return prior.responsibilities(torch.as_tensor(mu, dtype=torch.float32)).numpy()
 
 
-def em(weights, means, variances, mu, var, n_iter=20):
+def em(fitted, mu, var, n_iter=20):
     """EM on the posterior moments (each row a Gaussian ``N(mu, var)``)."""
+    weights, means, variances = fitted
     for _ in range(n_iter):
-        lp = log_joint(weights, means, variances, mu)
-        resp = np.exp(lp - lp.max(1, keepdims=True))
-        resp /= resp.sum(1, keepdims=True)
+        resp = responsibilities((weights, means, variances), mu)
         mass = resp.sum(0) + 1e-10
         weights, means = mass / mass.sum(), resp.T @ mu / mass[:, None]
         variances = resp.T @ (mu**2 + var) / mass[:, None] - means**2 + 1e-4
@@ -61,9 +62,9 @@ def readouts(model, adata) -> dict[str, tuple[float, int]]:
     out = {"as trained": score(np.asarray(model.get_cluster_assignments()))}
     for resolution in (1.0, 0.5):
         fitted = fit_gmm(mu, 30, 0, posterior_var=var, method="leiden", resolution=resolution)
-        out[f"refit, res. {resolution:g}"] = score(log_joint(*fitted, mu).argmax(1))
+        out[f"refit, res. {resolution:g}"] = score(responsibilities(fitted, mu).argmax(1))
         if resolution == 1.0:
-            out["refit + EM"] = score(log_joint(*em(*fitted, mu, var), mu).argmax(1))
+            out["refit + EM"] = score(responsibilities(em(fitted, mu, var), mu).argmax(1))
     view = ad.AnnData(mu)
     sc.pp.neighbors(view, use_rep="X", transformer="sklearn")
     sc.tl.leiden(view, random_state=0, flavor="igraph", n_iterations=2, directed=False)

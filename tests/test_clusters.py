@@ -169,7 +169,8 @@ def test_mixture_is_fitted_again_on_the_trained_latent(four_types):
 
 
 @pytest.mark.parametrize(
-    ("gmm_refit", "expected"), [(True, ["epoch 1", "end of training"]), (False, ["epoch 1"])]
+    ("gmm_refit", "expected"),
+    [(True, ["start of epoch 1", "end of training"]), (False, ["start of epoch 1"])],
 )
 def test_gmm_refit_fits_the_mixture_again_when_training_ends(monkeypatch, gmm_refit, expected):
     from scale_scvi.train._gmm_init import GMMInitCallback
@@ -179,7 +180,7 @@ def test_gmm_refit_fits_the_mixture_again_when_training_ends(monkeypatch, gmm_re
 
     def recording(self, trainer, module, when):
         calls.append(when)
-        fit(self, trainer, module, when)
+        return fit(self, trainer, module, when)
 
     monkeypatch.setattr(GMMInitCallback, "_fit", recording)
     scvi_seed()

@@ -422,11 +422,12 @@ class GMMInitCallback(Callback):
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if trainer.current_epoch == self.init_epoch:
-            self._fit(trainer, pl_module.module, f"epoch {trainer.current_epoch}")
+            self._fit(trainer, pl_module.module, f"start of epoch {trainer.current_epoch}")
 
-    def _fit(self, trainer, module, when: str) -> None:
-        """Fit the mixture on rank 0 and copy it into every rank's prior."""
-        payload = None
+    def _fit(self, trainer, module, when: str) -> np.ndarray | None:
+        """Fit the mixture on rank 0 and copy it into every rank's prior; return the
+        posterior means it was fitted on (on rank 0; ``None`` on the others)."""
+        payload = latent = None
         if trainer.is_global_zero:
             latent, posterior_var, sample_weight = self._rows(trainer, module)
             self.n_train = (
@@ -459,6 +460,7 @@ class GMMInitCallback(Callback):
             raise ValueError(payload)
         parameters, self.n_train = payload
         module.prior.set_parameters(*parameters)
+        return latent
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if not self.prune or trainer.current_epoch < self.init_epoch or self.n_train is None:
@@ -472,13 +474,14 @@ class GMMInitCallback(Callback):
         if trainer.current_epoch <= self.init_epoch:
             return
         module = pl_module.module
-        if self.refit:
-            self._fit(trainer, module, "end of training")
+        # The posterior means of the final fit are the ones the pruning reads: one pass.
+        latent = self._fit(trainer, module, "end of training") if self.refit else None
         if not self.prune:
             return
         keep = None
         if trainer.is_global_zero:
-            latent, _, _ = self._rows(trainer, module)
+            if latent is None:
+                latent, _, _ = self._rows(trainer, module)
             with torch.inference_mode():
                 z = torch.as_tensor(latent, device=module.prior.means.device)
                 best = module.prior.responsibilities(z.to(module.prior.means.dtype)).argmax(-1)
