@@ -325,7 +325,7 @@ CASES: dict[str, Case] = {
     ),
     "early stopping without validation": Case(
         edited(lambda a: None),
-        train={"early_stopping": True},
+        train={"early_stopping": True, "train_size": 1.0},
         error=ValueError,
         match=r"early_stopping=True .*no cells are held out.*train_size < 1",
     ),
@@ -353,8 +353,16 @@ CASES: dict[str, Case] = {
     ),
     "layer": Case(edited(_layer_only), setup={"layer": "counts"}),
     "batch key": Case(edited(lambda a: None), setup={"batch_key": "batch"}, reference=None),
-    "n_centroids = n_cells": Case(
-        edited(lambda a: None), model={"n_centroids": N_CELLS}, reference=None
+    # a tenth of the cells is held out by default: the mixture is fitted to the other 108
+    "n_centroids = n_training_cells": Case(
+        edited(lambda a: None), model={"n_centroids": N_CELLS - N_CELLS // 10}, reference=None
+    ),
+    "n_centroids > n_training_cells": Case(
+        edited(lambda a: None),
+        model={"n_centroids": N_CELLS},
+        train={"max_epochs": 2},
+        error=ValueError,
+        match=r"Cannot fit 120 mixture components to 108 training cells .*train_size=1.0",
     ),
     "n_centroids numpy int": Case(edited(lambda a: None), model={"n_centroids": np.int64(4)}),
     # A backed minibatch is read in sorted cell order (h5py needs it), so its cells draw

@@ -155,7 +155,8 @@ def test_confidence_and_sampled_probabilities(four_types):
 
 def test_mixture_is_fitted_again_on_the_trained_latent(four_types):
     adata, model = four_types
-    means, variances, _ = model._posterior_moments(adata, None, 128)
+    # the final fit is made on the training cells (a tenth is held out by default)
+    means, variances, _ = model._posterior_moments(adata, model.train_indices, 128)
     weights, centers, _ = fit_gmm(means, 30, seed=0, posterior_var=variances, method="leiden")
     prior = model.module.prior
     active = prior.active.cpu().numpy()

@@ -11,7 +11,7 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from scale_scvi import SCALE
-from scale_scvi.data import FOREBRAIN
+from scale_scvi.data import FOREBRAIN, simulate_scatac
 
 from .conftest import load_shared
 
@@ -198,18 +198,17 @@ def test_batch_norm_with_one_cell_left_over(n_cells):
     """The encoder's batch norm cannot take a minibatch of one cell in training: when the
     training cells leave exactly one over (65 = 2 x 32 + 1), that cell sits each epoch out;
     otherwise (66) every cell is used."""
-    from scale_scvi.data import simulate_scatac
 
     adata = simulate_scatac(n_cells=n_cells, n_peaks=300, n_types=4, seed=1)
     SCALE.setup_anndata(adata)
     model = SCALE(adata, n_centroids=4, n_hidden=(64, 32))
     assert any(isinstance(m, torch.nn.BatchNorm1d) for m in model.module.modules())
-    model.train(max_epochs=2, batch_size=32, enable_progress_bar=False)
+    model.train(max_epochs=2, batch_size=32, train_size=1.0, enable_progress_bar=False)
     assert model.trainer.num_training_batches == (2 if n_cells == 65 else 3)
     assert np.isfinite(model.get_latent_representation()).all()
     # without batch norm nothing is dropped
     plain = SCALE(adata, n_centroids=4, n_hidden=(64, 32), use_batch_norm="none")
-    plain.train(max_epochs=1, batch_size=32, enable_progress_bar=False)
+    plain.train(max_epochs=1, batch_size=32, train_size=1.0, enable_progress_bar=False)
     assert plain.trainer.num_training_batches == 3
 
 
@@ -229,7 +228,7 @@ def test_forebrain_clustering():
         model = SCALE(adata, n_centroids=8)
         # 143 epochs: the length the numbers below were measured at (the default is now
         # about 4,000 optimizer steps, 122 epochs here; benchmarks/defaults_search.py).
-        model.train(max_epochs=143, enable_progress_bar=False)
+        model.train(max_epochs=143, train_size=1.0, enable_progress_bar=False)
         z = model.get_latent_representation()
         argmax = model.get_cluster_assignments()
     finally:
@@ -301,3 +300,19 @@ def test_depth_offset_explains_depth(small_adata):
     frac = frac[fresh.module.peak_index.numpy()]  # the peaks the model reads
     bias = fresh.module.decoder.output.fc_layers[0][0].bias.detach().numpy()
     np.testing.assert_allclose(bias, np.log(frac / (1 - frac)), rtol=1e-4, atol=1e-4)
+
+
+def test_external_split_with_no_validation_cells_trains() -> None:
+    """An explicit split whose validation part is empty trains without validation."""
+    scvi.settings.seed = 0
+    adata = simulate_scatac(n_cells=60, n_peaks=80, n_types=3, seed=1)
+    SCALE.setup_anndata(adata)
+    model = SCALE(adata, n_centroids=3, n_hidden=(16,))
+    cells = np.arange(adata.n_obs)
+    model.train(
+        max_epochs=2,
+        datasplitter_kwargs={"external_indexing": [cells[:54], np.array([], int), cells[54:]]},
+        enable_progress_bar=False,
+    )
+    assert "elbo_validation" not in model.history
+    assert len(model.train_indices) == 54

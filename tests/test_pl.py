@@ -28,12 +28,9 @@ def trained():
     adata = simulate_scatac(n_cells=120, n_peaks=150, n_types=3, seed=2)
     SCALE.setup_anndata(adata)
     model = SCALE(adata, n_centroids=3, n_hidden=(16,))
-    model.train(
-        max_epochs=4,
-        train_size=0.8,
-        validation_size=0.2,
-        enable_progress_bar=False,  # held-out cells are validated every epoch by default
-    )
+    # by default a tenth of the cells is held out and validated after every epoch
+    model.train(max_epochs=4, enable_progress_bar=False)
+    assert len(model.validation_indices) == 12
     return model, adata
 
 

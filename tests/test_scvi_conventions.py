@@ -103,14 +103,17 @@ def test_one_vs_rest_for_every_group_and_options(trained):
     )
     assert vanilla["is_da_fdr"].isna().all() and "emp_prob1" not in vanilla
     assert vanilla["prob_da"].between(0, 1).all()
+    # the same posterior draws for both (same seed): |d| > delta holds wherever d > delta does
+    scvi.settings.seed = 1
     one_sided = model.differential_accessibility(
         groupby="cell_type", group1="0", two_sided=False, n_samples_overall=FEW
     )
+    scvi.settings.seed = 1
     two_sided = model.differential_accessibility(
         groupby="cell_type", group1="0", n_samples_overall=FEW
     )
     one_sided = one_sided.loc[two_sided.index]
-    assert (one_sided["prob_da"] <= two_sided["prob_da"] + 0.05).all()
+    assert (one_sided["prob_da"] <= two_sided["prob_da"] + 1e-9).all()
     # one-sided: only peaks more open in group 1 (effect_size = p2 - p1 < 0) are called
     assert (one_sided.loc[one_sided["is_da_fdr"], "effect_size"] < 0).all()
     corrected = model.differential_accessibility(
