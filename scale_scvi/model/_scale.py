@@ -576,12 +576,8 @@ class SCALE(
         callbacks += [guard, interrupt]
         if load_sparse_tensor is None:
             load_sparse_tensor = _trains_on_cpu(accelerator)
-        datasplitter_kwargs = self._drop_lone_last_cell(
-            datasplitter_kwargs, train_size, batch_size
-        )
-        n_train_batches = math.ceil(
-            (1.0 if train_size is None else train_size) * self.adata.n_obs / batch_size
-        )
+        datasplitter_kwargs = self._drop_lone_last_cell(datasplitter_kwargs, n_train, batch_size)
+        n_train_batches = math.ceil(n_train / batch_size)
         trainer_kwargs = _quiet_trainer_kwargs(trainer_kwargs, n_train_batches, callbacks)
         try:
             with flush_denormal(), sparse_minibatch_warnings_handled():
@@ -613,7 +609,7 @@ class SCALE(
         return result
 
     def _drop_lone_last_cell(
-        self, datasplitter_kwargs: dict | None, train_size: float | None, batch_size: int
+        self, datasplitter_kwargs: dict | None, n_train: int, batch_size: int
     ) -> dict | None:
         """``drop_last=True`` when batch norm would get a last minibatch of one cell.
 
@@ -626,10 +622,6 @@ class SCALE(
             isinstance(m, torch.nn.BatchNorm1d) for m in self.module.modules()
         ):
             return datasplitter_kwargs
-        if kwargs.get("external_indexing") is not None:
-            n_train = len(kwargs["external_indexing"][0])
-        else:
-            n_train = math.ceil((1.0 if train_size is None else train_size) * self.adata.n_obs)
         if n_train % batch_size == 1:
             kwargs["drop_last"] = True
             return kwargs
