@@ -2,7 +2,8 @@
 
 Compared in one run, on the same cells and split:
 
-- ``scale_joint``: SCALE on the MuData (mixture-of-experts posterior, shared GMM prior);
+- ``scale_joint``: SCALE on the MuData with its defaults (the mixture of the two experts and
+  their product with learned weights, shared GMM prior);
 - ``scale_atac``: SCALE on the ATAC side alone (the single-modality model);
 - ``scale_rna``: SCALE on the RNA side alone (GMM-prior VAE with a negative binomial);
 - ``multivi``: scvi-tools' MULTIVI with its default architecture and training.
@@ -53,24 +54,33 @@ RESULTS = Path(__file__).resolve().parent / "results"
 N_TYPES = 14
 
 # SCALE variants: name -> (registered modalities, model kwargs, train kwargs)
+MOE = {"posterior": "moe", "mixture_weights": "equal"}
 VARIANTS: dict[str, tuple[tuple[str, ...], dict, dict]] = {
+    # the defaults (the joint model's: posterior="mopoe", mixture_weights="learned")
     "scale_joint": (("atac", "rna"), {}, {}),
     "scale_atac": (("atac",), {}, {}),
     "scale_rna": (("rna",), {}, {}),
-    "joint_atac5": (("atac", "rna"), {"likelihood_scale": {"atac": 5.0}}, {}),
-    "joint_atac0.2": (("atac", "rna"), {"likelihood_scale": {"atac": 0.2}}, {}),
-    "joint_iwae": (("atac", "rna"), {"objective": "iwae", "n_particles": 4}, {}),
-    "joint_dreg": (("atac", "rna"), {"objective": "dreg", "n_particles": 4}, {}),
-    "joint_k20": (("atac", "rna"), {"n_centroids": 20}, {}),
-    "joint_ep100": (("atac", "rna"), {}, {"max_epochs": 100}),
+    # the mixture of the two experts with equal weights (the joint default before MoPoE with
+    # learned weights) and variations of it
+    "joint_moe_equal": (("atac", "rna"), MOE, {}),
+    "joint_atac5": (("atac", "rna"), {**MOE, "likelihood_scale": {"atac": 5.0}}, {}),
+    "joint_atac0.2": (("atac", "rna"), {**MOE, "likelihood_scale": {"atac": 0.2}}, {}),
+    "joint_iwae": (("atac", "rna"), {**MOE, "objective": "iwae", "n_particles": 4}, {}),
+    "joint_dreg": (("atac", "rna"), {**MOE, "objective": "dreg", "n_particles": 4}, {}),
+    "joint_k20": (("atac", "rna"), {**MOE, "n_centroids": 20}, {}),
+    "joint_ep100": (("atac", "rna"), MOE, {"max_epochs": 100}),
     "rna_ep100": (("rna",), {}, {"max_epochs": 100}),
-    "joint_bn": (("atac", "rna"), {"use_batch_norm": "encoder"}, {}),
+    "joint_bn": (("atac", "rna"), {**MOE, "use_batch_norm": "encoder"}, {}),
     "rna_bn": (("rna",), {"use_batch_norm": "encoder"}, {}),
-    "joint_atacdrop0.5": (("atac", "rna"), {"input_dropout": {"atac": 0.5}}, {}),
-    "joint_mopoe": (("atac", "rna"), {"posterior": "mopoe"}, {}),
-    "joint_mopoe_ep100": (("atac", "rna"), {"posterior": "mopoe"}, {"max_epochs": 100}),
-    "joint_mopoe_bn": (("atac", "rna"), {"posterior": "mopoe", "use_batch_norm": "encoder"}, {}),
-    "joint_learned": (("atac", "rna"), {"mixture_weights": "learned"}, {}),
+    "joint_atacdrop0.5": (("atac", "rna"), {**MOE, "input_dropout": {"atac": 0.5}}, {}),
+    "joint_mopoe": (("atac", "rna"), {**MOE, "posterior": "mopoe"}, {}),
+    "joint_mopoe_ep100": (("atac", "rna"), {**MOE, "posterior": "mopoe"}, {"max_epochs": 100}),
+    "joint_mopoe_bn": (
+        ("atac", "rna"),
+        {**MOE, "posterior": "mopoe", "use_batch_norm": "encoder"},
+        {},
+    ),
+    "joint_learned": (("atac", "rna"), {**MOE, "mixture_weights": "learned"}, {}),
     "joint_mopoe_learned": (
         ("atac", "rna"),
         {"posterior": "mopoe", "mixture_weights": "learned"},

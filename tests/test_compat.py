@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scvi
+import torch
 
 from scale_scvi import SCALE
 from scale_scvi.data import simulate_scatac
@@ -150,3 +151,44 @@ def test_mudata_model_on_other_features_raises(tmp_path: Path) -> None:
     other.update()
     with pytest.raises(ValueError, match=r"mdata\['rna'\] does not have the features"):
         SCALE.load(tmp_path / "mm", adata=other)
+
+
+@pytest.mark.skipif(not hasattr(SCALE, "setup_mudata"), reason="SCALE.setup_mudata not available")
+def test_mudata_model_saved_under_the_earlier_defaults_loads(tmp_path: Path) -> None:
+    """A multimodal model file from before MoPoE with learned weights became the default
+    (no posterior or mixture weights recorded, no component_logits) loads as the mixture of
+    experts with equal weights it was; saved again, it records its settings."""
+    from scale_scvi.data import simulate_multiome
+
+    scvi.settings.seed = 0
+    mdata = simulate_multiome(n_cells=60, n_peaks=50, n_genes=30, n_types=2, seed=0)
+    SCALE.setup_mudata(mdata)
+    model = SCALE(mdata, n_centroids=2, n_hidden=(16,), posterior="moe", mixture_weights="equal")
+    model.train(max_epochs=1, enable_progress_bar=False)
+    model.save(tmp_path / "mm")
+    # rewrite the file as the earlier default wrote it: neither setting in init_params_
+    path = tmp_path / "mm" / "model.pt"
+    saved = torch.load(path, weights_only=False)
+    module_kwargs = saved["attr_dict"]["init_params_"]["kwargs"]["module_kwargs"]
+    assert module_kwargs == {"posterior": "moe", "mixture_weights": "equal"}
+    module_kwargs.clear()
+    torch.save(saved, path)
+
+    loaded = SCALE.load(tmp_path / "mm", adata=mdata.copy())
+    assert loaded.module.settings == {"posterior": "moe", "mixture_weights": "equal"}
+    expected = model.get_latent_representation()
+    np.testing.assert_array_equal(loaded.get_latent_representation(), expected)
+    loaded.save(tmp_path / "again")
+    again = SCALE.load(tmp_path / "again", adata=mdata.copy())
+    assert again.module.settings == {"posterior": "moe", "mixture_weights": "equal"}
+    np.testing.assert_array_equal(again.get_latent_representation(), expected)
+    # the default model records its own settings
+    SCALE.setup_mudata(mdata)
+    default = SCALE(mdata, n_centroids=2, n_hidden=(16,))
+    default.train(max_epochs=1, enable_progress_bar=False)
+    default.save(tmp_path / "default")
+    reloaded = SCALE.load(tmp_path / "default", adata=mdata.copy())
+    assert reloaded.module.settings == {"posterior": "mopoe", "mixture_weights": "learned"}
+    np.testing.assert_array_equal(
+        reloaded.get_latent_representation(), default.get_latent_representation()
+    )

@@ -1,4 +1,4 @@
-"""Multimodal SCALE on MuData: mixture-of-experts posterior, shared GMM prior."""
+"""Multimodal SCALE on MuData: mixture posteriors (MoE, MoPoE), shared GMM prior."""
 
 from __future__ import annotations
 
@@ -36,8 +36,9 @@ def mdata():
 
 @pytest.fixture
 def trained(mdata):
+    """The mixture of the two experts with equal weights, whose joint mean is their mean."""
     SCALE.setup_mudata(mdata, modality_key="modality")
-    model = SCALE(mdata, n_centroids=3, **SMALL)
+    model = SCALE(mdata, n_centroids=3, posterior="moe", mixture_weights="equal", **SMALL)
     model.train(max_epochs=3, batch_size=32, enable_progress_bar=False)
     return model
 
@@ -173,7 +174,12 @@ def test_learned_mixture_weights_lean_on_the_better_component():
 def test_learned_mixture_weights_in_the_module():
     torch.manual_seed(0)
     module = MultiSCALEVAE(
-        n_input_atac=20, n_input_rna=15, n_centroids=3, mixture_weights="learned", **SMALL
+        n_input_atac=20,
+        n_input_rna=15,
+        n_centroids=3,
+        posterior="moe",
+        mixture_weights="learned",
+        **SMALL,
     )
     with torch.no_grad():
         module.component_logits.copy_(torch.tensor([0.0, 1.0]))
@@ -409,9 +415,12 @@ def test_input_dropout_per_modality(mdata):
 def test_mopoe_adds_the_product_of_the_experts():
     """posterior="mopoe": the experts' normalized product is one more mixture component."""
     torch.manual_seed(0)
-    module = MultiSCALEVAE(n_input_atac=20, n_input_rna=15, n_centroids=3, **SMALL)
+    equal = {"mixture_weights": "equal", **SMALL}
+    module = MultiSCALEVAE(
+        n_input_atac=20, n_input_rna=15, n_centroids=3, posterior="moe", **equal
+    )
     mopoe = MultiSCALEVAE(
-        n_input_atac=20, n_input_rna=15, n_centroids=3, posterior="mopoe", **SMALL
+        n_input_atac=20, n_input_rna=15, n_centroids=3, posterior="mopoe", **equal
     )
     mopoe.load_state_dict(module.state_dict())
     module.eval(), mopoe.eval()
@@ -483,6 +492,29 @@ def test_sparse_minibatches_reach_the_module(mdata):
         results.append([loss.loss.detach()] + [p.grad.clone() for p in module.parameters()])
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_default_posterior_is_mopoe_with_learned_weights(mdata):
+    """The default joint posterior: the experts and their product, with learned weights; the
+    joint mean is the weighted mean of the components a cell has."""
+    SCALE.setup_mudata(mdata, modality_key="modality")
+    model = SCALE(mdata, n_centroids=3, **SMALL)
+    module = model.module
+    assert (module.posterior, module.mixture_weights) == ("mopoe", "learned")
+    assert module.component_logits.shape == (3,)  # atac, rna, product
+    model.train(max_epochs=3, batch_size=32, enable_progress_bar=False)
+    assert not torch.equal(module.component_logits.detach(), torch.zeros(3))
+    tensors = next(iter(model._make_data_loader(adata=mdata, batch_size=mdata.n_obs)))
+    module.eval()
+    with torch.no_grad():
+        out = module.inference(**module._get_inference_input(tensors))
+    weights = out["component_log_weights"].exp()  # (components, cells)
+    torch.testing.assert_close(weights.sum(0), torch.ones(mdata.n_obs))
+    has = _has_modality(mdata)
+    paired = torch.as_tensor(has["atac"] & has["rna"])
+    assert bool((weights[2] > 0)[paired].all()) and bool((weights[2] == 0)[~paired].all())
+    expected = (weights.unsqueeze(-1) * out["qzm_components"]).sum(0)
+    np.testing.assert_allclose(model.get_latent_representation(), expected.numpy(), atol=1e-5)
 
 
 @pytest.mark.parametrize("objective", ["elbo", "dreg"])

@@ -290,6 +290,11 @@ class ModelFolderMixin:
             Further arguments of :meth:`scvi.model.base.BaseModelClass.save`.
         """
         dir_path = os.fspath(dir_path)
+        # The module's settings are saved as they are, not as defaults that may change.
+        settings = getattr(self.module, "settings", None)
+        if settings:
+            kwargs_of_init = self.init_params_.setdefault("kwargs", {})
+            kwargs_of_init.setdefault("module_kwargs", {}).update(settings)
         if os.path.exists(dir_path) and not overwrite:
             raise ValueError(
                 f"{dir_path} already exists. Pass overwrite=True to replace the model saved "

@@ -71,10 +71,11 @@ class MuDataSetupMixin:
         """Register a MuData of paired scATAC-seq and scRNA-seq (or one of them) with SCALE.
 
         With both modalities the module is :class:`~scale_scvi.module.MultiSCALEVAE` (a
-        mixture-of-experts posterior and the Gaussian-mixture prior shared by a Bernoulli
-        ATAC decoder and a negative binomial RNA decoder); with ATAC alone it is the
-        single-modality :class:`~scale_scvi.module.SCALEVAE`; with RNA alone, a GMM-prior
-        VAE of the counts. The model's methods are the same for all of them.
+        posterior mixing the two modalities' experts and their product, and the
+        Gaussian-mixture prior shared by a Bernoulli ATAC decoder and a negative binomial RNA
+        decoder); with ATAC alone it is the single-modality
+        :class:`~scale_scvi.module.SCALEVAE`; with RNA alone, a GMM-prior VAE of the counts.
+        The model's methods are the same for all of them.
 
         Every modality must hold all cells of ``mdata`` in the same order. A cell that lacks
         a modality has an all-zero row in it, or is flagged in ``modality_key``.

@@ -157,7 +157,7 @@ class SCALE(
     **module_kwargs
         Further arguments of the module: :class:`~scale_scvi.module.SCALEVAE`, or for a
         MuData with RNA :class:`~scale_scvi.module.MultiSCALEVAE` (such as
-        ``likelihood_scale``, ``input_dropout`` and ``posterior="mopoe"``).
+        ``likelihood_scale``, ``input_dropout``, ``posterior`` and ``mixture_weights``).
 
     Examples
     --------
@@ -691,11 +691,12 @@ class SCALE(
             Return the posterior's ``(means, variances)`` instead.
         modality
             ``"joint"``: the posterior of all the modalities the model has (for RNA + ATAC
-            the mixture of experts, whose mean is the average of the means of the modalities
-            the cell has); ``"atac"`` or ``"rna"``: that modality's posterior alone.
+            the mixture of the experts of the modalities the cell has, and of their product
+            with ``posterior="mopoe"``, whose mean is the weighted mean of their means);
+            ``"atac"`` or ``"rna"``: that modality's posterior alone.
         joint_mean
             For ``modality="joint"`` of a model with both modalities: ``"mixture"`` (the
-            mixture of experts' own mean and variance) or ``"precision"`` (the normalized
+            mixture's own mean and variance) or ``"precision"`` (the normalized
             product of the experts the cell has, each weighted by its certainty; see
             :meth:`~scale_scvi.module.MultiSCALEVAE.precision_weighted_moments`). With one
             modality, or for one expert, both are the same.
@@ -745,8 +746,8 @@ class SCALE(
         for the uncertainty of the cell's position (a cell whose posterior straddles two
         components gets probabilities nearer to one half). ``modality`` picks the posterior
         of a multimodal model (see :meth:`get_latent_representation`); for ``"joint"`` at the
-        mean the probabilities are averaged over the experts of the mixture, each at its
-        posterior mean, and the draws are from the mixture of experts.
+        mean the probabilities are averaged over the components of the mixture (with their
+        weights), each at its posterior mean, and the draws are from the mixture.
 
         Returns
         -------
@@ -898,7 +899,7 @@ class SCALE(
           GMM-prior model with the module's ``q(c|x)`` (``gamma_from``), its reconstruction
           term estimated with one sample of ``q(z|x)``.
         - RNA and/or ATAC in a MuData (:class:`~scale_scvi.module.MultiSCALEVAE`): the
-          stratified Monte-Carlo ELBO of the mixture-of-experts posterior with the exact
+          stratified Monte-Carlo ELBO of the mixture posterior with the exact
           mixture prior (``n_particles`` samples per component), with the training
           objective's ``likelihood_scale`` weights.
 

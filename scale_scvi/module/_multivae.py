@@ -76,20 +76,24 @@ class MultiSCALEVAE(SCALEModuleBase):
 
     Inference, in the manner of MMVAE (Shi et al., NeurIPS 2019): one Gaussian encoder
     ``q(z|x_m)`` per modality and the mixture of experts
-    ``q(z|x_1..M) = sum_m alpha_m q(z|x_m)`` (equal weights ``1/M`` unless
-    ``mixture_weights="learned"``). The objective draws ``K`` particles from every
-    expert (stratified sampling), weights each by
+    ``q(z|x_1..M) = sum_m alpha_m q(z|x_m)`` (weights ``1/M`` with
+    ``mixture_weights="equal"``; by default learned, see below). The objective draws ``K``
+    particles from every expert (stratified sampling), weights each by
     ``log p(x_1..M|z) + log p(z) - log q(z|x_1..M)`` with the exact mixture densities, and
     combines them by their weighted mean (``"elbo"``) or in the stratified importance-weighted
     bound ``log sum_m alpha_m (1/K) sum_k w_mk`` (``"iwae"``, ``"dreg"``; the latter with
     unbiased doubly-reparameterized gradients for a mixture, ``docs/math.md`` section 8).
 
-    With ``posterior="mopoe"`` the mixture has one more component, the normalized product
-    of the experts (a mixture of products of experts over the subsets of the modalities,
-    Sutter et al., ICLR 2021): ``q = 1/3 (q(z|x_atac) + q(z|x_rna) + q(z|x_atac) q(z|x_rna)
-    / Z)`` for a paired cell. Its particles are weighted by the same mixture density, so the
-    objective trains the product to explain both modalities at once, as well as each expert
-    to explain both from its modality alone.
+    With ``posterior="mopoe"`` (the default) the mixture has one more component, the
+    normalized product of the experts (a mixture of products of experts over the subsets of
+    the modalities, Sutter et al., ICLR 2021): ``q = a_atac q(z|x_atac) + a_rna q(z|x_rna) +
+    a_prod q(z|x_atac) q(z|x_rna) / Z`` for a paired cell. Its particles are weighted by the
+    same mixture density, so the objective trains the product to explain both modalities at
+    once, as well as each expert to explain both from its modality alone. With learned
+    weights (the default) the mixture leans on the product where both modalities inform it
+    and on one expert where the other carries no signal (``benchmarks/multiome_heldout.md``;
+    ``posterior="moe"`` with learned weights collapses onto one expert, and with equal
+    weights an uninformative expert drags the joint latent).
 
     A cell that lacks a modality (all zeros in it, or flagged through ``modality_flags``) is
     modelled by the modalities it has: its mixture and its likelihood leave the missing one
@@ -105,13 +109,15 @@ class MultiSCALEVAE(SCALEModuleBase):
     n_input_rna
         Number of genes (0: no RNA modality).
     posterior
-        ``"moe"``: the mixture of the unimodal experts (MMVAE); ``"mopoe"``: that mixture
-        and the experts' product as one more component (MoPoE). The same with one modality.
+        ``"moe"``: the mixture of the unimodal experts (MMVAE); ``"mopoe"`` (``None``, the
+        default): that mixture and the experts' product as one more component (MoPoE). The
+        same with one modality.
     mixture_weights
         ``"equal"``: every component a cell has weighs the same in its mixture;
-        ``"learned"``: the weights are parameters (one per component, renormalized over the
-        components each cell has), trained with the bound, so that the mixture can lean on
-        the component whose particles explain both modalities best.
+        ``"learned"`` (``None``, the default): the weights are parameters (one per
+        component, renormalized over the components each cell has), trained with the bound,
+        so that the mixture can lean on the component whose particles explain both
+        modalities best.
     likelihood_scale
         Weight of each modality's log-likelihood in the training objective, e.g.
         ``{"atac": 5.0}`` to let ATAC count more against RNA's larger likelihood. Omitted
@@ -138,14 +144,19 @@ class MultiSCALEVAE(SCALEModuleBase):
         self,
         n_input_atac: int = 0,
         n_input_rna: int = 0,
-        posterior: Posterior = "moe",
-        mixture_weights: MixtureWeights = "equal",
+        posterior: Posterior | None = None,
+        mixture_weights: MixtureWeights | None = None,
         likelihood_scale: Mapping[str, float] | None = None,
         input_dropout: Mapping[str, float] | None = None,
         modality_flags: Sequence[Sequence[bool]] | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        # None: the default. Remembered so that a module state saved when the defaults were
+        # the mixture of experts with equal weights still loads (see load_state_dict).
+        self._default_posterior, self._default_weights = posterior is None, mixture_weights is None
+        posterior = "mopoe" if posterior is None else posterior
+        mixture_weights = "learned" if mixture_weights is None else mixture_weights
         if n_input_atac < 0 or n_input_rna < 0 or n_input_atac + n_input_rna == 0:
             raise ValueError(
                 "MultiSCALEVAE needs at least one modality: set n_input_atac and/or n_input_rna "
@@ -207,6 +218,33 @@ class MultiSCALEVAE(SCALEModuleBase):
                 posterior == "mopoe" and len(self.modalities) > 1
             )
             self.component_logits = nn.Parameter(torch.zeros(n_components))
+
+    def load_state_dict(self, state_dict: Mapping, strict: bool = True, assign: bool = False):
+        """Load a module state; one saved before the current defaults loads as what it was.
+
+        Until MoPoE with learned weights became the default, a model given neither
+        ``posterior`` nor ``mixture_weights`` was the mixture of experts with equal weights,
+        and its saved state has no ``component_logits``. When this module was built with the
+        default weights and the state has none, the module switches to equal weights (and,
+        with the default posterior, to ``"moe"``) before loading, instead of failing on the
+        missing parameter.
+        """
+        if (
+            self._default_weights
+            and self.mixture_weights == "learned"
+            and "component_logits" not in state_dict
+            and any(k.startswith("encoders.") for k in state_dict)
+        ):
+            del self.component_logits
+            self.mixture_weights = "equal"
+            if self._default_posterior:
+                self.posterior = "moe"
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    @property
+    def settings(self) -> dict[str, str]:
+        """The posterior and mixture weights in use, as :class:`MultiSCALEVAE` arguments."""
+        return {"posterior": self.posterior, "mixture_weights": self.mixture_weights}
 
     # ------------------------------------------------------------------ inputs
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict:
