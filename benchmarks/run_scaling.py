@@ -17,6 +17,12 @@ Usage::
 
     .venv/bin/python benchmarks/run_scaling.py --cells 10000 50000 100000
     .venv/bin/python benchmarks/run_scaling.py --cells 100000 --accelerator gpu
+    .venv/bin/python benchmarks/run_scaling.py --cells 20000 --peaks 500000 --density 0.005
+
+With ``--peaks`` above the default selection's cap (50,000, ``setup_anndata``'s
+``n_top_peaks``) the run measures the default path on a matrix as large as a raw peak
+matrix: ``setup_time_s`` is the registration, which counts the cells of every peak, and
+``n_peaks_read`` the peaks the model reads.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from _common import (
 )
 
 CSV = RESULTS / "scaling.csv"
+DENSITY = 0.03
 
 
 def synthetic_scatac(
@@ -96,12 +103,14 @@ def synthetic_scatac(
     return X, types.astype(str)
 
 
-def dataset_path(n_cells: int, n_peaks: int) -> Path:
-    """The synthetic matrix of this size, generated once (``work/scaling_<cells>x<peaks>.npz``)."""
-    path = WORK / f"scaling_{n_cells}x{n_peaks}.npz"
+def dataset_path(n_cells: int, n_peaks: int, density: float = DENSITY) -> Path:
+    """The synthetic matrix of this size, generated once (``work/scaling_<cells>x<peaks>.npz``,
+    ``..._d<density>.npz`` for a density other than the default)."""
+    suffix = "" if density == DENSITY else f"_d{density:g}"
+    path = WORK / f"scaling_{n_cells}x{n_peaks}{suffix}.npz"
     if not path.exists():
         WORK.mkdir(parents=True, exist_ok=True)
-        X, types = synthetic_scatac(n_cells, n_peaks)
+        X, types = synthetic_scatac(n_cells, n_peaks, density=density)
         save_matrix(path, X, types)
     return path
 
@@ -119,7 +128,14 @@ def device_name(accelerator: str) -> str:
     return cpu_model()
 
 
-def child(n_cells: int, n_peaks: int, epochs: int, out: str, accelerator: str = "cpu") -> None:
+def child(
+    n_cells: int,
+    n_peaks: int,
+    epochs: int,
+    out: str,
+    accelerator: str = "cpu",
+    density: float = DENSITY,
+) -> None:
     """Generate, train and infer in this process; write ``out`` (JSON)."""
     import anndata as ad
     import scvi
@@ -129,15 +145,18 @@ def child(n_cells: int, n_peaks: int, epochs: int, out: str, accelerator: str = 
 
     scvi.settings.seed = 0
     t0 = time.perf_counter()
-    X, _ = load_matrix(dataset_path(n_cells, n_peaks))
+    X, _ = load_matrix(dataset_path(n_cells, n_peaks, density))
     res = {"n_cells": n_cells, "n_peaks": n_peaks, "density": X.nnz / (n_cells * n_peaks)}
     res["accelerator"], res["device"] = accelerator, device_name(accelerator)
     res["load_s"] = time.perf_counter() - t0
     res["data_mb"] = (X.data.nbytes + X.indices.nbytes + X.indptr.nbytes) / 2**20
     res["rss_after_data_mb"] = _rss_mb()
     adata = ad.AnnData(X)
+    t0 = time.perf_counter()
     SCALE.setup_anndata(adata)
     model = SCALE(adata, n_centroids=10)
+    res["setup_time_s"] = time.perf_counter() - t0
+    res["n_peaks_read"] = len(model.selected_peaks_)
     timer = EpochTimer()
     t0 = time.perf_counter()
     model.train(
@@ -173,7 +192,7 @@ def plot(df: pd.DataFrame, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    df = df[df.accelerator == "cpu"]
+    df = df[(df.accelerator == "cpu") & (df.n_peaks == 50_000)]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     n = df.n_cells / 1000
     ax1.plot(n, df.train_cpu_s_per_epoch, "o-", label="training, CPU s / epoch")
@@ -198,26 +217,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cells", nargs="+", type=int, default=[10_000, 50_000, 100_000])
     parser.add_argument("--peaks", type=int, default=50_000)
+    parser.add_argument("--density", type=float, default=DENSITY)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--accelerator", default="cpu", help="cpu (default) or gpu")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        child(args.child, args.peaks, args.epochs, args.out, args.accelerator)
+        child(args.child, args.peaks, args.epochs, args.out, args.accelerator, args.density)
         return
     rows = []
     old = pd.read_csv(CSV) if CSV.exists() else pd.DataFrame()
     if not old.empty and "accelerator" not in old:
         old["accelerator"] = "cpu"
     for n in args.cells:
-        out = WORK / f"scaling_{n}_{args.accelerator}.json"
+        out = WORK / f"scaling_{n}x{args.peaks}_{args.accelerator}.json"
         t0 = time.perf_counter()
-        dataset_path(n, args.peaks)
+        dataset_path(n, args.peaks, args.density)
         print(f"{n} cells: data ready in {time.perf_counter() - t0:.0f} s", flush=True)
         cmd = [MAIN_PYTHON, "benchmarks/run_scaling.py", "--child", str(n)]
         cmd += ["--peaks", str(args.peaks), "--epochs", str(args.epochs), "--out", str(out)]
-        cmd += ["--accelerator", args.accelerator]
+        cmd += ["--accelerator", args.accelerator, "--density", str(args.density)]
         usage = run_child(cmd, WORK / "logs" / f"scaling_{n}_{args.accelerator}.log")
         if usage["returncode"] != 0:
             print(f"{n} cells failed; see work/logs", file=sys.stderr)
@@ -230,9 +250,13 @@ def main() -> None:
         print(row, flush=True)
     df = pd.DataFrame(rows)
     if not old.empty:
-        replaced = old.n_cells.isin(df.n_cells) & (old.accelerator == args.accelerator)
+        replaced = (
+            old.n_cells.isin(df.n_cells)
+            & (old.n_peaks == args.peaks)
+            & (old.accelerator == args.accelerator)
+        )
         df = pd.concat([old[~replaced], df], ignore_index=True)
-    df = df.sort_values(["accelerator", "n_cells"], kind="stable")
+    df = df.sort_values(["accelerator", "n_peaks", "n_cells"], kind="stable")
     RESULTS.mkdir(parents=True, exist_ok=True)
     df.to_csv(CSV, index=False)
     plot(df, RESULTS / "scaling.png")

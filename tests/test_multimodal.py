@@ -515,6 +515,10 @@ def test_default_posterior_is_mopoe_with_learned_weights(mdata):
     assert bool((weights[2] > 0)[paired].all()) and bool((weights[2] == 0)[~paired].all())
     expected = (weights.unsqueeze(-1) * out["qzm_components"]).sum(0)
     np.testing.assert_allclose(model.get_latent_representation(), expected.numpy(), atol=1e-5)
+    # one modality: one component, no weights to learn
+    single = MultiSCALEVAE(n_input_rna=15, n_centroids=3, **SMALL)
+    assert single.settings == {"posterior": "mopoe", "mixture_weights": "equal"}
+    assert not hasattr(single, "component_logits")
 
 
 @pytest.mark.parametrize("objective", ["elbo", "dreg"])

@@ -117,7 +117,7 @@ class MultiSCALEVAE(SCALEModuleBase):
         ``"learned"`` (``None``, the default): the weights are parameters (one per
         component, renormalized over the components each cell has), trained with the bound,
         so that the mixture can lean on the component whose particles explain both
-        modalities best.
+        modalities best. With one modality there is one component, and nothing to weigh.
     likelihood_scale
         Weight of each modality's log-likelihood in the training objective, e.g.
         ``{"atac": 5.0}`` to let ATAC count more against RNA's larger likelihood. Omitted
@@ -212,11 +212,11 @@ class MultiSCALEVAE(SCALEModuleBase):
         if RNA in self.modalities:
             self.px_r = nn.Parameter(torch.randn(n_input_rna))
         self._add_prior()
+        if len(self.modalities) == 1:
+            mixture_weights = "equal"  # one component: nothing to weigh
         self.mixture_weights = mixture_weights
         if mixture_weights == "learned":
-            n_components = len(self.modalities) + (
-                posterior == "mopoe" and len(self.modalities) > 1
-            )
+            n_components = len(self.modalities) + (posterior == "mopoe")
             self.component_logits = nn.Parameter(torch.zeros(n_components))
 
     def load_state_dict(self, state_dict: Mapping, strict: bool = True, assign: bool = False):
