@@ -40,7 +40,7 @@ docs: $(DOCS_STAMP)
 tutorials: $(DOCS_STAMP)
 	cd docs/tutorials && for nb in forebrain multiome reference_mapping; do \
 		../../$(BIN)/jupyter-execute --inplace --timeout=3600 $$nb.ipynb || exit 1; done
-	rm -rf docs/tutorials/*_model docs/tutorials/*.h5ad
+	rm -rf docs/tutorials/*_model docs/tutorials/*_cli docs/tutorials/*.h5ad
 
 # Benchmarks against the original SCALE (own venv, benchmarks/.venv-scale), SnapATAC2 (own
 # venv, benchmarks/.venv-snapatac2), PeakVI and LSI, on the matrices as shipped;

@@ -590,3 +590,76 @@ def test_single_modality_outputs_reject_other_modalities(mdata):
         model.get_latent_representation(modality="rna")
     with pytest.raises(ValueError, match="needs RNA"):
         model.get_normalized_expression()
+
+
+# ---------------------------------------------------------------------- peak selection
+def _open_cells(matrix) -> np.ndarray:
+    return np.asarray((sp.csr_matrix(matrix) > 0).sum(0)).ravel()
+
+
+@pytest.mark.parametrize("modalities", [None, {"atac_layer": "atac"}])
+def test_setup_mudata_selects_the_atac_peaks(tmp_path, modalities):
+    """setup_mudata's n_top_peaks / min_cells choose the ATAC peaks read, as setup_anndata
+    does: recorded, saved, applied again to new data, and naming every ATAC output."""
+    mdata = simulate_multiome(n_cells=80, n_peaks=120, n_genes=40, n_types=2, seed=0)
+    atac = mdata.mod["atac"]
+    SCALE.setup_mudata(mdata, modalities=modalities, n_top_peaks=30, min_cells=2)
+    scvi.settings.seed = 0
+    model = SCALE(mdata, n_centroids=2, **SMALL)
+    counts = _open_cells(atac.X)
+    selected = atac.var_names.isin(model.selected_peaks_)
+    assert selected.sum() == model.module.n_peaks == 30
+    assert list(model.selected_peaks_) == list(atac.var_names[selected])  # in matrix order
+    assert counts[selected].min() >= max(counts[~selected].max(), 2)
+    assert model.module.peak_index is not None
+    assert "peaks read: 30" in model._model_summary_string
+    model.train(max_epochs=1, batch_size=32, enable_progress_bar=False)
+
+    acc = model.get_normalized_accessibility(return_numpy=False)
+    assert list(acc.columns) == list(model.selected_peaks_)
+    group = str(mdata.obs["cell_type"].iloc[0])
+    da = model.differential_accessibility(groupby="cell_type", group1=group, n_samples_overall=100)
+    assert sorted(da.index) == sorted(model.selected_peaks_)
+    if modalities is None:
+        from_rna = model.get_normalized_accessibility(modality="rna", return_numpy=True)
+        assert from_rna.shape == (mdata.n_obs, 30)
+
+    model.save(tmp_path / "m")
+    loaded = SCALE.load(tmp_path / "m", adata=mdata.copy())
+    assert list(loaded.selected_peaks_) == list(model.selected_peaks_)
+    np.testing.assert_allclose(
+        loaded.get_latent_representation(), model.get_latent_representation(), atol=1e-6
+    )
+    # new cells whose peak counts differ: the same peaks, not a new choice
+    subset = mdata[:30].copy()
+    latent = model.get_latent_representation(subset)
+    np.testing.assert_allclose(latent, model.get_latent_representation()[:30], atol=1e-5)
+    assert model.get_normalized_accessibility(subset, return_numpy=True).shape == (30, 30)
+
+
+def test_setup_mudata_default_reads_every_peak_below_the_cap():
+    mdata = simulate_multiome(n_cells=60, n_peaks=120, n_genes=40, n_types=2, seed=0)
+    SCALE.setup_mudata(mdata)
+    model = SCALE(mdata, n_centroids=2, **SMALL)
+    assert model.module.peak_index is None and model.module.n_peaks == 120
+    assert list(model.selected_peaks_) == list(mdata.mod["atac"].var_names)
+    with pytest.raises(ValueError, match="n_top_peaks"):
+        SCALE.setup_mudata(mdata, n_top_peaks=0)
+
+
+def test_selected_peaks_at_the_observed_depth():
+    """normalize_cells=True moves each cell's probabilities to its depth over the peaks the
+    model reads, the depth its training offset used."""
+    from scale_scvi.data import simulate_scatac
+
+    adata = simulate_scatac(n_cells=60, n_peaks=200, n_types=2, seed=0)
+    SCALE.setup_anndata(adata, n_top_peaks=80, min_fraction=None)
+    model = SCALE(adata, n_centroids=2, n_hidden=(16,))
+    model.train(max_epochs=1, enable_progress_bar=False)
+    mean_depth = model.get_normalized_accessibility(return_numpy=True)
+    at_depth = model.get_normalized_accessibility(normalize_cells=True, return_numpy=True)
+    x = sp.csr_matrix(adata[:, model.selected_peaks_].X)
+    depth = np.log(np.maximum(np.diff((x > 0).tocsr().indptr), 1))
+    offset = depth - float(model.module.log_mean_depth)
+    logit = np.log(mean_depth) - np.log1p(-mean_depth)
+    np.testing.assert_allclose(at_depth, 1 / (1 + np.exp(-(logit + offset[:, None]))), rtol=1e-3)

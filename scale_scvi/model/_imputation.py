@@ -324,7 +324,7 @@ class ImputationMixin:
 
     def _at_observed_depth(self, p: torch.Tensor, tensors) -> torch.Tensor:
         """Probabilities ``p`` of a cell of the mean depth moved to each cell's own depth."""
-        x = tensors[self.module.registry_key(ATAC)]
+        x = self.module.select_peaks(tensors[self.module.registry_key(ATAC)])
         x = (x if x.layout == torch.strided else x.to_dense()).to(p.device)
         offset = self.module.depth_logit_offset((x > 0).to(p.dtype))
         return torch.sigmoid(torch.logit(p, eps=1e-7) + offset)

@@ -7,8 +7,10 @@ from scvi import REGISTRY_KEYS
 from scvi.data import fields
 
 from scale_scvi.module import ATAC, ATAC_KEY, MODALITIES, MODALITY_FLAG_KEY, RNA, RNA_KEY
+from scale_scvi.pp._filter import check_peak_selection
 
 from ._canonical import CanonicalAnnDataManager, warn_if_not_canonical
+from ._peak_selection import N_TOP_PEAKS, SELECTED_PEAKS_KEY, MuDataPeakLayerField
 from ._validation import validate_accessibility_matrix, validate_covariate_values
 
 #: Values of the ``modality_key`` column and the modalities ``(atac, rna)`` they mean.
@@ -66,6 +68,9 @@ class MuDataSetupMixin:
         categorical_covariate_keys: list[str] | None = None,
         continuous_covariate_keys: list[str] | None = None,
         modalities: dict[str, str] | None = None,
+        min_cells: int | None = None,
+        min_fraction: float | None = None,
+        n_top_peaks: int | None = N_TOP_PEAKS,
         **kwargs,
     ) -> None:
         """Register a MuData of paired scATAC-seq and scRNA-seq (or one of them) with SCALE.
@@ -103,6 +108,17 @@ class MuDataSetupMixin:
             ``"rna_layer"`` (or ``"atac_layer"``) to register one modality only. Keys naming
             ``obs`` columns (``batch_key``, ...) map to a modality whose ``obs`` holds them;
             unmapped, they are columns of ``mdata.obs``.
+        min_cells, min_fraction, n_top_peaks
+            The ATAC peaks the model reads, as in :meth:`setup_anndata`: those open in at
+            least ``max(min_cells, ceil(min_fraction * n_cells))`` cells, then at most
+            ``n_top_peaks`` of them, the ones open in the most cells. The choice is recorded
+            and applied again to any data given to the model later
+            (:attr:`~scale_scvi.SCALE.selected_peaks_` names the peaks). By default only the
+            cap applies (at most 50,000 peaks, as in :meth:`setup_anndata`), not the 2 %
+            fraction: the ATAC of a paired assay is often much shallower than that of an
+            ATAC-only one (on the sci-CAR kidney pair, about 15 open peaks per cell, 7 of
+            its 10,000 peaks are open in 2 % of the cells). ``n_top_peaks=None`` reads
+            every peak.
 
         Examples
         --------
@@ -113,6 +129,7 @@ class MuDataSetupMixin:
             modalities = {"atac_layer": "atac", "rna_layer": "rna"}
         # Before any other local, so that only the arguments are recorded (and saved).
         setup_method_args = cls._get_setup_method_args(**locals())
+        check_peak_selection(min_cells, min_fraction, n_top_peaks, n_top_name="n_top_peaks")
         from mudata import MuData
 
         if not isinstance(mdata, MuData):
@@ -218,11 +235,14 @@ class MuDataSetupMixin:
             )
         if mods[ATAC] is not None:
             mudata_fields.append(
-                fields.MuDataLayerField(
+                MuDataPeakLayerField(
                     ATAC_KEY if both else REGISTRY_KEYS.X_KEY,
                     atac_layer,
+                    min_cells=min_cells,
+                    min_fraction=min_fraction,
+                    n_top_peaks=n_top_peaks,
+                    setup="setup_mudata",
                     mod_key=mods[ATAC],
-                    is_count_data=False,
                     mod_required=True,
                 )
             )
@@ -247,6 +267,17 @@ class MuDataSetupMixin:
             return None
         state = self.adata_manager.get_state_registry(MODALITY_FLAG_KEY)
         return [MODALITY_FLAG_VALUES[str(c)] for c in state.categorical_mapping]
+
+    def _mudata_peak_selection(self) -> np.ndarray | None:
+        """Indices of the ATAC peaks ``setup_mudata`` selected; ``None``: all (or no ATAC)."""
+        if ATAC not in self._registered_modalities():
+            return None
+        key = ATAC_KEY if len(self._registered_modalities()) == 2 else REGISTRY_KEYS.X_KEY
+        state = self.adata_manager.get_state_registry(key)
+        index = state.get(SELECTED_PEAKS_KEY)
+        if index is None or len(index) == self._n_features()[ATAC]:
+            return None
+        return np.asarray(index)
 
     def _n_features(self) -> dict[str, int]:
         """Number of features of each registered modality."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from anndata import AnnData
-from scvi.data.fields import LayerField
+from scvi.data.fields import LayerField, MuDataWrapper
 
 from scale_scvi.pp import cells_per_peak
 from scale_scvi.pp._filter import check_peak_selection, peak_mask
@@ -37,6 +37,8 @@ class PeakLayerField(LayerField):
         Keep the peaks open in at least ``max(min_cells, ceil(min_fraction * n_cells))``
         cells, then at most ``n_top_peaks`` of them, those open in the most cells (ties: the
         first peaks); all ``None``: every peak. The rule of :func:`scale_scvi.pp.select_peaks`.
+    setup
+        The setup method, named in error messages.
     """
 
     def __init__(
@@ -46,8 +48,10 @@ class PeakLayerField(LayerField):
         min_cells: int | None = None,
         min_fraction: float | None = MIN_FRACTION,
         n_top_peaks: int | None = N_TOP_PEAKS,
+        setup: str = "setup_anndata",
     ):
         super().__init__(registry_key, layer, is_count_data=False)
+        self.setup = setup
         check_peak_selection(min_cells, min_fraction, n_top_peaks, n_top_name="n_top_peaks")
         self.min_cells = min_cells
         self.min_fraction = min_fraction
@@ -61,7 +65,7 @@ class PeakLayerField(LayerField):
             self.min_cells,
             self.min_fraction,
             self.n_top_peaks,
-            where=" in setup_anndata (None keeps every peak)",
+            where=f" in {self.setup} (None keeps every peak)",
         )
         index = np.flatnonzero(mask).astype(np.int64)
         state[SELECTED_PEAKS_KEY] = index
@@ -82,3 +86,7 @@ class PeakLayerField(LayerField):
             len(selected) if selected is not None else state_registry[self.N_VARS_KEY]
         )
         return stats
+
+
+#: :class:`PeakLayerField` for the ATAC modality of a MuData (``mod_key=``).
+MuDataPeakLayerField = MuDataWrapper(PeakLayerField)

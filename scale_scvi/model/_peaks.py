@@ -49,12 +49,12 @@ def _decoder_covariates(
 
 
 def peak_names(model: BaseModelClass, adata=None) -> pd.Index:
-    """Names of the peaks the model reads: ``var_names`` of the AnnData (those selected by
-    ``setup_anndata``), or of the ATAC modality of a MuData."""
+    """Names of the peaks the model reads: ``var_names`` of the AnnData, or of the ATAC
+    modality of a MuData, those selected by ``setup_anndata`` / ``setup_mudata``."""
     data = model._validate_anndata(adata)
     registry = model.adata_manager.registry
+    index = getattr(model.module, "peak_index", None)
     if registry.get("setup_method_name") != "setup_mudata":
-        index = getattr(model.module, "peak_index", None)
         return data.var_names if index is None else data.var_names[index.cpu().numpy()]
     mod = (registry["setup_args"].get("modalities") or {}).get("atac_layer")
     if mod is None:
@@ -62,7 +62,8 @@ def peak_names(model: BaseModelClass, adata=None) -> pd.Index:
             "This model has no ATAC modality, so no peaks: set it up with SCALE.setup_mudata "
             "and an 'atac_layer' modality."
         )
-    return data.mod[mod].var_names
+    names = data.mod[mod].var_names
+    return names if index is None else names[index.cpu().numpy()]
 
 
 def used_components(

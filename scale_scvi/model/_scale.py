@@ -227,7 +227,7 @@ class SCALE(
             }
         )
         k = f"at most {n_components} (chosen by the data)" if n_centroids is None else n_centroids
-        peaks = getattr(self.module, "n_peaks", None)
+        peaks = self.module.n_peaks if ATAC in self.module.modalities else None
         self._model_summary_string = (
             f"SCALE model with n_centroids: {k}, n_latent: {n_latent}, "
             + (f"peaks read: {peaks}, " if peaks is not None else "")
@@ -247,7 +247,8 @@ class SCALE(
     def _peak_selection(self) -> dict:
         """``{"peak_index": ...}`` for the module when the registry selected peaks, else ``{}``."""
         if self.adata_manager.registry.get("setup_method_name") != "setup_anndata":
-            return {}
+            index = self._mudata_peak_selection()
+            return {} if index is None else {"peak_index": index}
         state = self.adata_manager.get_state_registry(REGISTRY_KEYS.X_KEY)
         index = state.get(SELECTED_PEAKS_KEY)
         if index is None or len(index) == self.summary_stats.n_vars:

@@ -10,8 +10,8 @@ import torch
 from scvi import REGISTRY_KEYS
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 
-from ._components import SCALEDecoder, SCALEEncoder, SparseFirstLayer
-from ._constants import JOINT, MODULE_KEYS, Modality
+from ._components import SCALEDecoder, SCALEEncoder, SparseFirstLayer, select_columns
+from ._constants import ATAC, JOINT, MODULE_KEYS, Modality
 from ._prior import GaussianMixturePrior
 
 Objective = Literal["elbo", "iwae", "dreg"]
@@ -261,6 +261,28 @@ class SCALEModuleBase(BaseModuleClass):
         return [c.to(device) for c in cats], (cont.to(device) if cont is not None else None)
 
     # ------------------------------------------------------------------ ATAC
+    def _register_peak_index(self, peak_index: Sequence[int] | None, n_input: int) -> int:
+        """Keep ``peak_index`` (the columns of the peaks read) as a buffer; the number read.
+
+        Saved with the model, so that every later use reads the same peaks; ``None``: all
+        ``n_input`` peaks.
+        """
+        if peak_index is None:
+            self.peak_index = None
+            return n_input
+        index = torch.as_tensor(np.asarray(peak_index), dtype=torch.int64)
+        if index.ndim != 1 or not len(index):
+            raise ValueError("peak_index must be a non-empty 1-d sequence of peak indices.")
+        if (index.diff() <= 0).any() or index[0] < 0 or index[-1] >= n_input:
+            raise ValueError(f"peak_index must be increasing column indices in [0, {n_input}).")
+        self.register_buffer("peak_index", index)
+        return len(index)
+
+    def select_peaks(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """The columns of the peaks the module reads (all without ``peak_index``)."""
+        index = getattr(self, "peak_index", None)
+        return x if index is None or x is None else select_columns(x, index)
+
     def depth_logit_offset(self, x_atac: torch.Tensor | None) -> torch.Tensor | float:
         """ATAC logit offset ``log(open peaks) - log(mean open peaks)`` per cell, ``(B, 1)``.
 
@@ -500,5 +522,7 @@ class SCALEModuleBase(BaseModuleClass):
     def observed_library(self, tensors: Mapping[str, torch.Tensor], modality: str):
         """Each cell's total of ``modality``'s matrix, shape ``(B, 1)``."""
         x = tensors[self.registry_key(modality)]
+        if modality == ATAC:
+            x = self.select_peaks(x)
         x = x if x.layout == torch.strided else x.to_dense()
         return x.sum(-1, keepdim=True)

@@ -132,6 +132,10 @@ class MultiSCALEVAE(SCALEModuleBase):
     modality_flags
         One row per category of the registered modality flag: which of ``(atac, rna)``
         a cell of that category has. ``None`` when no flag is registered.
+    peak_index
+        The ATAC peaks the module reads (sorted column indices of the registered peak
+        matrix); every minibatch is cut to them and the ATAC networks see only those.
+        ``None`` (default): every peak.
     **kwargs
         The arguments of :class:`~scale_scvi.module.SCALEModuleBase` (``n_centroids``,
         ``n_latent``, networks, covariates, ``objective``, ...). Here ``objective="elbo"``
@@ -149,6 +153,7 @@ class MultiSCALEVAE(SCALEModuleBase):
         likelihood_scale: Mapping[str, float] | None = None,
         input_dropout: Mapping[str, float] | None = None,
         modality_flags: Sequence[Sequence[bool]] | None = None,
+        peak_index: Sequence[int] | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -203,7 +208,11 @@ class MultiSCALEVAE(SCALEModuleBase):
             flags = torch.as_tensor(modality_flags, dtype=torch.bool).reshape(-1, len(MODALITIES))
         self.register_buffer("modality_flags", flags)
 
-        n_inputs = {ATAC: n_input_atac, RNA: n_input_rna}
+        if peak_index is not None and ATAC not in self.modalities:
+            raise ValueError("peak_index selects ATAC peaks, but the module has no ATAC.")
+        #: Number of peaks the ATAC encoder and decoder read (0 without ATAC).
+        self.n_peaks = self._register_peak_index(peak_index, n_input_atac)
+        n_inputs = {ATAC: self.n_peaks, RNA: n_input_rna}
         self.encoders = nn.ModuleDict()
         self.decoders = nn.ModuleDict()
         for m in self.modalities:
@@ -249,7 +258,9 @@ class MultiSCALEVAE(SCALEModuleBase):
     # ------------------------------------------------------------------ inputs
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict:
         return {
-            K.X_ATAC_KEY: tensors.get(ATAC_KEY) if ATAC in self.modalities else None,
+            K.X_ATAC_KEY: self.select_peaks(tensors.get(ATAC_KEY))
+            if ATAC in self.modalities
+            else None,
             K.X_RNA_KEY: tensors.get(RNA_KEY) if RNA in self.modalities else None,
             K.MODALITY_FLAG_KEY: tensors.get(MODALITY_FLAG_KEY),
             **self.covariates(tensors),
@@ -452,7 +463,10 @@ class MultiSCALEVAE(SCALEModuleBase):
         starts at the average profile.
         """
         if ATAC in self.modalities:
-            self._init_bernoulli_decoder(self.decoders[ATAC], open_fraction(matrices[ATAC]))
+            frac = open_fraction(matrices[ATAC])
+            if self.peak_index is not None:
+                frac = frac[self.peak_index.cpu().numpy()]
+            self._init_bernoulli_decoder(self.decoders[ATAC], frac)
         if RNA in self.modalities:
             with torch.no_grad():
                 bias = self.decoders[RNA].output.fc_layers[0][0].bias
@@ -493,7 +507,7 @@ class MultiSCALEVAE(SCALEModuleBase):
         atac_offset: torch.Tensor | float = 0.0
         if ATAC in self.modalities:
             # binarized in its layout: a sparse minibatch stays CSR (the sparse Bernoulli term)
-            data[ATAC] = binarize(tensors[ATAC_KEY].to(device))
+            data[ATAC] = binarize(self.select_peaks(tensors[ATAC_KEY].to(device)))
             atac_offset = self.depth_logit_offset(data[ATAC])
         if RNA in self.modalities:
             data[RNA] = _dense(tensors[RNA_KEY].to(device))

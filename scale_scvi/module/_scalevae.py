@@ -5,14 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
-import numpy as np
 import torch
 from scvi import REGISTRY_KEYS
 from scvi.module.base import LossOutput, auto_move_data
 from torch.distributions import Normal
 
 from ._base import SCALEModuleBase
-from ._components import binarize, select_columns
+from ._components import binarize
 from ._constants import ATAC, MODULE_KEYS
 from ._feature_stats import open_fraction
 from ._objectives import (
@@ -66,26 +65,10 @@ class SCALEVAE(SCALEModuleBase):
         self.n_input = n_input
         self.modalities = (ATAC,)
         self.gamma_from = gamma_from
-        if peak_index is not None:
-            peak_index = torch.as_tensor(np.asarray(peak_index), dtype=torch.int64)
-            if peak_index.ndim != 1 or not len(peak_index):
-                raise ValueError("peak_index must be a non-empty 1-d sequence of peak indices.")
-            if (peak_index.diff() <= 0).any() or peak_index[0] < 0 or peak_index[-1] >= n_input:
-                raise ValueError(
-                    f"peak_index must be increasing column indices in [0, {n_input})."
-                )
-            # saved with the model, so that every later use reads the same peaks
-            self.register_buffer("peak_index", peak_index)
-        else:
-            self.peak_index = None
-        self.n_peaks = n_input if peak_index is None else len(peak_index)
+        self.n_peaks = self._register_peak_index(peak_index, n_input)
         self.z_encoder = self._make_encoder(self.n_peaks)
         self.decoder = self._make_decoder(self.n_peaks)
         self._add_prior()
-
-    def select_peaks(self, x: torch.Tensor) -> torch.Tensor:
-        """The columns of the peaks the module reads (all without ``peak_index``)."""
-        return x if self.peak_index is None else select_columns(x, self.peak_index)
 
     # ------------------------------------------------------------------ inputs
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict:
