@@ -653,8 +653,8 @@ class SCALE(
         """Means, variances and weights of the components of the aggregate posterior.
 
         One row per cell for ATAC alone; for RNA + ATAC, one per cell and mixture component
-        it has, weighted by one over the number of components of its cell, so that every
-        cell counts once (see
+        it has, weighted by its weight in the cell's mixture, so that every cell counts
+        once (see
         :meth:`~scale_scvi.module.SCALEModuleBase.aggregate_posterior_components`).
         """
         means, variances, weights = [], [], []

@@ -388,8 +388,8 @@ class SCALEModuleBase(BaseModuleClass):
         raise NotImplementedError
 
     def aggregate_posterior_weights(self, inference_outputs: Mapping) -> torch.Tensor:
-        """Weight of each row of :meth:`aggregate_posterior_components`: one over the
-        number of rows of its cell, so that every cell counts once (all 1 with one row per
+        """Weight of each row of :meth:`aggregate_posterior_components`: its weight in its
+        cell's posterior mixture, so that every cell counts once (all 1 with one row per
         cell)."""
         qz_m, _ = self.aggregate_posterior_components(inference_outputs)
         return torch.ones(qz_m.shape[0], device=qz_m.device)

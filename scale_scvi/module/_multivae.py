@@ -432,11 +432,14 @@ class MultiSCALEVAE(SCALEModuleBase):
         )
 
     def aggregate_posterior_weights(self, inference_outputs: Mapping) -> torch.Tensor:
-        """One over the number of mixture components of each row's cell (a paired cell's
-        two or three rows count as one cell)."""
+        """Each row's weight in its cell's mixture: the rows of a cell sum to one, so that
+        every cell counts once, and they weigh as in the aggregate posterior
+        ``sum_n q(z|x_n)`` (one over the number of components with equal weights; the
+        learned weights otherwise, so that a component the mixture does not use does not
+        shape the prior's fit)."""
         mask = inference_outputs[K.COMPONENT_MASK_KEY].bool()  # (C, B)
-        per_cell = mask.sum(0, keepdim=True).clamp_min(1).to(torch.float32)
-        return (1.0 / per_cell).expand_as(mask)[mask]
+        weights = inference_outputs[K.COMPONENT_LOG_WEIGHTS_KEY].exp().to(torch.float32)
+        return weights[mask]
 
     @classmethod
     def input_arguments(

@@ -69,8 +69,8 @@ def fit_gmm(
         ``"kmeans"``, ``"leiden"`` (a partition read as a mixture) or ``"em"`` (EM).
     sample_weight
         Weight of each row, shape ``(n_rows,)`` (default: all 1). The aggregate posterior
-        of a multimodal model has one row per expert of each cell; weighting them by one
-        over the number of rows of their cell makes each cell count once.
+        of a multimodal model has one row per mixture component of each cell; weighting
+        them by their weights in the cell's mixture makes each cell count once.
     resolution
         Resolution of the Leiden partition (``method="leiden"``).
 
