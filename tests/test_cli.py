@@ -302,6 +302,8 @@ def test_cli_h5mu_modality_and_arc_h5_joint(tmp_path, capsys):
     assert f"{joint.n_vars:,} features read of {joint.n_vars:,}" in err
     assert joint.obsm["X_scale"].shape == (joint.n_obs, 10)
     assert "scale_cluster" in joint.obs
+    assert joint.mod["atac"].var["scale_selected"].all()  # every peak, below the cap
+    assert atac.var["scale_selected"].any()
     assert joint.mod["atac"].var_names[0].startswith("chr2:")
     assert (tmp_path / "joint" / "adata.h5ad").is_file()
 

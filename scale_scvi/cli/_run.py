@@ -113,6 +113,8 @@ def _annotate(model, data: AnnData | MuData, args: argparse.Namespace) -> AnnDat
     adata.obsm["X_scale"] = model.get_latent_representation()
     adata.obsm["scale_probabilities"] = model.get_cluster_probabilities()
     adata.obs["scale_cluster"] = model.get_cluster_assignments()
+    # which peaks the model reads (setup_anndata / setup_mudata chose them)
+    adata.var["scale_selected"] = adata.var_names.isin(model.selected_peaks_)
     seed = given(args, random_state="seed")
     # scanpy 1.11 builds the graph of >= 8,192 cells with pynndescent, whose sparse result
     # scipy >= 1.17 no longer gives `getnnz` ("'csr_array' object has no attribute
@@ -148,7 +150,6 @@ def _over_all_peaks(imputed, adata: AnnData, selected) -> sp.csr_matrix:
     Peaks that ``setup_anndata`` did not select have no imputation: their columns stay
     empty, and ``adata.var["scale_selected"]`` says which peaks were read.
     """
-    adata.var["scale_selected"] = adata.var_names.isin(selected)
     if imputed.shape[1] == adata.n_vars:
         return imputed
     columns = adata.var_names.get_indexer(selected)
@@ -226,6 +227,7 @@ def run(args: argparse.Namespace, state: Run, log: Log) -> None:
             data.obsm[key] = adata.obsm[key]
         for column in ("scale_cluster", "leiden"):
             data.obs[column] = adata.obs[column].to_numpy()
+        data.mod["atac"].var["scale_selected"] = adata.var["scale_selected"].to_numpy()
         _write(state, out.MDATA, data.write_h5mu)
     log(
         f"Done in {time.perf_counter() - t0:.0f} s: {n_clusters} SCALE clusters, "
