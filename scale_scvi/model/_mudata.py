@@ -10,7 +10,7 @@ from scale_scvi.module import ATAC, ATAC_KEY, MODALITIES, MODALITY_FLAG_KEY, RNA
 from scale_scvi.pp._filter import check_peak_selection
 
 from ._canonical import CanonicalAnnDataManager, warn_if_not_canonical
-from ._peak_selection import N_TOP_PEAKS, SELECTED_PEAKS_KEY, MuDataPeakLayerField
+from ._peak_selection import N_TOP_PEAKS, MuDataPeakLayerField
 from ._validation import validate_accessibility_matrix, validate_covariate_values
 
 #: Values of the ``modality_key`` column and the modalities ``(atac, rna)`` they mean.
@@ -267,17 +267,6 @@ class MuDataSetupMixin:
             return None
         state = self.adata_manager.get_state_registry(MODALITY_FLAG_KEY)
         return [MODALITY_FLAG_VALUES[str(c)] for c in state.categorical_mapping]
-
-    def _mudata_peak_selection(self) -> np.ndarray | None:
-        """Indices of the ATAC peaks ``setup_mudata`` selected; ``None``: all (or no ATAC)."""
-        if ATAC not in self._registered_modalities():
-            return None
-        key = ATAC_KEY if len(self._registered_modalities()) == 2 else REGISTRY_KEYS.X_KEY
-        state = self.adata_manager.get_state_registry(key)
-        index = state.get(SELECTED_PEAKS_KEY)
-        if index is None or len(index) == self._n_features()[ATAC]:
-            return None
-        return np.asarray(index)
 
     def _n_features(self) -> dict[str, int]:
         """Number of features of each registered modality."""

@@ -20,7 +20,7 @@ from scvi.data.fields import (
 )
 from scvi.model.base import ArchesMixin, BaseModelClass, UnsupervisedTrainingMixin, VAEMixin
 
-from scale_scvi.module import ATAC, JOINT, SCALEVAE, Modality, module_class
+from scale_scvi.module import ATAC, ATAC_KEY, JOINT, SCALEVAE, Modality, module_class
 from scale_scvi.pp._counts import get_matrix, matrix_name
 from scale_scvi.pp._filter import check_peak_selection
 from scale_scvi.train import (
@@ -245,13 +245,15 @@ class SCALE(
         self.n_clusters_ = self.module.prior.n_active
 
     def _peak_selection(self) -> dict:
-        """``{"peak_index": ...}`` for the module when the registry selected peaks, else ``{}``."""
-        if self.adata_manager.registry.get("setup_method_name") != "setup_anndata":
-            index = self._mudata_peak_selection()
-            return {} if index is None else {"peak_index": index}
-        state = self.adata_manager.get_state_registry(REGISTRY_KEYS.X_KEY)
-        index = state.get(SELECTED_PEAKS_KEY)
-        if index is None or len(index) == self.summary_stats.n_vars:
+        """``{"peak_index": ...}`` for the module when the registry selected peaks (by
+        ``setup_anndata`` or ``setup_mudata``), else ``{}``."""
+        registered = self._registered_modalities()
+        if ATAC not in registered:
+            return {}
+        # the peak matrix is X, or stands beside the RNA's X in a MuData with both
+        key = ATAC_KEY if len(registered) == 2 else REGISTRY_KEYS.X_KEY
+        index = self.adata_manager.get_state_registry(key).get(SELECTED_PEAKS_KEY)
+        if index is None or len(index) == self._n_features()[ATAC]:
             return {}
         return {"peak_index": np.asarray(index)}
 

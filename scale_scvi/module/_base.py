@@ -280,8 +280,7 @@ class SCALEModuleBase(BaseModuleClass):
 
     def select_peaks(self, x: torch.Tensor | None) -> torch.Tensor | None:
         """The columns of the peaks the module reads (all without ``peak_index``)."""
-        index = getattr(self, "peak_index", None)
-        return x if index is None or x is None else select_columns(x, index)
+        return x if self.peak_index is None or x is None else select_columns(x, self.peak_index)
 
     def depth_logit_offset(self, x_atac: torch.Tensor | None) -> torch.Tensor | float:
         """ATAC logit offset ``log(open peaks) - log(mean open peaks)`` per cell, ``(B, 1)``.
@@ -295,9 +294,12 @@ class SCALEModuleBase(BaseModuleClass):
 
     @torch.no_grad()
     def _init_bernoulli_decoder(self, decoder: SCALEDecoder, open_fraction) -> None:
-        """Output bias ``logit(open fraction)`` of each peak; the mean number of open peaks
-        per cell becomes the reference of the depth offset."""
+        """Output bias ``logit(open fraction)`` of each peak read (``open_fraction`` of every
+        peak of the registered matrix); the mean number of open peaks read per cell becomes
+        the reference of the depth offset."""
         frac = np.asarray(open_fraction, dtype=np.float64)
+        if self.peak_index is not None:
+            frac = frac[self.peak_index.cpu().numpy()]
         self.log_mean_depth.fill_(float(np.log(max(frac.sum(), 1.0))))
         bias = decoder.output.fc_layers[0][0].bias
         frac_t = torch.as_tensor(frac, dtype=bias.dtype, device=bias.device)

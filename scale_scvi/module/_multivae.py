@@ -466,10 +466,7 @@ class MultiSCALEVAE(SCALEModuleBase):
         starts at the average profile.
         """
         if ATAC in self.modalities:
-            frac = open_fraction(matrices[ATAC])
-            if self.peak_index is not None:
-                frac = frac[self.peak_index.cpu().numpy()]
-            self._init_bernoulli_decoder(self.decoders[ATAC], frac)
+            self._init_bernoulli_decoder(self.decoders[ATAC], open_fraction(matrices[ATAC]))
         if RNA in self.modalities:
             with torch.no_grad():
                 bias = self.decoders[RNA].output.fc_layers[0][0].bias

@@ -151,10 +151,7 @@ class SCALEVAE(SCALEModuleBase):
 
     def init_from_data(self, matrices: Mapping[str, object]) -> None:
         """Decoder bias ``logit(open fraction)`` of each peak read, from ``matrices["atac"]``."""
-        frac = open_fraction(matrices[ATAC])
-        if self.peak_index is not None:
-            frac = frac[self.peak_index.cpu().numpy()]
-        self._init_bernoulli_decoder(self.decoder, frac)
+        self._init_bernoulli_decoder(self.decoder, open_fraction(matrices[ATAC]))
 
     def _joint_moments(self, inference_outputs: Mapping, joint_mean: str):
         return inference_outputs[MODULE_KEYS.QZM_KEY], inference_outputs[MODULE_KEYS.QZV_KEY]
