@@ -70,6 +70,8 @@ def main() -> None:
         "joint learned": ("moe", "learned"),
         "mopoe equal": ("mopoe", "equal"),
         "mopoe learned": ("mopoe", "learned"),
+        # the same with the held-out check of the experts (select_experts=True)
+        "mopoe learned checked": ("mopoe", "learned"),
         "atac": (None, None),
         "rna": (None, None),
     }
@@ -84,7 +86,13 @@ def main() -> None:
         else:
             data = mdata
             SCALE.setup_mudata(data, modalities={"atac_layer": "atac", "rna_layer": "rna"})
-            model = SCALE(data, n_centroids=6, posterior=posterior, mixture_weights=weights)
+            model = SCALE(
+                data,
+                n_centroids=6,
+                posterior=posterior,
+                mixture_weights=weights,
+                select_experts=name.endswith("checked"),
+            )
         model.train(enable_progress_bar=False)
         held = model.validation_indices
         latent = model.get_latent_representation()
@@ -99,6 +107,11 @@ def main() -> None:
         if logits is not None:  # learned weights of the experts (atac, rna)
             logits = logits.detach()
             extra += f" weights={[round(float(w), 3) for w in torch.softmax(logits, 0)]}"
+        active = getattr(model.module, "expert_active", None)
+        if active is not None and len(active) > 1:  # the experts the held-out check kept
+            extra += " experts=" + "+".join(
+                m for m, on in zip(model.module.modalities, active, strict=True) if on
+            )
         print(
             f"seed {seed} {name}: all={score(latent, np.arange(len(truth))):.3f} "
             f"held={score(latent[held], held):.3f}{extra}",

@@ -71,8 +71,13 @@ def main() -> None:
     out["held_rna_expert"] = score(
         model.get_latent_representation(indices=held, modality="rna"), held
     )
+    active = model.module.expert_active  # the experts the held-out check kept
+    experts = "+".join(m for m, on in zip(model.module.modalities, active, strict=True) if on)
     print(
-        f"seed {seed} {sys.argv[2]}", " ".join(f"{k}={v:.3f}" for k, v in out.items()), flush=True
+        f"seed {seed} {sys.argv[2]}",
+        " ".join(f"{k}={v:.3f}" for k, v in out.items()),
+        f"experts={experts}",
+        flush=True,
     )
 
 

@@ -663,3 +663,101 @@ def test_selected_peaks_at_the_observed_depth():
     offset = depth - float(model.module.log_mean_depth)
     logit = np.log(mean_depth) - np.log1p(-mean_depth)
     np.testing.assert_allclose(at_depth, 1 / (1 + np.exp(-(logit + offset[:, None]))), rtol=1e-3)
+
+
+# ---------------------------------------------------------------------- held-out expert check
+def test_select_experts_on_keeps_an_expert_only_where_it_helps():
+    """An expert goes when the other expert alone explains held-out cells better than the
+    product of both, by more than two standard errors; the better one stays if both would
+    go; weak evidence keeps both."""
+    module = MultiSCALEVAE(n_input_atac=20, n_input_rna=15, n_centroids=3, **SMALL)
+    assert module.expert_active.tolist() == [True, True]
+    gen = torch.Generator().manual_seed(0)
+    product = -100.0 + torch.randn(50, generator=gen)
+    atac = product - 30.0  # ATAC alone is far worse than the product
+    # rows: atac expert, rna expert, product; columns: held-out cells
+    noise = torch.randn(50, generator=gen)
+    for shift, spread, expected in ((1.0, 0.5, [False, True]), (0.1, 2.0, [True, True])):
+        rna = product + shift + spread * (noise - noise.mean()) / noise.std()
+        report = module.select_experts_on(torch.stack([atac, rna, product]))
+        assert module.expert_active.tolist() == expected
+        assert report["z_atac"] == pytest.approx(shift / (spread / math.sqrt(50)), rel=1e-4)
+        assert report["z_rna"] < -100  # without the RNA expert the fit is far worse
+        assert report["n_cells"] == 50
+        assert report["product"] == pytest.approx(float(product.mean()), rel=1e-6)
+    # both experts alone beat the product: the better one stays
+    module.select_experts_on(torch.stack([product + 5.0 + noise, product + 3.0 + noise, product]))
+    assert module.expert_active.tolist() == [True, False]
+
+
+def test_a_switched_off_expert_encodes_only_cells_without_the_other():
+    torch.manual_seed(0)
+    module = MultiSCALEVAE(n_input_atac=20, n_input_rna=15, n_centroids=3, **SMALL).eval()
+    atac = (torch.rand(4, 20) < 0.3).float()
+    rna = torch.poisson(torch.full((4, 15), 3.0))
+    rna[0] = 0.0  # a cell with ATAC only
+    module.expert_active.copy_(torch.tensor([False, True]))
+    out = module.inference(x_atac=atac, x_rna=rna)
+    # the likelihood still reads every modality a cell has; the posterior only the RNA's
+    assert out["modality_mask"].tolist() == [[True] * 4, [False, True, True, True]]
+    assert out["expert_mask"].tolist() == [[True, False, False, False], [False] + [True] * 3]
+    assert out["component_mask"].tolist() == [
+        [True, False, False, False],
+        [False, True, True, True],
+        [False] * 4,
+    ]
+    torch.testing.assert_close(out["qzm"][1:], out["qzm_rna"][1:])
+    torch.testing.assert_close(out["qzm"][0], out["qzm_atac"][0])
+    # a module state saved before the check existed loads with every expert on
+    state = {k: v for k, v in module.state_dict().items() if k != "expert_active"}
+    fresh = MultiSCALEVAE(n_input_atac=20, n_input_rna=15, n_centroids=3, **SMALL)
+    fresh.expert_active.fill_(False)
+    fresh.load_state_dict(state)
+    assert fresh.expert_active.tolist() == [True, True]
+
+
+def _pair_with_noise(modality: str, seed: int = 0):
+    """400 paired cells of 3 types in which one modality is noise: ATAC the same random
+    draw for every type (about 15 of 300 peaks open per cell), or RNA counts of one profile
+    for every type. Nothing in the noise holds beyond a cell."""
+    mdata = simulate_multiome(n_cells=400, n_peaks=300, n_genes=200, n_types=3, seed=seed)
+    rng = np.random.default_rng(seed)
+    if modality == "atac":
+        noise = (rng.random((400, 300)) < 0.05).astype(np.float32)
+    else:
+        profile = rng.lognormal(size=200)
+        noise = rng.poisson(2000 * profile / profile.sum(), size=(400, 200)).astype(np.float32)
+    mdata.mod[modality].X = sp.csr_matrix(noise)
+    return mdata
+
+
+@pytest.mark.parametrize("noise", ["atac", "rna"])
+def test_train_leaves_out_an_expert_that_does_not_hold_on_new_cells(noise):
+    """select_experts=True with train()'s default validation split: the expert of a modality
+    that is noise is left out of the posterior at the end of the KL warm-up (its likelihood
+    stays); without validation cells or with too short a warm-up every expert stays, and by
+    default no check is made."""
+    mdata = _pair_with_noise(noise)
+    SCALE.setup_mudata(mdata)
+    scvi.settings.seed = 0
+    model = SCALE(mdata, n_centroids=3, select_experts=True, **SMALL)
+    # 23 steps per epoch: the check at the start of epoch 22 follows 506 steps
+    model.train(max_epochs=24, batch_size=16, n_epochs_kl_warmup=22, enable_progress_bar=False)
+    informative = "rna" if noise == "atac" else "atac"
+    assert model.module.expert_active.tolist() == [m != noise for m in ("atac", "rna")]
+    # every cell's latent is now its informative expert's
+    np.testing.assert_allclose(
+        model.get_latent_representation(),
+        model.get_latent_representation(modality=informative),
+        atol=1e-5,
+    )
+    if noise == "rna":
+        return
+    for kwargs in ({"train_size": 1.0}, {"n_epochs_kl_warmup": 2}):
+        model = SCALE(mdata, n_centroids=3, select_experts=True, **SMALL)
+        model.train(max_epochs=3, batch_size=16, enable_progress_bar=False, **kwargs)
+        assert model.module.expert_active.tolist() == [True, True]
+    model = SCALE(mdata, n_centroids=3, **SMALL)
+    assert model.module.select_experts is False
+    model.train(max_epochs=2, enable_progress_bar=False)
+    assert not any(type(c).__name__ == "ExpertCheckCallback" for c in model.trainer.callbacks)

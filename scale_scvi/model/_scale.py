@@ -24,6 +24,7 @@ from scale_scvi.module import ATAC, ATAC_KEY, JOINT, SCALEVAE, Modality, module_
 from scale_scvi.pp._counts import get_matrix, matrix_name
 from scale_scvi.pp._filter import check_peak_selection
 from scale_scvi.train import (
+    ExpertCheckCallback,
     FiniteLossGuard,
     FusedAdamW,
     GMMInitCallback,
@@ -157,7 +158,8 @@ class SCALE(
     **module_kwargs
         Further arguments of the module: :class:`~scale_scvi.module.SCALEVAE`, or for a
         MuData with RNA :class:`~scale_scvi.module.MultiSCALEVAE` (such as
-        ``likelihood_scale``, ``input_dropout``, ``posterior`` and ``mixture_weights``).
+        ``likelihood_scale``, ``input_dropout``, ``posterior``, ``mixture_weights`` and
+        ``select_experts``).
 
     Examples
     --------
@@ -563,6 +565,9 @@ class SCALE(
         callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
         # A query model of load_query_data has the reference's prior frozen: keep it, so
         # that query cells are assigned to the reference's components.
+        if prior_trains and getattr(self.module, "select_experts", False) and n_validation > 0:
+            # before the mixture is fitted: it is fitted to the posterior the check leaves
+            callbacks.append(ExpertCheckCallback(self._heldout_fit_fn(batch_size), gmm_init_epoch))
         if prior_trains:
             callbacks.append(
                 GMMInitCallback(
@@ -629,6 +634,16 @@ class SCALE(
             kwargs["drop_last"] = True
             return kwargs
         return datasplitter_kwargs
+
+    def _heldout_fit_fn(self, batch_size: int):
+        @torch.inference_mode()
+        def fit_fn(indices: np.ndarray) -> np.ndarray:
+            loader = self._make_data_loader(
+                adata=self.adata, indices=indices, batch_size=batch_size
+            )
+            return torch.cat([self.module.heldout_fit(t).cpu() for t in loader], -1).numpy()
+
+        return fit_fn
 
     def _gmm_latent_fn(self, batch_size: int):
         def latent_fn(indices: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -57,6 +57,7 @@ class _MODULE_KEYS(NamedTuple):
     X_RNA_KEY: str = "x_rna"
     MODALITY_FLAG_KEY: str = "modality_flag"
     MODALITY_MASK_KEY: str = "modality_mask"
+    EXPERT_MASK_KEY: str = "expert_mask"
     QZM_EXPERTS_KEY: str = "qzm_experts"
     QZV_EXPERTS_KEY: str = "qzv_experts"
     QZM_COMPONENTS_KEY: str = "qzm_components"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
@@ -95,6 +96,12 @@ class MultiSCALEVAE(SCALEModuleBase):
     ``posterior="moe"`` with learned weights collapses onto one expert, and with equal
     weights an uninformative expert drags the joint latent).
 
+    Learned weights follow how well each component explains the training cells, which an
+    encoder of a modality without signal can do by heart (a few open peaks are a fingerprint
+    of a cell). With ``select_experts=True`` training checks the experts once on held-out
+    cells (:meth:`select_experts_on`) and leaves out of the posterior a modality whose
+    expert makes the product explain them worse (its likelihood stays).
+
     A cell that lacks a modality (all zeros in it, or flagged through ``modality_flags``) is
     modelled by the modalities it has: its mixture and its likelihood leave the missing one
     out (and a product needs two experts it has).
@@ -129,6 +136,13 @@ class MultiSCALEVAE(SCALEModuleBase):
         cell, and its encoder can learn the training cells' latents by heart instead of a map
         that holds for new cells; dropping open peaks in each pass is a regularizer against
         that (measured in ``benchmarks/RESULTS.md``).
+    select_experts
+        ``True``: let :meth:`~scale_scvi.model.SCALE.train` leave out of the posterior a
+        modality whose encoder does not help explain cells held out from training (checked
+        once, at the end of the KL warm-up, by :meth:`select_experts_on`; see
+        :attr:`expert_active`). ``False`` (default) keeps every expert: on sci-CAR, whose
+        ATAC expert the check leaves out on every seed, the joint clusters did not improve
+        (``benchmarks/RESULTS.md``).
     modality_flags
         One row per category of the registered modality flag: which of ``(atac, rna)``
         a cell of that category has. ``None`` when no flag is registered.
@@ -152,6 +166,7 @@ class MultiSCALEVAE(SCALEModuleBase):
         mixture_weights: MixtureWeights | None = None,
         likelihood_scale: Mapping[str, float] | None = None,
         input_dropout: Mapping[str, float] | None = None,
+        select_experts: bool = False,
         modality_flags: Sequence[Sequence[bool]] | None = None,
         peak_index: Sequence[int] | None = None,
         **kwargs,
@@ -201,6 +216,13 @@ class MultiSCALEVAE(SCALEModuleBase):
         )
         self.posterior = posterior
         self.likelihood_scale = {m: float(likelihood_scale.get(m, 1.0)) for m in self.modalities}
+        self.select_experts = bool(select_experts) and len(self.modalities) > 1
+        #: Which modalities' experts the posterior uses (one flag per modality, in the order
+        #: of :attr:`modalities`). All on until the held-out check of
+        #: :meth:`select_experts_on` switches one off; a switched-off modality is still
+        #: modelled (its likelihood is in the objective) but no longer encoded into the
+        #: latent, except for cells that have no other modality.
+        self.register_buffer("expert_active", torch.ones(len(self.modalities), dtype=torch.bool))
 
         if modality_flags is None:
             flags = torch.ones((1, len(MODALITIES)), dtype=torch.bool)
@@ -249,6 +271,11 @@ class MultiSCALEVAE(SCALEModuleBase):
             if self._default_posterior:
                 self.posterior = "moe"
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # saved before the held-out check of the experts existed: every expert on
+        state_dict.setdefault(prefix + "expert_active", torch.ones_like(self.expert_active))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def settings(self) -> dict[str, str]:
@@ -302,6 +329,12 @@ class MultiSCALEVAE(SCALEModuleBase):
         mask = torch.stack(rows)
         return torch.where(mask.any(0, keepdim=True), mask, torch.ones_like(mask))
 
+    def expert_mask(self, modality_mask: torch.Tensor) -> torch.Tensor:
+        """Which experts encode each cell, ``(M, B)``: the modalities it has whose expert is
+        on (:attr:`expert_active`); a cell with none of those keeps every modality it has."""
+        active = modality_mask & self.expert_active.unsqueeze(-1)
+        return torch.where(active.any(0, keepdim=True), active, modality_mask)
+
     # ------------------------------------------------------------------ model
     @auto_move_data
     def inference(
@@ -340,12 +373,13 @@ class MultiSCALEVAE(SCALEModuleBase):
             variances.append(qz_v)
         qz_ms, qz_vs = torch.stack(means), torch.stack(variances)
         mask = self.modality_mask(x_atac, x_rna, modality_flag)
-        comp_ms, comp_vs, comp_mask = qz_ms, qz_vs, mask
+        experts = self.expert_mask(mask)
+        comp_ms, comp_vs, comp_mask = qz_ms, qz_vs, experts
         if self.posterior == "mopoe" and len(self.modalities) > 1:
-            poe_m, poe_v = product_of_experts(qz_ms, qz_vs, mask)
+            poe_m, poe_v = product_of_experts(qz_ms, qz_vs, experts)
             comp_ms = torch.cat([qz_ms, poe_m.unsqueeze(0)])
             comp_vs = torch.cat([qz_vs, poe_v.unsqueeze(0)])
-            comp_mask = torch.cat([mask, (mask.sum(0) > 1).unsqueeze(0)])
+            comp_mask = torch.cat([experts, (experts.sum(0) > 1).unsqueeze(0)])
         logits = self.component_logits if self.mixture_weights == "learned" else None
         log_weights = mixture_log_weights(comp_mask, logits).to(comp_ms.dtype)  # (C, B)
         weights = log_weights.exp()
@@ -367,6 +401,7 @@ class MultiSCALEVAE(SCALEModuleBase):
                 K.QZM_EXPERTS_KEY: qz_ms,
                 K.QZV_EXPERTS_KEY: qz_vs,
                 K.MODALITY_MASK_KEY: mask,
+                K.EXPERT_MASK_KEY: experts,
                 K.QZM_COMPONENTS_KEY: comp_ms,
                 K.QZV_COMPONENTS_KEY: comp_vs,
                 K.COMPONENT_MASK_KEY: comp_mask,
@@ -404,7 +439,7 @@ class MultiSCALEVAE(SCALEModuleBase):
         return product_of_experts(
             inference_outputs[K.QZM_EXPERTS_KEY],
             inference_outputs[K.QZV_EXPERTS_KEY],
-            inference_outputs[K.MODALITY_MASK_KEY],
+            inference_outputs[K.EXPERT_MASK_KEY],
         )
 
     def posterior_cluster_probabilities(
@@ -529,6 +564,63 @@ class MultiSCALEVAE(SCALEModuleBase):
             return total
 
         return log_likelihood
+
+    @torch.no_grad()
+    def heldout_fit(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """How well each candidate posterior explains the cells of a minibatch, ``(M + 1, B)``.
+
+        Row ``m`` is ``log p(x_1..M | z)`` (every modality, unweighted) at the mean of expert
+        ``m`` alone, the last row the same at the mean of the product of all experts; every
+        expert counts, whether on or off. ``NaN`` for a cell that lacks a modality. Read by
+        :meth:`select_experts_on` on cells held out from training.
+        """
+        out = self.inference(**self._get_inference_input(tensors))
+        mask = out[K.MODALITY_MASK_KEY]
+        qz_ms, qz_vs = out[K.QZM_EXPERTS_KEY], out[K.QZV_EXPERTS_KEY]
+        poe_m, _ = product_of_experts(qz_ms, qz_vs, mask)
+        z = torch.cat([qz_ms, poe_m.unsqueeze(0)])
+        ll = self._log_likelihood_fn(tensors, mask, z.device, scaled=False)(z)
+        return torch.where(mask.all(0), ll, torch.nan)
+
+    def select_experts_on(self, fit: torch.Tensor, z_threshold: float = 2.0) -> dict[str, float]:
+        """Switch off the expert of a modality that does not help explain held-out cells.
+
+        ``fit`` is :meth:`heldout_fit` of cells held out from training that have every
+        modality, ``(M + 1, N)``. The expert of modality ``m`` is switched off
+        (:attr:`expert_active`) when the posterior without it (with two modalities: the other
+        expert alone) explains these cells better than the product of every expert, in the
+        log-likelihood of all their modalities, by more than ``z_threshold`` standard errors
+        of the mean per-cell difference: its encoder then adds nothing that holds beyond the
+        training cells (the encoder of a modality that carries no signal learns the training
+        cells by heart, and its confident but meaningless means move the product, and with
+        it the latent, of every cell). Its likelihood stays in the objective. Where the
+        evidence is weaker every expert stays; if every expert would go, the one that
+        explains the cells best stays.
+
+        Returns the mean log-likelihood per held-out cell of each candidate (``"atac"``,
+        ``"rna"``, ``"product"``), for each modality the z-score of the evidence against its
+        expert (``"z_atac"``, ``"z_rna"``: positive where the product does worse with it),
+        and the number of cells.
+        """
+        if len(self.modalities) != 2:
+            raise ValueError("The held-out check of the experts needs two modalities.")
+        fit = fit.double()
+        n_cells = fit.shape[-1]
+        means = fit.mean(-1)
+        report: dict[str, float] = {m: float(means[i]) for i, m in enumerate(self.modalities)}
+        report["product"] = float(means[-1])
+        keep = []
+        for i, m in enumerate(self.modalities):
+            diff = fit[1 - i] - fit[-1]  # the other expert alone, against the product
+            se = diff.std() / math.sqrt(n_cells) if n_cells > 1 else torch.tensor(0.0)
+            z = float(diff.mean() / se) if se > 0 else 0.0
+            report[f"z_{m}"] = z
+            keep.append(z <= z_threshold)
+        if not any(keep):
+            keep[int(torch.argmax(means[:2]))] = True
+        self.expert_active.copy_(torch.tensor(keep, device=self.expert_active.device))
+        report["n_cells"] = n_cells
+        return report
 
     def joint_cluster_probabilities(self, inference_outputs: dict) -> torch.Tensor:
         """``q(c | x_1..M) = E_q(z|x_1..M)[p(c | z)]`` for the mixture of experts, ``(B, K)``.

@@ -2,12 +2,14 @@
 
 from ._datasplitter import SparseDataSplitter
 from ._denormal import flush_denormal
+from ._expert_check import ExpertCheckCallback
 from ._finite_guard import FiniteLossGuard, NonFiniteLossError
 from ._gmm_init import GMMInitCallback, fit_gmm
 from ._interrupt import InterruptRecorder
 from ._optim import FusedAdamW, InPlaceGradient
 
 __all__ = [
+    "ExpertCheckCallback",
     "FiniteLossGuard",
     "FusedAdamW",
     "GMMInitCallback",

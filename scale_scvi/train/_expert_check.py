@@ -1,0 +1,97 @@
+"""The held-out check of a multimodal model's experts, made once during training."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+
+logger = logging.getLogger(__name__)
+
+
+class ExpertCheckCallback(Callback):
+    """Leave out of the posterior a modality whose encoder does not help explain new cells.
+
+    At the start of epoch ``epoch`` (:meth:`~scale_scvi.model.SCALE.train` gives the end of
+    the KL warm-up, before the prior's mixture is fitted) the validation cells that have
+    every modality are encoded by each expert alone and by the product of the experts, and
+    :meth:`~scale_scvi.module.MultiSCALEVAE.select_experts_on` switches off the expert of a
+    modality whose absence explains them at least as well. Nothing happens without
+    validation cells (``train_size=1.0``), with fewer than ``min_cells`` of them paired, or
+    when fewer than ``min_steps`` optimizer steps precede the check (an encoder that has
+    barely trained tells nothing about its modality; the default schedule makes about
+    1,000 before the end of its warm-up).
+
+    Parameters
+    ----------
+    fit_fn
+        Indices of cells -> :meth:`~scale_scvi.module.MultiSCALEVAE.heldout_fit` of those
+        cells, ``(M + 1, n)``.
+    epoch
+        Epoch at whose start the check is made.
+    min_cells
+        Fewest paired validation cells the check is made on.
+    min_steps
+        Fewest optimizer steps before the check.
+    """
+
+    def __init__(
+        self,
+        fit_fn: Callable[[np.ndarray], np.ndarray],
+        epoch: int,
+        min_cells: int = 10,
+        min_steps: int = 500,
+    ):
+        super().__init__()
+        self.fit_fn = fit_fn
+        self.epoch = epoch
+        self.min_cells = min_cells
+        self.min_steps = min_steps
+        #: What the check measured (``None`` until it is made, or when it was not).
+        self.report: dict | None = None
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch != self.epoch:
+            return
+        if trainer.global_step < self.min_steps:
+            logger.info(
+                "Held-out check of the experts skipped: %d optimizer steps before it, fewer "
+                "than %d.",
+                trainer.global_step,
+                self.min_steps,
+            )
+            return
+        module = pl_module.module
+        fit = None
+        if trainer.is_global_zero:
+            indices = getattr(trainer.datamodule, "val_idx", None)
+            if indices is not None and len(indices) > 0:
+                was_training = module.training
+                module.eval()
+                try:
+                    fit = np.asarray(self.fit_fn(np.asarray(indices)))
+                finally:
+                    module.train(was_training)
+                fit = fit[:, ~np.isnan(fit).any(0)]
+                if fit.shape[1] < self.min_cells:
+                    fit = None
+        fit = trainer.strategy.broadcast(fit, src=0)
+        if fit is None:
+            logger.info(
+                "Held-out check of the experts skipped: fewer than %d validation cells with "
+                "every modality.",
+                self.min_cells,
+            )
+            return
+        self.report = module.select_experts_on(torch.as_tensor(fit))
+        off = [m for m, on in zip(module.modalities, module.expert_active, strict=True) if not on]
+        logger.info(
+            "Held-out check of the experts (log-likelihood per validation cell: %s): %s.",
+            ", ".join(f"{k} {v:.2f}" for k, v in self.report.items() if k != "n_cells"),
+            f"the {' and '.join(off)} expert left out of the posterior"
+            if off
+            else "every expert kept",
+        )
