@@ -563,11 +563,12 @@ class SCALE(
             }
         )
         callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
+        # The held-out check of the experts comes before the mixture is fitted, which is
+        # fitted to the posterior the check leaves.
+        if prior_trains and getattr(self.module, "select_experts", False) and n_validation > 0:
+            callbacks.append(ExpertCheckCallback(self._heldout_fit_fn(batch_size), gmm_init_epoch))
         # A query model of load_query_data has the reference's prior frozen: keep it, so
         # that query cells are assigned to the reference's components.
-        if prior_trains and getattr(self.module, "select_experts", False) and n_validation > 0:
-            # before the mixture is fitted: it is fitted to the posterior the check leaves
-            callbacks.append(ExpertCheckCallback(self._heldout_fit_fn(batch_size), gmm_init_epoch))
         if prior_trains:
             callbacks.append(
                 GMMInitCallback(

@@ -612,8 +612,8 @@ class MultiSCALEVAE(SCALEModuleBase):
         keep = []
         for i, m in enumerate(self.modalities):
             diff = fit[1 - i] - fit[-1]  # the other expert alone, against the product
-            se = diff.std() / math.sqrt(n_cells) if n_cells > 1 else torch.tensor(0.0)
-            z = float(diff.mean() / se) if se > 0 else 0.0
+            se = float(diff.std()) / math.sqrt(n_cells)  # NaN for one cell: no evidence
+            z = float(diff.mean()) / se if se > 0 else 0.0
             report[f"z_{m}"] = z
             keep.append(z <= z_threshold)
         if not any(keep):

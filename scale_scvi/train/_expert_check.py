@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from ._eval_mode import eval_mode
+
 logger = logging.getLogger(__name__)
 
 
@@ -69,12 +71,8 @@ class ExpertCheckCallback(Callback):
         if trainer.is_global_zero:
             indices = getattr(trainer.datamodule, "val_idx", None)
             if indices is not None and len(indices) > 0:
-                was_training = module.training
-                module.eval()
-                try:
+                with eval_mode(module):
                     fit = np.asarray(self.fit_fn(np.asarray(indices)))
-                finally:
-                    module.train(was_training)
                 fit = fit[:, ~np.isnan(fit).any(0)]
                 if fit.shape[1] < self.min_cells:
                     fit = None

@@ -12,6 +12,8 @@ from lightning.pytorch.callbacks import Callback
 from sklearn.cluster import KMeans
 from sklearn.mixture import GaussianMixture
 
+from ._eval_mode import eval_mode
+
 logger = logging.getLogger(__name__)
 
 GMM_INIT_METHODS = ("kmeans", "em", "leiden")
@@ -411,12 +413,8 @@ class GMMInitCallback(Callback):
     def _rows(self, trainer, module) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """Posterior means, variances and row weights of the training cells."""
         indices = getattr(trainer.datamodule, "train_idx", None)
-        was_training = module.training
-        module.eval()
-        try:
+        with eval_mode(module):
             rows = self.latent_fn(indices)
-        finally:
-            module.train(was_training)
         rows = rows if isinstance(rows, tuple) else (rows,)
         return tuple(rows) + (None,) * (3 - len(rows))
 
