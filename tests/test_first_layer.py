@@ -106,14 +106,16 @@ def test_fused_adamw_matches_torch_adamw(max_grad_norm, sparse):
     opt3.load_state_dict(opt2.state_dict())
 
 
+# 0.05: the sparse product; 0.3: above DENSE_BACKWARD_DENSITY, the dense product
+@pytest.mark.parametrize("density", [0.05, 0.3])
 @pytest.mark.parametrize("n_cat_list", [[], [3]])
-def test_inplace_weight_gradient_equals_autograd(n_cat_list):
+def test_inplace_weight_gradient_equals_autograd(n_cat_list, density):
     """The sparse path writes dW into weight.grad itself: same values as autograd's,
     accumulated over backward passes, column-major, and kept (zeroed) by zero_grad."""
     torch.manual_seed(0)
     enc = SCALEEncoder(40, 4, (16, 8), n_cat_list=n_cat_list, n_cont=1)
     weight = enc.layers[0].fc_layers[0][0].weight
-    dense, sparse = _batch(density=0.05)
+    dense, sparse = _batch(density=density)
     cats, cont = _covariates(n_cat_list)
 
     def loss(x):
@@ -143,10 +145,15 @@ def test_inplace_weight_gradient_equals_autograd(n_cat_list):
     assert all(p.grad is None for p in enc.parameters() if p is not weight)
 
 
-def test_zero_grad_clears_every_written_row():
+# 0.0: the whole gradient zeroed in one pass; 2.0: only the written rows, row by row
+@pytest.mark.parametrize("zero_all_fraction", [0.0, 2.0])
+def test_zero_grad_clears_every_written_row(zero_all_fraction, monkeypatch):
     """zero_grad zeroes only the rows the sparse path wrote, and everything once a dense
     (autograd) pass has written the gradient, also when it runs between forward and
     backward as in Lightning's loop."""
+    from scale_scvi.module import _components
+
+    monkeypatch.setattr(_components, "ZERO_ALL_ROWS_FRACTION", zero_all_fraction)
     torch.manual_seed(0)
     enc = SCALEEncoder(40, 4, (16, 8), n_cat_list=[3])
     weight = enc.layers[0].fc_layers[0][0].weight
@@ -183,14 +190,15 @@ def test_fused_adamw_rejects_a_bad_clipping_norm():
         FusedAdamW(SCALEEncoder(4, 2, (3,)).parameters(), max_grad_norm=0)
 
 
+@pytest.mark.parametrize("density", [0.05, 0.3])
 @pytest.mark.parametrize("n_cat_list", [[], [3]])
-def test_sparse_backward_gives_the_gradient_norm(n_cat_list):
+def test_sparse_backward_gives_the_gradient_norm(n_cat_list, density):
     """The squared norm the sparse backward leaves for the optimizer's clipping is that of
     the gradient, and stops counting once the gradient changes (a second backward)."""
     torch.manual_seed(0)
     enc = SCALEEncoder(40, 4, (16, 8), n_cat_list=n_cat_list, n_cont=1)
     weight = enc.layers[0].fc_layers[0][0].weight
-    _, sparse = _batch(density=0.1)
+    _, sparse = _batch(density=density)
     cats, cont = _covariates(n_cat_list)
     opt = FusedAdamW(enc.parameters(), max_grad_norm=1e-3, in_place_layers=[enc.first_layer])
 

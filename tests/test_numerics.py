@@ -307,3 +307,27 @@ def test_gmm_init_method_is_checked() -> None:
 def test_fit_gmm_rejects_what_it_cannot_fit(latent: np.ndarray, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         fit_gmm(latent, n_components=5)
+
+
+def test_finite_check_of_the_module_state_finds_any_non_finite_value() -> None:
+    """The guard's one-pass check (float64 sums) sees a NaN or an infinity in any floating
+    tensor, float64 ones included, and ignores integer buffers."""
+    from scale_scvi.train._finite_guard import FiniteLossGuard
+
+    module = torch.nn.Linear(3, 2)
+    module.register_buffer("index", torch.arange(4))
+    module.register_buffer("wide", torch.ones(2, dtype=torch.float64))
+    assert FiniteLossGuard._finite(module)
+    big = torch.full((2, 3), torch.finfo(torch.float32).max)  # sums beyond float32's range
+    with torch.no_grad():
+        module.weight.copy_(big)
+    assert FiniteLossGuard._finite(module)
+    for name, value in [("weight", float("nan")), ("bias", float("-inf")), ("wide", float("inf"))]:
+        tensor = getattr(module, name)
+        kept = tensor.detach().clone()
+        with torch.no_grad():
+            tensor.view(-1)[-1] = value
+        assert not FiniteLossGuard._finite(module), name
+        with torch.no_grad():
+            tensor.copy_(kept)
+    assert FiniteLossGuard._finite(module)

@@ -8,6 +8,15 @@ import torch
 from scvi.nn import FCLayers
 from torch import nn
 
+#: Above this fraction of stored values, the first layer's weight gradient of a sparse
+#: minibatch is one dense product (measured on one CPU thread at 32 cells x 5,036 peaks:
+#: dense 4.4 ms against sparse 6.5 ms at 22 % stored, equal at 10 %, sparse 2x faster at 2 %).
+DENSE_BACKWARD_DENSITY = 0.1
+#: Once the rows written since the last ``zero_grad`` reach this fraction of the first
+#: layer's gradient, the whole gradient is zeroed in one pass (a row-by-row fill costs
+#: about four times as much per row).
+ZERO_ALL_ROWS_FRACTION = 0.25
+
 
 def _covariate_list(
     fc: FCLayers, x: torch.Tensor, cat_list: Sequence[torch.Tensor], cont: torch.Tensor | None
@@ -187,8 +196,12 @@ class SparseFirstLayer:
                 grad.zero_()
             else:
                 grad_t = grad.t()
-                for rows in self._rows_written:
-                    grad_t.index_fill_(0, rows, 0.0)
+                n_rows = sum(rows.numel() for rows in self._rows_written)
+                if n_rows >= ZERO_ALL_ROWS_FRACTION * grad_t.shape[0]:
+                    grad.zero_()  # one pass over memory beats a fill row by row
+                else:
+                    for rows in self._rows_written:
+                        grad_t.index_fill_(0, rows, 0.0)
         self._rows_written = []
         self._sq_norm = None
         return owned
@@ -264,16 +277,22 @@ class _SparseInputLinear(torch.autograd.Function):
             layer._own_grad = weight.grad
             layer._rows_written = []
         grad_t = weight.grad.t()
-        x_csc = x.to_sparse_csc()  # the CSR of x^T, (n_in, B)
-        x_t = torch.sparse_csr_tensor(
-            x_csc.ccol_indices(),
-            x_csc.row_indices(),
-            x_csc.values().to(grad_h.dtype),
-            (n_in, x.shape[0]),
-            check_invariants=False,
-        )
+        if x.values().numel() > DENSE_BACKWARD_DENSITY * x.shape[0] * n_in:
+            # a dense product is faster once a tenth of the minibatch is stored
+            x_t = x.to_dense().to(grad_h.dtype).t()
+            open_in = torch.bincount(x.col_indices(), minlength=n_in)
+        else:
+            x_csc = x.to_sparse_csc()  # the CSR of x^T, (n_in, B)
+            x_t = torch.sparse_csr_tensor(
+                x_csc.ccol_indices(),
+                x_csc.row_indices(),
+                x_csc.values().to(grad_h.dtype),
+                (n_in, x.shape[0]),
+                check_invariants=False,
+            )
+            open_in = x_t.crow_indices().diff()
         grad_t[:n_in].addmm_(x_t, grad_h)
-        written = torch.nonzero(x_t.crow_indices().diff()).squeeze(-1)  # the open peaks
+        written = torch.nonzero(open_in).squeeze(-1)  # the open peaks
         if covs is not None:
             grad_t[n_in:].addmm_(covs.t(), grad_h)
             written = torch.cat([written, torch.arange(n_in, grad_t.shape[0], device=x.device)])
@@ -281,7 +300,8 @@ class _SparseInputLinear(torch.autograd.Function):
         def sq_norm() -> torch.Tensor:
             # ||x^T g||^2 = sum((x x^T) * (g g^T)): two (B, B) products instead of a pass
             # over the whole gradient
-            value = ((x @ x_t).to_dense() * (grad_h @ grad_h.t())).sum()
+            gram = x_t.t() @ x_t if x_t.layout == torch.strided else (x @ x_t).to_dense()
+            value = (gram * (grad_h @ grad_h.t())).sum()
             if covs is not None:
                 value = value + (covs.t() @ grad_h).pow(2).sum()
             return value
