@@ -716,6 +716,47 @@ def test_a_switched_off_expert_encodes_only_cells_without_the_other():
     assert fresh.expert_active.tolist() == [True, True]
 
 
+def test_a_switched_off_modality_is_decoded_without_moving_the_latent():
+    """With the ATAC expert off, the ATAC likelihood still trains the ATAC decoder, but its
+    gradient stops at the latent of cells encoded by the RNA expert (the RNA encoder gets
+    none of it); a cell with ATAC only is still encoded, and trained, through its expert."""
+    torch.manual_seed(0)
+    module = MultiSCALEVAE(
+        n_input_atac=20, n_input_rna=15, n_centroids=3, likelihood_scale={"rna": 1e-30}, **SMALL
+    )
+    atac = (torch.rand(4, 20) < 0.3).float()
+    rna = torch.poisson(torch.full((4, 15), 3.0))
+
+    def grads(rna_in):
+        module.zero_grad()
+        tensors = {
+            REGISTRY_KEYS.ATAC_X_KEY: atac,
+            REGISTRY_KEYS.X_KEY: rna_in,
+            REGISTRY_KEYS.BATCH_KEY: torch.zeros(4, 1),
+        }
+        _, _, loss = module(tensors, loss_kwargs={"kl_weight": 0.0})
+        loss.loss.backward()
+        first = lambda enc: next(enc.parameters()).grad  # noqa: E731
+        return (
+            first(module.encoders["rna"]),
+            first(module.encoders["atac"]),
+            module.decoders["atac"],
+        )
+
+    g_rna, _, dec = grads(rna)
+    assert g_rna is not None and g_rna.abs().sum() > 0  # both experts on: ATAC moves z
+    module.expert_active.copy_(torch.tensor([False, True]))
+    g_rna, g_atac, dec = grads(rna)
+    # the RNA likelihood weighs 1e-30 and the KL 0: only the ATAC likelihood could move it
+    assert g_rna is None or float(g_rna.abs().max()) < 1e-20
+    assert g_atac is None or not g_atac.any()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in dec.parameters())
+    rna_one_missing = rna.clone()
+    rna_one_missing[0] = 0.0  # a cell with ATAC only: its expert encodes it and learns
+    _, g_atac, _ = grads(rna_one_missing)
+    assert g_atac is not None and g_atac.abs().sum() > 0
+
+
 def _pair_with_noise(modality: str, seed: int = 0):
     """400 paired cells of 3 types in which one modality is noise: ATAC the same random
     draw for every type (about 15 of 300 peaks open per cell), or RNA counts of one profile

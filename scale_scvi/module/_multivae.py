@@ -140,9 +140,11 @@ class MultiSCALEVAE(SCALEModuleBase):
         ``True``: let :meth:`~scale_scvi.model.SCALE.train` leave out of the posterior a
         modality whose encoder does not help explain cells held out from training (checked
         once, at the end of the KL warm-up, by :meth:`select_experts_on`; see
-        :attr:`expert_active`). ``False`` (default) keeps every expert: on sci-CAR, whose
-        ATAC expert the check leaves out on every seed, the joint clusters did not improve
-        (``benchmarks/RESULTS.md``).
+        :attr:`expert_active`). The modality's likelihood stays in the objective and its
+        decoder keeps learning, but from then on it no longer moves the latent of cells
+        that have another modality (its gradient stops at ``z``): the latent is shaped by
+        the modalities whose experts generalize, and the other is predicted from it.
+        ``False`` (default) keeps every expert (measurements in ``benchmarks/RESULTS.md``).
     modality_flags
         One row per category of the registered modality flag: which of ``(atac, rna)``
         a cell of that category has. ``None`` when no flag is registered.
@@ -548,16 +550,29 @@ class MultiSCALEVAE(SCALEModuleBase):
             data[RNA] = _dense(tensors[RNA_KEY].to(device))
         present = dict(zip(self.modalities, mask.bool(), strict=True))
         scales = {m: (self.likelihood_scale[m] if scaled else 1.0) for m in self.modalities}
+        # A modality whose expert is off (select_experts) is decoded from the latent the
+        # other experts give without moving it: its gradient stops at z. Cells that have only
+        # that modality are encoded by its expert, and their latent follows it as usual.
+        encoded = dict(zip(self.modalities, self.expert_mask(mask.bool()), strict=True))
+        detached = {
+            m: None if bool(self.expert_active[i]) else encoded[m].unsqueeze(-1)
+            for i, m in enumerate(self.modalities)
+        }
+
+        def latent_for(m: str, z: torch.Tensor) -> torch.Tensor:
+            keep = detached[m]
+            return z if keep is None else torch.where(keep, z, z.detach())
 
         def log_likelihood(z: torch.Tensor) -> torch.Tensor:
             total = torch.zeros(z.shape[:-1], dtype=z.dtype, device=z.device)
             if ATAC in self.modalities:
-                logits = self.decoders[ATAC](z, *cats, cont=cont) + atac_offset
+                z_atac = latent_for(ATAC, z)
+                logits = self.decoders[ATAC](z_atac, *cats, cont=cont) + atac_offset
                 ll = bernoulli_log_likelihood(logits, data[ATAC])
                 total = total + scales[ATAC] * torch.where(present[ATAC], ll, 0.0)
             if RNA in self.modalities:
                 x = data[RNA]
-                scale = torch.softmax(self.decoders[RNA](z, *cats, cont=cont), dim=-1)
+                scale = torch.softmax(self.decoders[RNA](latent_for(RNA, z), *cats, cont=cont), -1)
                 mu = x.sum(-1, keepdim=True) * scale
                 ll = NegativeBinomial(mu=mu, theta=self.px_r.exp()).log_prob(x).sum(-1)
                 total = total + scales[RNA] * torch.where(present[RNA], ll, 0.0)
@@ -593,7 +608,8 @@ class MultiSCALEVAE(SCALEModuleBase):
         of the mean per-cell difference: its encoder then adds nothing that holds beyond the
         training cells (the encoder of a modality that carries no signal learns the training
         cells by heart, and its confident but meaningless means move the product, and with
-        it the latent, of every cell). Its likelihood stays in the objective. Where the
+        it the latent, of every cell). Its likelihood stays in the objective, decoded from
+        the latent without moving it (see ``select_experts``). Where the
         evidence is weaker every expert stays; if every expert would go, the one that
         explains the cells best stays.
 
