@@ -553,15 +553,12 @@ class MultiSCALEVAE(SCALEModuleBase):
         # A modality whose expert is off (select_experts) is decoded from the latent the
         # other experts give without moving it: its gradient stops at z. Cells that have only
         # that modality are encoded by its expert, and their latent follows it as usual.
-        encoded = dict(zip(self.modalities, self.expert_mask(mask.bool()), strict=True))
-        detached = {
-            m: None if bool(self.expert_active[i]) else encoded[m].unsqueeze(-1)
-            for i, m in enumerate(self.modalities)
-        }
+        # Tensor operations only: no host synchronization per minibatch.
+        moves = self.expert_mask(mask.bool()) | self.expert_active.unsqueeze(-1)  # (M, B)
+        moves_z = dict(zip(self.modalities, moves.unsqueeze(-1), strict=True))
 
         def latent_for(m: str, z: torch.Tensor) -> torch.Tensor:
-            keep = detached[m]
-            return z if keep is None else torch.where(keep, z, z.detach())
+            return torch.where(moves_z[m], z, z.detach())
 
         def log_likelihood(z: torch.Tensor) -> torch.Tensor:
             total = torch.zeros(z.shape[:-1], dtype=z.dtype, device=z.device)
