@@ -43,6 +43,10 @@ CONFIGS: dict[str, dict] = {
     "all_peaks": {"setup": {"min_fraction": None, "n_top_peaks": None}},
     "steps3000": {"train": {"n_steps": 3000}},
     "steps6000": {"train": {"n_steps": 6000}},
+    "hidden256": {"model": {"n_hidden": [256, 128]}},
+    "batch64_steps2000": {"train": {"batch_size": 64, "n_steps": 2000}},
+    "batch128_steps1000": {"train": {"batch_size": 128, "n_steps": 1000}},
+    "lr_cosine": {"lr_schedule": "cosine"},  # see _cosine_lr_decay
 }
 
 
@@ -95,6 +99,25 @@ def run_lsi(adata, seed: int) -> dict:
     return {"latent": latent, "train_s": time.perf_counter() - t0}
 
 
+def _cosine_lr_decay():
+    """Callback: the learning rate decayed by a cosine from the end of the KL warm-up (a
+    quarter of the epochs, the default) to 0 at the last epoch."""
+    import math
+
+    from lightning.pytorch.callbacks import Callback
+
+    class CosineLrDecay(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            warm = max(1, trainer.max_epochs // 4)
+            t = max(0.0, (trainer.current_epoch - warm) / max(1, trainer.max_epochs - warm))
+            for opt in trainer.optimizers:
+                for group in opt.param_groups:
+                    group.setdefault("initial_lr", group["lr"])
+                    group["lr"] = group["initial_lr"] * 0.5 * (1 + math.cos(math.pi * t))
+
+    return CosineLrDecay()
+
+
 def run_scale(adata, seed: int, config: dict) -> dict:
     import scvi
     import torch
@@ -111,8 +134,13 @@ def run_scale(adata, seed: int, config: dict) -> dict:
         from scale_scvi.model._scale import default_max_epochs
 
         train_kwargs["max_epochs"] = default_max_epochs(
-            adata.n_obs, 1.0, 32, n_steps=train_kwargs.pop("n_steps")
+            adata.n_obs,
+            train_kwargs.get("train_size", 0.9),
+            train_kwargs.get("batch_size", 32),
+            n_steps=train_kwargs.pop("n_steps"),
         )
+    if config.get("lr_schedule") == "cosine":
+        train_kwargs["callbacks"] = [_cosine_lr_decay()]
     SCALE.setup_anndata(adata, **config.get("setup", {}))
     model = SCALE(adata, **model_kwargs)
     t0 = time.perf_counter()
