@@ -91,6 +91,22 @@ VARIANTS: dict[str, tuple[tuple[str, ...], dict, dict]] = {
     "joint_atac0.01": (("atac", "rna"), {"likelihood_scale": {"atac": 0.01}}, {}),
     # the default with the held-out check of the experts
     "joint_select_experts": (("atac", "rna"), {"select_experts": True}, {}),
+    # the default with the ATAC expert off from the first step (what the held-out check
+    # decides on this pair): the ATAC likelihood decoded from the RNA expert's latent,
+    # without moving it (see EXPERTS_OFF)
+    "joint_atac_expert_off": (("atac", "rna"), {}, {}),
+    # the same, and the RNA alone, without gradient clipping (the clipping is on the norm of
+    # every gradient, the ATAC decoder's included)
+    "joint_atac_expert_off_noclip": (("atac", "rna"), {}, {"gradient_clip_val": None}),
+    "rna_noclip": (("rna",), {}, {"gradient_clip_val": None}),
+    # the ATAC expert off from the start and its likelihood weighted down to nothing
+    "joint_atac_expert_off_scale1e-6": (("atac", "rna"), {"likelihood_scale": {"atac": 1e-6}}, {}),
+}
+# Variants whose posterior leaves these modalities' experts out from the start.
+EXPERTS_OFF = {
+    "joint_atac_expert_off": ("atac",),
+    "joint_atac_expert_off_noclip": ("atac",),
+    "joint_atac_expert_off_scale1e-6": ("atac",),
 }
 DEFAULT_VARIANTS = ("scale_joint", "scale_atac", "scale_rna")
 
@@ -219,6 +235,8 @@ def run_scale(name, atac, rna, train_idx, test_idx, labels, lognorm_test, seed, 
         mapping = {f"{m}_layer": m for m in modalities}
         SCALE.setup_mudata(data, modalities=mapping)
     model = SCALE(data, **model_kwargs)
+    for modality in EXPERTS_OFF.get(name, ()):
+        model.module.expert_active[model.module.modalities.index(modality)] = False
     start = time.perf_counter()
     # The held-out tenth is the validation set, as train()'s default split would hold one
     # out: never trained on, and what the joint model's held-out check of its experts reads.
