@@ -99,6 +99,9 @@ VARIANTS: dict[str, tuple[tuple[str, ...], dict, dict]] = {
     # every gradient, the ATAC decoder's included)
     "joint_atac_expert_off_noclip": (("atac", "rna"), {}, {"gradient_clip_val": None}),
     "rna_noclip": (("rna",), {}, {"gradient_clip_val": None}),
+    # the ATAC expert off from the start, and the RNA side started at the weights an RNA-only
+    # model of the same seed starts at (see SAME_START_AS_RNA)
+    "joint_atac_expert_off_rna_start": (("atac", "rna"), {}, {}),
     # the ATAC expert off from the start and its likelihood weighted down to nothing
     "joint_atac_expert_off_scale1e-6": (("atac", "rna"), {"likelihood_scale": {"atac": 1e-6}}, {}),
 }
@@ -107,7 +110,10 @@ EXPERTS_OFF = {
     "joint_atac_expert_off": ("atac",),
     "joint_atac_expert_off_noclip": ("atac",),
     "joint_atac_expert_off_scale1e-6": ("atac",),
+    "joint_atac_expert_off_rna_start": ("atac",),
 }
+# Variants whose RNA encoder, decoder, dispersion and prior start where `scale_rna`'s do.
+SAME_START_AS_RNA = {"joint_atac_expert_off_rna_start"}
 DEFAULT_VARIANTS = ("scale_joint", "scale_atac", "scale_rna")
 
 
@@ -235,6 +241,17 @@ def run_scale(name, atac, rna, train_idx, test_idx, labels, lognorm_test, seed, 
         mapping = {f"{m}_layer": m for m in modalities}
         SCALE.setup_mudata(data, modalities=mapping)
     model = SCALE(data, **model_kwargs)
+    if name in SAME_START_AS_RNA:
+        scvi.settings.seed = seed
+        rna_data = make_mudata(atac, rna)
+        SCALE.setup_mudata(rna_data, modalities={"rna_layer": "rna"})
+        start_from = SCALE(rna_data, **model_kwargs).module
+        for part in ("encoders", "decoders"):
+            getattr(model.module, part)["rna"].load_state_dict(
+                getattr(start_from, part)["rna"].state_dict()
+            )
+        model.module.px_r.data.copy_(start_from.px_r.data)
+        model.module.prior.load_state_dict(start_from.prior.state_dict())
     for modality in EXPERTS_OFF.get(name, ()):
         model.module.expert_active[model.module.modalities.index(modality)] = False
     start = time.perf_counter()
