@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import inspect
 import json
 import os
 import time
@@ -133,10 +134,11 @@ def run_scale(adata, seed: int, config: dict) -> dict:
     if "n_steps" in train_kwargs:
         from scale_scvi.model._scale import default_max_epochs
 
+        defaults = inspect.signature(SCALE.train).parameters
         train_kwargs["max_epochs"] = default_max_epochs(
             adata.n_obs,
-            train_kwargs.get("train_size", 0.9),
-            train_kwargs.get("batch_size", 32),
+            train_kwargs.get("train_size", defaults["train_size"].default),
+            train_kwargs.get("batch_size", defaults["batch_size"].default),
             n_steps=train_kwargs.pop("n_steps"),
         )
     if config.get("lr_schedule") == "cosine":
