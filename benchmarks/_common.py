@@ -160,6 +160,30 @@ def label_scores(pred: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     }
 
 
+def freeze_pre_norm_biases(module) -> int:
+    """Stop training the biases of the linear layers that batch norm follows; return how many.
+
+    In training, batch norm subtracts each unit's minibatch mean, so the objective does not
+    depend on these biases: their gradient is rounding noise, which Adam's normalization
+    turns into steps of the learning rate's size (``benchmarks/multiome_trajectory.py``), and
+    in evaluation the running means follow them with a lag.
+    """
+    import torch
+
+    n = 0
+    for m in module.modules():
+        if (
+            isinstance(m, torch.nn.Sequential)
+            and len(m) > 1
+            and isinstance(m[0], torch.nn.Linear)
+            and isinstance(m[1], torch.nn.BatchNorm1d)
+            and m[0].bias is not None
+        ):
+            m[0].bias.requires_grad_(False)
+            n += 1
+    return n
+
+
 def _vm_hwm_mb(pid: int) -> float:
     """Peak resident set size of a running process (``VmHWM``), MB; 0 where unreadable."""
     try:

@@ -27,6 +27,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import numpy as np
+from _common import freeze_pre_norm_biases
 
 RESULTS = Path(__file__).resolve().parent / "results" / "defaults_search.csv"
 DATASETS = {
@@ -48,6 +49,9 @@ CONFIGS: dict[str, dict] = {
     "batch64_steps2000": {"train": {"batch_size": 64, "n_steps": 2000}},
     "batch128_steps1000": {"train": {"batch_size": 128, "n_steps": 1000}},
     "lr_cosine": {"lr_schedule": "cosine"},  # see _cosine_lr_decay
+    # the encoders' linear biases that batch norm follows kept at their initial values (see
+    # _common.freeze_pre_norm_biases)
+    "frozen_pre_norm_biases": {"freeze_pre_norm_biases": True},
 }
 
 
@@ -145,6 +149,8 @@ def run_scale(adata, seed: int, config: dict) -> dict:
         train_kwargs["callbacks"] = [_cosine_lr_decay()]
     SCALE.setup_anndata(adata, **config.get("setup", {}))
     model = SCALE(adata, **model_kwargs)
+    if config.get("freeze_pre_norm_biases") and not freeze_pre_norm_biases(model.module):
+        raise RuntimeError("No linear layer followed by batch norm was found.")
     t0 = time.perf_counter()
     model.train(**train_kwargs)
     train_s = time.perf_counter() - t0
