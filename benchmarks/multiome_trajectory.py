@@ -16,8 +16,10 @@ trains the two side by side, step for step, from the same start and on the same 
   learning rate 3e-3, weight decay 5e-4, clipping at 10, KL weight rising over 7 epochs).
 
 It prints, at a few steps, the relative difference between the two RNA encoders' posterior
-means on 512 fixed training cells (in evaluation mode), and the largest relative difference
-of any RNA encoder and decoder parameter. ``--bias-grads`` also prints, for the first steps,
+means on 512 fixed training cells (in evaluation mode), the largest relative difference of
+any RNA encoder and decoder parameter, and for each model the median and the range of the
+factor by which clipping divided the gradient over the steps so far (its total norm over the
+limit of 10; 1 for a step that was not clipped). ``--bias-grads`` also prints, for the first steps,
 the parameters whose gradients differ by more than 1e-4 relative, with their norms.
 ``--freeze-pre-norm-biases`` keeps the biases of the linear layers that batch norm follows at
 their initial values in both models (in training, batch norm subtracts any constant per
@@ -129,6 +131,7 @@ def main(argv=None):
     steps_per_epoch = int(np.ceil(len(order) / BATCH_SIZE))
     warmup = 7 * steps_per_epoch
     step = 0
+    scales: dict[str, list[float]] = {name: [] for name in models}
     with flush_denormal():
         while step < args.steps:
             for t_alone, t_joint in zip(
@@ -150,6 +153,7 @@ def main(argv=None):
                             for n, p in module.named_parameters()
                             if p.grad is not None and ("rna" in n or "prior" in n or n == "px_r")
                         }
+                    scales[name].append(float(optimizers[name]._grad_scale()))
                     optimizers[name].step()
                 for n, g in grads.get("rna", {}).items():
                     other = grads["joint"].get(n)
@@ -175,9 +179,14 @@ def main(argv=None):
                             getattr(alone, part)["rna"].parameters(),
                         )
                     )
+                    clip = ", ".join(
+                        f"{name} {np.median(v):.2f} ({min(v):.2f}-{max(v):.2f})"
+                        for name, v in scales.items()
+                    )
                     print(
                         f"step {step}: posterior means differ by {latent:.2e}, "
-                        f"parameters by at most {params:.2e}",
+                        f"parameters by at most {params:.2e}; clipping divided the "
+                        f"gradient by {clip}",
                         flush=True,
                     )
                 if step >= args.steps:
