@@ -145,6 +145,15 @@ def make_mudata(atac: ad.AnnData, rna: ad.AnnData, rna_zero: np.ndarray | None =
     return MuData(mods)
 
 
+def copy_rna_side(source, target) -> None:
+    """Copy the RNA encoder, decoder and dispersion and the prior of module ``source``
+    into module ``target`` (an RNA-only model's start into a joint model)."""
+    for part in ("encoders", "decoders"):
+        getattr(target, part)["rna"].load_state_dict(getattr(source, part)["rna"].state_dict())
+    target.px_r.data.copy_(source.px_r.data)
+    target.prior.load_state_dict(source.prior.state_dict())
+
+
 def cluster_metrics(latent: np.ndarray, labels: np.ndarray, seed: int) -> dict[str, float]:
     pred = KMeans(n_clusters=N_TYPES, n_init=20, random_state=seed).fit_predict(latent)
     return {
@@ -240,13 +249,7 @@ def run_scale(name, atac, rna, train_idx, test_idx, labels, lognorm_test, seed, 
         scvi.settings.seed = seed
         rna_data = make_mudata(atac, rna)
         SCALE.setup_mudata(rna_data, modalities={"rna_layer": "rna"})
-        start_from = SCALE(rna_data, **model_kwargs).module
-        for part in ("encoders", "decoders"):
-            getattr(model.module, part)["rna"].load_state_dict(
-                getattr(start_from, part)["rna"].state_dict()
-            )
-        model.module.px_r.data.copy_(start_from.px_r.data)
-        model.module.prior.load_state_dict(start_from.prior.state_dict())
+        copy_rna_side(SCALE(rna_data, **model_kwargs).module, model.module)
     for modality in EXPERTS_OFF.get(name, ()):
         model.module.expert_active[model.module.modalities.index(modality)] = False
     start = time.perf_counter()

@@ -8,19 +8,20 @@ trains the two side by side, step for step, from the same start and on the same 
 
 - the joint model's RNA networks, dispersion and prior are copied from the RNA-only model;
 - both see the same minibatches in the same order (one fixed permutation of the training
-  cells, 32 cells each);
+  cells, ``train()``'s default batch size);
 - both draw the same sampling noise of the bound: the RNA component's particles come from
   one generator seeded with the step number (the joint model's unused ATAC and product
   components get zeros);
-- both use the optimizer and settings of ``train()`` (:class:`~scale_scvi.train.FusedAdamW`,
-  learning rate 3e-3, weight decay 5e-4, clipping at 10, KL weight rising over 7 epochs).
+- both take ``train()``'s optimizer step with its defaults (:class:`~scale_scvi.train.FusedAdamW`
+  with its learning rate, weight decay, epsilon and clipping, read from its signature), the
+  KL weight rising linearly over a quarter of the default number of epochs.
 
 It prints, at a few steps, the relative difference between the two RNA encoders' posterior
 means on 512 fixed training cells (in evaluation mode), the largest relative difference of
 any RNA encoder and decoder parameter, and for each model the median and the range of the
 factor by which clipping divided the gradient over the steps so far (its total norm over the
-limit of 10; 1 for a step that was not clipped). ``--bias-grads`` also prints, for the first steps,
-the parameters whose gradients differ by more than 1e-4 relative, with their norms.
+limit; 1 for a step that was not clipped). ``--bias-grads`` also prints, for the first
+steps, the parameters whose gradients differ by more than 1e-4 relative, with their norms.
 ``--freeze-pre-norm-biases`` keeps the biases of the linear layers that batch norm follows at
 their initial values in both models (in training, batch norm subtracts any constant per
 unit, so the objective does not depend on them and their gradient is rounding noise).
@@ -33,6 +34,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import inspect
 import types
 
 import multiome
@@ -40,17 +42,17 @@ import numpy as np
 import torch
 from _common import freeze_pre_norm_biases
 
-N_CENTROIDS = 14
-BATCH_SIZE = 32
 CHECKPOINTS = (1, 2, 5, 10, 30, 100, 300, 1000, 2000, 4000)
 
 
 class _SharedNoise(types.ModuleType):
     """``torch`` for ``scale_scvi.module._objectives``, whose ``randn`` draws the particles'
-    noise from :attr:`generator`; for three components (ATAC, RNA, product) only the RNA
-    one's, so that the joint model draws exactly what the RNA-only model draws."""
+    noise from :attr:`generator`; for the joint model's three components (ATAC, RNA,
+    product) only component :attr:`rna_component`'s, so that it draws exactly what the
+    RNA-only model draws."""
 
     generator = torch.Generator()
+    rna_component = 1
 
     def __getattr__(self, name):
         return getattr(torch, name)
@@ -59,7 +61,7 @@ class _SharedNoise(types.ModuleType):
         shape = tuple(shape)
         if shape[0] == 3:
             out = torch.zeros(shape, dtype=dtype, device=device)
-            out[1] = torch.randn(shape[1:], generator=self.generator, dtype=dtype)
+            out[self.rna_component] = torch.randn(shape[1:], generator=self.generator, dtype=dtype)
             return out
         return torch.randn(shape, generator=self.generator, dtype=dtype).to(device)
 
@@ -79,6 +81,7 @@ def main(argv=None):
     import scvi
 
     from scale_scvi import SCALE
+    from scale_scvi.model._scale import default_max_epochs
     from scale_scvi.module import _objectives
     from scale_scvi.train import FusedAdamW, flush_denormal
 
@@ -94,24 +97,24 @@ def main(argv=None):
         scvi.settings.seed = args.seed
         data = multiome.make_mudata(atac, rna)
         SCALE.setup_mudata(data, modalities={f"{m}_layer": m for m in modalities})
-        models[name] = SCALE(data, n_centroids=N_CENTROIDS)
+        models[name] = SCALE(data, n_centroids=multiome.N_TYPES)
     alone, joint = models["rna"].module, models["joint"].module
-    for part in ("encoders", "decoders"):
-        getattr(joint, part)["rna"].load_state_dict(getattr(alone, part)["rna"].state_dict())
-    joint.px_r.data.copy_(alone.px_r.data)
-    joint.prior.load_state_dict(alone.prior.state_dict())
+    multiome.copy_rna_side(alone, joint)
     joint.expert_active[joint.modalities.index("atac")] = False
+    noise.rna_component = joint.modalities.index("rna")
 
     if args.freeze_pre_norm_biases:
         for model in models.values():
             freeze_pre_norm_biases(model.module)
+    defaults = {k: v.default for k, v in inspect.signature(SCALE.train).parameters.items()}
+    batch_size = defaults["batch_size"]
     optimizers = {
         name: FusedAdamW(
             model.module.parameters(),
-            lr=3e-3,
-            eps=1e-8,
-            weight_decay=5e-4,
-            max_grad_norm=10.0,
+            lr=defaults["lr"],
+            eps=defaults["eps"],
+            weight_decay=defaults["weight_decay"],
+            max_grad_norm=defaults["gradient_clip_val"],
             in_place_layers=model.module.in_place_layers(),
         )
         for name, model in models.items()
@@ -128,15 +131,16 @@ def main(argv=None):
         )
 
     probe = {name: next(iter(loader(m, order[:512], 512))) for name, m in models.items()}
-    steps_per_epoch = int(np.ceil(len(order) / BATCH_SIZE))
-    warmup = 7 * steps_per_epoch
+    steps_per_epoch = int(np.ceil(len(order) / batch_size))
+    max_epochs = default_max_epochs(atac.n_obs, defaults["train_size"], batch_size)
+    warmup = max(1, max_epochs // 4) * steps_per_epoch  # train()'s KL warm-up
     step = 0
     scales: dict[str, list[float]] = {name: [] for name in models}
     with flush_denormal():
         while step < args.steps:
             for t_alone, t_joint in zip(
-                loader(models["rna"], order, BATCH_SIZE),
-                loader(models["joint"], order, BATCH_SIZE),
+                loader(models["rna"], order, batch_size),
+                loader(models["joint"], order, batch_size),
             ):
                 kl_weight = min(1.0, step / warmup)
                 grads = {}
@@ -153,7 +157,8 @@ def main(argv=None):
                             for n, p in module.named_parameters()
                             if p.grad is not None and ("rna" in n or "prior" in n or n == "px_r")
                         }
-                    scales[name].append(float(optimizers[name]._grad_scale()))
+                    scale = optimizers[name]._grad_scale()  # None: clipping off
+                    scales[name].append(1.0 if scale is None else float(scale))
                     optimizers[name].step()
                 for n, g in grads.get("rna", {}).items():
                     other = grads["joint"].get(n)
