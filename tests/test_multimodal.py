@@ -141,6 +141,33 @@ def test_joint_cluster_probabilities_average_the_experts():
     torch.testing.assert_close(got[2], resp[0, 2])
 
 
+def test_joint_samples_are_fresh_draws_of_the_mixture():
+    # every call draws anew (Monte-Carlo averages over calls are averages over the
+    # posterior), and the draws follow the mixture: a cell picks each of its components
+    # with its weight, then a draw of that component
+    torch.manual_seed(0)
+    module = MultiSCALEVAE(n_input_atac=4, n_input_rna=3, n_centroids=3, **SMALL)
+    comp_m = torch.tensor([[[-5.0] * 4, [0.0] * 4], [[5.0] * 4, [1.0] * 4]])  # (C=2, B=2, D)
+    comp_v = torch.full_like(comp_m, 0.01)
+    mask = torch.tensor([[True, True], [True, False]])  # cell 1 has only component 0
+    out = {
+        "qzm_components": comp_m,
+        "qzv_components": comp_v,
+        "component_log_weights": mixture_log_weights(mask),
+    }
+    draws = torch.stack([module.latent_sample(out) for _ in range(2000)])  # (S, B, D)
+    assert not torch.equal(draws[0], draws[1])
+    upper = (draws[:, 0, 0] > 0).float().mean()
+    assert abs(float(upper) - 0.5) < 0.05  # two components of equal weight, far apart
+    torch.testing.assert_close(draws[:, 1].mean(0), comp_m[0, 1], atol=0.02, rtol=0)
+    # the single-modality module draws from its Gaussian posterior
+    single = SCALEVAE(n_input=5, n_centroids=3, **SMALL)
+    qz_m, qz_v = torch.zeros(3, 4), torch.full((3, 4), 4.0)
+    z = torch.stack([single.latent_sample({"qzm": qz_m, "qzv": qz_v}) for _ in range(2000)])
+    assert not torch.equal(z[0], z[1])
+    torch.testing.assert_close(z.var(0), qz_v, atol=0.5, rtol=0)
+
+
 def test_learned_mixture_weights_lean_on_the_better_component():
     """Trained with the stratified ELBO, the weights move to the component that explains x."""
     torch.manual_seed(0)

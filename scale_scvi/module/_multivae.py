@@ -67,6 +67,25 @@ def product_of_experts(
     return (mask * qz_ms / qz_vs).sum(0) / precision, 1.0 / precision
 
 
+def sample_mixture(
+    comp_ms: torch.Tensor,
+    comp_vs: torch.Tensor,
+    weights: torch.Tensor,
+    shape: tuple[int, ...] = (),
+) -> torch.Tensor:
+    """Samples of each cell's mixture of Gaussians: a component picked per cell with its
+    weight, then a draw of that component.
+
+    ``comp_ms``, ``comp_vs``: ``(C, B, D)``; ``weights``: ``(C, B)``, each column summing to
+    one (zero for a component the cell lacks). Returns ``(*shape, B, D)``.
+    """
+    component = torch.distributions.Categorical(probs=weights.t()).sample(shape)  # (*S, B)
+    eps = torch.randn((*shape, *comp_ms.shape), dtype=comp_ms.dtype, device=comp_ms.device)
+    z_all = comp_ms + comp_vs.sqrt() * eps  # (*S, C, B, D)
+    pick = nn.functional.one_hot(component, comp_ms.shape[0]).movedim(-1, -2)
+    return (pick.to(comp_ms.dtype).unsqueeze(-1) * z_all).sum(-3)
+
+
 class MultiSCALEVAE(SCALEModuleBase):
     """SCALE for paired single-cell RNA and ATAC: a mixture-of-experts VAE with a GMM prior.
 
@@ -390,13 +409,7 @@ class MultiSCALEVAE(SCALEModuleBase):
         joint_v = (w * (comp_vs + comp_ms.pow(2))).sum(0) - joint_m.pow(2)
         joint_v = joint_v.clamp_min(torch.finfo(joint_v.dtype).tiny)
 
-        # a sample of the mixture: pick a component per cell among those it has
-        shape = (n_samples,) if n_samples > 1 else ()
-        component = torch.distributions.Categorical(probs=weights.t()).sample(shape)  # (*S, B)
-        eps = torch.randn((*shape, *comp_ms.shape), dtype=comp_ms.dtype, device=comp_ms.device)
-        z_all = comp_ms + comp_vs.sqrt() * eps  # (*S, C, B, D)
-        pick = nn.functional.one_hot(component, comp_ms.shape[0]).movedim(-1, -2)
-        z = (pick.to(comp_ms.dtype).unsqueeze(-1) * z_all).sum(-3)
+        z = sample_mixture(comp_ms, comp_vs, weights, (n_samples,) if n_samples > 1 else ())
 
         outputs.update(
             {
@@ -423,6 +436,14 @@ class MultiSCALEVAE(SCALEModuleBase):
         if joint_mean == "precision":
             return self.precision_weighted_moments(inference_outputs)
         return inference_outputs[K.QZM_KEY], inference_outputs[K.QZV_KEY]
+
+    def _joint_sample(self, inference_outputs: Mapping) -> torch.Tensor:
+        """A sample of the mixture of experts (not of the Gaussian with its moments)."""
+        return sample_mixture(
+            inference_outputs[K.QZM_COMPONENTS_KEY],
+            inference_outputs[K.QZV_COMPONENTS_KEY],
+            inference_outputs[K.COMPONENT_LOG_WEIGHTS_KEY].exp(),
+        )
 
     def _expert_moments(self, inference_outputs: Mapping, modality: str):
         key_m, key_v = expert_keys(modality)
