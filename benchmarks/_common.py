@@ -108,6 +108,22 @@ def load_matrix(path: str | Path) -> tuple[sp.csr_matrix, np.ndarray]:
     return X, f["labels"]
 
 
+def lsi_embedding(X, seed: int) -> np.ndarray:
+    """LSI of a cells x peaks matrix, on its values as given: TF-IDF, log1p, truncated SVD
+    with 30 kept components (the first, depth, dropped), rows L2-normalized (the cosine
+    geometry LSI is usually clustered in)."""
+    from sklearn.decomposition import TruncatedSVD
+
+    X = sp.csr_matrix(X, dtype=np.float64)
+    tf = sp.diags(1.0 / np.maximum(np.asarray(X.sum(1)).ravel(), 1.0)) @ X
+    idf = X.shape[0] / np.maximum(np.asarray(X.sum(0)).ravel(), 1.0)
+    tfidf = (tf @ sp.diags(idf)).tocsr()
+    tfidf.data = np.log1p(tfidf.data * 1e4)
+    svd = TruncatedSVD(n_components=31, random_state=seed, algorithm="randomized", n_iter=7)
+    latent = svd.fit_transform(tfidf)[:, 1:]
+    return latent / np.maximum(np.linalg.norm(latent, axis=1, keepdims=True), 1e-12)
+
+
 def cluster_scores(latent: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict[str, float]:
     """ARI and NMI of k-means (true k, ``n_init=20``) on a latent representation."""
     from sklearn.cluster import KMeans

@@ -43,9 +43,11 @@ CONFIGS: dict[str, dict] = {
     # "defaults" (no entry): setup_anndata(adata), SCALE(adata), train(), nothing else.
     "k_true": {"model": {"n_centroids": "true"}},
     "all_peaks": {"setup": {"min_fraction": None, "n_top_peaks": None}},
+    "min_fraction_1pct": {"setup": {"min_fraction": 0.01}},
     "steps3000": {"train": {"n_steps": 3000}},
     "steps6000": {"train": {"n_steps": 6000}},
     "hidden256": {"model": {"n_hidden": [256, 128]}},
+    "latent20": {"model": {"n_latent": 20}},
     "batch64_steps2000": {"train": {"batch_size": 64, "n_steps": 2000}},
     "batch128_steps1000": {"train": {"batch_size": 128, "n_steps": 1000}},
     "lr_cosine": {"lr_schedule": "cosine"},  # see _cosine_lr_decay

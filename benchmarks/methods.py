@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from _common import load_matrix, write_json
+from _common import load_matrix, lsi_embedding, write_json
 from lightning.pytorch.callbacks import Callback
 
 
@@ -148,19 +148,9 @@ def run_peakvi(X, k: int | None, seed: int, out: str, train_kwargs: dict) -> dic
 
 
 def run_lsi(X, k: int | None, seed: int, out: str, train_kwargs: dict) -> dict:
-    """TF-IDF, log1p, truncated SVD with 30 kept components (the first, depth, dropped),
-    rows L2-normalized (the cosine geometry LSI is usually clustered in)."""
-    from sklearn.decomposition import TruncatedSVD
-
+    """LSI (:func:`_common.lsi_embedding`) on the values as given."""
     t0, c0 = time.perf_counter(), time.process_time()
-    X = sp.csr_matrix(X, dtype=np.float64)
-    tf = sp.diags(1.0 / np.maximum(np.asarray(X.sum(1)).ravel(), 1.0)) @ X
-    idf = X.shape[0] / np.maximum(np.asarray(X.sum(0)).ravel(), 1.0)
-    tfidf = (tf @ sp.diags(idf)).tocsr()
-    tfidf.data = np.log1p(tfidf.data * 1e4)
-    svd = TruncatedSVD(n_components=31, random_state=seed, algorithm="randomized", n_iter=7)
-    latent = svd.fit_transform(tfidf)[:, 1:]
-    latent /= np.maximum(np.linalg.norm(latent, axis=1, keepdims=True), 1e-12)
+    latent = lsi_embedding(X, seed)
     t_fit = time.perf_counter() - t0
     np.save(out + "_latent.npy", latent.astype(np.float32))
     return {
