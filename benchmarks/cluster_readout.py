@@ -20,16 +20,11 @@ import anndata as ad
 import numpy as np
 import scanpy as sc
 import torch
-from _common import train_default_path
+from _common import DATASETS, train_default_path
 from sklearn.metrics import adjusted_rand_score
 
 from scale_scvi.module import GaussianMixturePrior
 from scale_scvi.train import fit_gmm
-
-FILES = {
-    "forebrain": "preissl2018_forebrain_1043cells.h5ad",
-    "cell_lines": "schep2017_celllines_600cells.h5ad",
-}
 
 
 def responsibilities(fitted, mu: np.ndarray) -> np.ndarray:
@@ -74,13 +69,13 @@ def readouts(model, adata) -> dict[str, tuple[float, int]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--datasets", nargs="+", default=list(FILES))
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     args = parser.parse_args()
     torch.set_num_threads(1)
     for name in args.datasets:
         for seed in args.seeds:
-            adata, model, seconds = train_default_path(FILES[name], seed, gmm_refit=False)
+            adata, model, seconds = train_default_path(DATASETS[name], seed, gmm_refit=False)
             scores = readouts(model, adata).items()
             cells = "  ".join(f"{k}: {a:.3f} ({n})" for k, (a, n) in scores)
             print(f"{name} seed {seed} ({seconds:.0f} s)  {cells}", flush=True)

@@ -27,13 +27,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import numpy as np
-from _common import freeze_pre_norm_biases
+from _common import DATASETS, freeze_pre_norm_biases
 
 RESULTS = Path(__file__).resolve().parent / "results" / "defaults_search.csv"
-DATASETS = {
-    "forebrain": "preissl2018_forebrain_1043cells.h5ad",
-    "cell_lines": "schep2017_celllines_600cells.h5ad",
-}
 
 # Each configuration: the arguments of setup_anndata, SCALE(...) and train() that differ
 # from the library's defaults (an empty dict is the default path), and for the runs made

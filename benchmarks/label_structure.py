@@ -35,16 +35,11 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
-from _common import label_scores, lsi_embedding, train_default_path
-from sklearn.cluster import KMeans
+from _common import DATASETS, cluster_scores, label_scores, lsi_embedding, train_default_path
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
 
 RESULTS = Path(__file__).resolve().parent / "results" / "label_structure.csv"
-FILES = {
-    "forebrain": "preissl2018_forebrain_1043cells.h5ad",
-    "cell_lines": "schep2017_celllines_600cells.h5ad",
-}
 # groups of close labels: (name, label prefix)
 GROUPS = {
     "cell_lines": [("lcl", "LCL"), ("aml", "AML")],
@@ -52,12 +47,6 @@ GROUPS = {
 }
 # the groups whose labels the "merged" scores count as one
 MERGED = {"cell_lines": ["LCL"], "forebrain": []}
-
-
-def _kmeans_ari(latent: np.ndarray, labels: np.ndarray) -> float:
-    k = len(np.unique(labels))
-    pred = KMeans(n_clusters=k, n_init=20, random_state=0).fit_predict(latent)
-    return label_scores(pred, labels)["ari"]
 
 
 def _knn_accuracy(latent: np.ndarray, labels: np.ndarray) -> float:
@@ -74,9 +63,12 @@ def merge_labels(labels: np.ndarray, prefixes: list[str]) -> np.ndarray:
 
 
 def scores(dataset: str, latent: np.ndarray, labels: np.ndarray, own=None) -> dict:
-    row = {"ari_kmeans": _kmeans_ari(latent, labels), "knn_acc": _knn_accuracy(latent, labels)}
+    row = {
+        "ari_kmeans": cluster_scores(latent, labels)["ari"],
+        "knn_acc": _knn_accuracy(latent, labels),
+    }
     merged = merge_labels(labels, MERGED[dataset]) if MERGED[dataset] else None
-    row["ari_kmeans_merged"] = "" if merged is None else _kmeans_ari(latent, merged)
+    row["ari_kmeans_merged"] = "" if merged is None else cluster_scores(latent, merged)["ari"]
     for name, prefix in GROUPS[dataset]:
         cells = np.char.startswith(labels.astype(str), prefix)
         row[f"knn_acc_{name}"] = _knn_accuracy(latent[cells], labels[cells])
@@ -89,7 +81,7 @@ def scores(dataset: str, latent: np.ndarray, labels: np.ndarray, own=None) -> di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", choices=sorted(FILES), required=True)
+    parser.add_argument("--dataset", choices=sorted(DATASETS), required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--no-lsi", action="store_true")
     args = parser.parse_args()
@@ -99,7 +91,7 @@ def main() -> None:
     torch.set_num_threads(1)
     rows = []
     for seed in args.seeds:
-        adata, model, train_s = train_default_path(FILES[args.dataset], seed)
+        adata, model, train_s = train_default_path(DATASETS[args.dataset], seed)
         labels = adata.obs["cell_type"].astype(str).to_numpy()
         own = np.asarray(model.get_cluster_assignments()).astype(str)
         row = scores(args.dataset, model.get_latent_representation(), labels, own)

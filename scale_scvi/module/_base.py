@@ -368,16 +368,10 @@ class SCALEModuleBase(BaseModuleClass):
 
     def latent_sample(self, inference_outputs: Mapping, modality: Modality = "joint"):
         """One sample of that posterior per cell, drawn anew at every call (averages over
-        several calls are Monte-Carlo averages over the posterior)."""
-        if modality == JOINT:
-            return self._joint_sample(inference_outputs)
+        several calls are Monte-Carlo averages over the posterior). Here a draw of the
+        Gaussian with the moments of :meth:`latent_moments`; a module whose joint posterior
+        is a mixture overrides this."""
         qz_m, qz_v = self.latent_moments(inference_outputs, modality)
-        return qz_m + qz_v.sqrt() * torch.randn_like(qz_m)
-
-    def _joint_sample(self, inference_outputs: Mapping) -> torch.Tensor:
-        """A sample of the posterior of all modalities; here a Gaussian with the moments of
-        :meth:`latent_moments` (a module whose posterior is a mixture overrides this)."""
-        qz_m, qz_v = self._joint_moments(inference_outputs, "mixture")
         return qz_m + qz_v.sqrt() * torch.randn_like(qz_m)
 
     def cluster_probabilities(self, qz_m: torch.Tensor) -> torch.Tensor:

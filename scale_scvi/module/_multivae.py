@@ -437,8 +437,11 @@ class MultiSCALEVAE(SCALEModuleBase):
             return self.precision_weighted_moments(inference_outputs)
         return inference_outputs[K.QZM_KEY], inference_outputs[K.QZV_KEY]
 
-    def _joint_sample(self, inference_outputs: Mapping) -> torch.Tensor:
-        """A sample of the mixture of experts (not of the Gaussian with its moments)."""
+    def latent_sample(self, inference_outputs: Mapping, modality: Modality = "joint"):
+        """One sample per cell, drawn anew at every call: for ``"joint"`` a draw of the
+        mixture of experts (not of the Gaussian with its moments), else of that expert."""
+        if modality != JOINT:
+            return super().latent_sample(inference_outputs, modality)
         return sample_mixture(
             inference_outputs[K.QZM_COMPONENTS_KEY],
             inference_outputs[K.QZV_COMPONENTS_KEY],
