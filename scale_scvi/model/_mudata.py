@@ -114,10 +114,10 @@ class MuDataSetupMixin:
             ``n_top_peaks`` of them, the ones open in the most cells. The choice is recorded
             and applied again to any data given to the model later
             (:attr:`~scale_scvi.SCALE.selected_peaks_` names the peaks). By default only the
-            cap applies (at most 50,000 peaks, as in :meth:`setup_anndata`), not the 2 %
+            cap applies (at most 50,000 peaks, as in :meth:`setup_anndata`), not the 1 %
             fraction: the ATAC of a paired assay is often much shallower than that of an
-            ATAC-only one (on the sci-CAR kidney pair, about 15 open peaks per cell, 7 of
-            its 10,000 peaks are open in 2 % of the cells). ``n_top_peaks=None`` reads
+            ATAC-only one (on the sci-CAR kidney pair, about 15 open peaks per cell, 18 of
+            its 10,000 peaks are open in 1 % of the cells). ``n_top_peaks=None`` reads
             every peak.
 
         Examples

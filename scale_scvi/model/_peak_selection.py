@@ -10,8 +10,8 @@ from scale_scvi.pp import cells_per_peak
 from scale_scvi.pp._filter import check_peak_selection, peak_mask
 
 #: Default selection of :meth:`~scale_scvi.SCALE.setup_anndata`: peaks open in at least
-#: 2 % of the cells, at most the 50,000 most often open ones.
-MIN_FRACTION = 0.02
+#: 1 % of the cells, at most the 50,000 most often open ones.
+MIN_FRACTION = 0.01
 N_TOP_PEAKS = 50_000
 
 SELECTED_PEAKS_KEY = "selected_peaks"

@@ -293,7 +293,7 @@ class SCALE(
         binarization happens inside the model (the matrix is not modified).
 
         The model reads only the peaks open in enough cells, and at most ``n_top_peaks`` of
-        them: by default those open in at least 2 % of the cells, at most the 50,000 most
+        them: by default those open in at least 1 % of the cells, at most the 50,000 most
         often open (peaks open in a handful of cells carry little but noise, and cost
         training time and memory in proportion to their number; see ``benchmarks/NOTES.md``,
         "Default path"). The counts are made block by block of rows (the matrix is never
