@@ -817,14 +817,18 @@ def test_train_leaves_out_an_expert_that_does_not_hold_on_new_cells(noise):
     assert model.module.expert_active.tolist() == [m != noise for m in ("atac", "rna")]
     assert model.expert_check_[f"z_{noise}"] > 2.0
     # The run that counts started from the initial weights with the noise expert off: its
-    # encoder never ran (batch norm saw no minibatch) and only weight decay moved its
-    # weights, by less than 1e-3 (22 epochs of training would have moved them by far more);
-    # and that run went through the whole schedule.
+    # encoder gets no gradient, and only weight decay moved its weights, by less than 1e-3
+    # (22 epochs of training would have moved them by far more); and that run went through
+    # the whole schedule ...
     trained = model.module.encoders[noise].state_dict()
-    assert int(trained["layers.0.fc_layers.Layer 0.1.num_batches_tracked"]) == 0
     for key, value in initial.items():
-        torch.testing.assert_close(trained[key].float(), value.float(), atol=1e-3, rtol=0)
+        if "running" not in key and "num_batches" not in key:
+            torch.testing.assert_close(trained[key].float(), value.float(), atol=1e-3, rtol=0)
     assert len(model.history["elbo_train"]) == 24
+    # ... in training mode: the informative encoder's batch norm saw every one of its 24 x 23
+    # minibatches (none of the first run's, whose state was discarded)
+    kept = model.module.encoders[informative].state_dict()
+    assert int(kept["layers.0.fc_layers.Layer 0.1.num_batches_tracked"]) == 24 * 23
     # every cell's latent is now its informative expert's
     np.testing.assert_allclose(
         model.get_latent_representation(),

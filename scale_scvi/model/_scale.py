@@ -601,6 +601,9 @@ class SCALE(
                 self._heldout_fit_fn(batch_size), gmm_init_epoch, stop_if_changed=True
             )
             initial_state = {k: v.clone() for k, v in self.module.state_dict().items()}
+            # scvi-tools leaves the module in eval mode after training, and Lightning does not
+            # switch it back: the new start gets each submodule's mode of the first.
+            initial_modes = {name: m.training for name, m in self.module.named_modules()}
             trained_before = self.is_trained_
         result = self._fit(
             fit_kwargs,
@@ -615,6 +618,8 @@ class SCALE(
             active = self.module.expert_active.clone()
             self.module.load_state_dict(initial_state)
             self.module.expert_active.copy_(active)
+            for name, m in self.module.named_modules():
+                m.train(initial_modes[name])
             self.is_trained_ = trained_before
             logger.info("Training starts again from the initial weights with these experts.")
             result = self._fit(
