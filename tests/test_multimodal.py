@@ -803,16 +803,32 @@ def _pair_with_noise(modality: str, seed: int = 0):
 def test_train_leaves_out_an_expert_that_does_not_hold_on_new_cells(noise):
     """select_experts=True with train()'s default validation split: the expert of a modality
     that is noise is left out of the posterior at the end of the KL warm-up (its likelihood
-    stays); without validation cells or with too short a warm-up every expert stays, and by
-    default no check is made."""
+    stays), and training starts again from the initial weights without it; without
+    validation cells or with too short a warm-up every expert stays, and with
+    select_experts=False no check is made."""
     mdata = _pair_with_noise(noise)
     SCALE.setup_mudata(mdata)
     scvi.settings.seed = 0
     model = SCALE(mdata, n_centroids=3, select_experts=True, **SMALL)
+    initial = {k: v.clone() for k, v in model.module.encoders[noise].state_dict().items()}
     # 23 steps per epoch: the check at the start of epoch 22 follows 506 steps
     model.train(max_epochs=24, batch_size=16, n_epochs_kl_warmup=22, enable_progress_bar=False)
     informative = "rna" if noise == "atac" else "atac"
     assert model.module.expert_active.tolist() == [m != noise for m in ("atac", "rna")]
+    assert model.expert_check_[f"z_{noise}"] > 2.0
+    # The run that counts started from the initial weights with the noise expert off: its
+    # encoder gets no gradient, and only weight decay moved its weights, by less than 1e-3
+    # (22 epochs of training would have moved them by far more); and that run went through
+    # the whole schedule ...
+    trained = model.module.encoders[noise].state_dict()
+    for key, value in initial.items():
+        if "running" not in key and "num_batches" not in key:
+            torch.testing.assert_close(trained[key].float(), value.float(), atol=1e-3, rtol=0)
+    assert len(model.history["elbo_train"]) == 24
+    # ... in training mode: the informative encoder's batch norm saw every one of its 24 x 23
+    # minibatches (none of the first run's, whose state was discarded)
+    kept = model.module.encoders[informative].state_dict()
+    assert int(kept["layers.0.fc_layers.Layer 0.1.num_batches_tracked"]) == 24 * 23
     # every cell's latent is now its informative expert's
     np.testing.assert_allclose(
         model.get_latent_representation(),
@@ -825,7 +841,8 @@ def test_train_leaves_out_an_expert_that_does_not_hold_on_new_cells(noise):
         model = SCALE(mdata, n_centroids=3, select_experts=True, **SMALL)
         model.train(max_epochs=3, batch_size=16, enable_progress_bar=False, **kwargs)
         assert model.module.expert_active.tolist() == [True, True]
-    model = SCALE(mdata, n_centroids=3, **SMALL)
-    assert model.module.select_experts is False
+    assert SCALE(mdata, n_centroids=3, **SMALL).module.select_experts is True  # the default
+    model = SCALE(mdata, n_centroids=3, select_experts=False, **SMALL)
     model.train(max_epochs=2, enable_progress_bar=False)
     assert not any(type(c).__name__ == "ExpertCheckCallback" for c in model.trainer.callbacks)
+    assert model.expert_check_ is None

@@ -245,6 +245,11 @@ class SCALE(
         #: Number of clusters: the mixture components on (after training, those left);
         #: :meth:`get_cluster_assignments` labels cells ``"0"`` .. ``n_clusters_ - 1``.
         self.n_clusters_ = self.module.prior.n_active
+        #: What the held-out check of the experts measured in the last :meth:`train` of a
+        #: multimodal model made with ``select_experts`` (see
+        #: :meth:`~scale_scvi.module.MultiSCALEVAE.select_experts_on`); ``None`` when no
+        #: check was made.
+        self.expert_check_: dict | None = None
 
     def _peak_selection(self) -> dict:
         """``{"peak_index": ...}`` for the module when the registry selected peaks (by
@@ -562,48 +567,99 @@ class SCALE(
                 "n_steps_kl_warmup": None,
             }
         )
-        callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
-        # The held-out check of the experts comes before the mixture is fitted, which is
-        # fitted to the posterior the check leaves.
-        if prior_trains and getattr(self.module, "select_experts", False) and n_validation > 0:
-            callbacks.append(ExpertCheckCallback(self._heldout_fit_fn(batch_size), gmm_init_epoch))
-        # A query model of load_query_data has the reference's prior frozen: keep it, so
-        # that query cells are assigned to the reference's components.
-        if prior_trains:
-            callbacks.append(
-                GMMInitCallback(
-                    latent_fn=self._gmm_latent_fn(batch_size),
-                    n_components=self.module.n_centroids,
-                    init_epoch=gmm_init_epoch,
-                    seed=settings.seed,
-                    method=gmm_init_method,
-                    refit=gmm_refit,
-                )
-            )
-        guard = FiniteLossGuard(trained_before=self.is_trained_)
-        interrupt = InterruptRecorder()
-        callbacks += [guard, interrupt]
+        user_callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
         if load_sparse_tensor is None:
             load_sparse_tensor = _trains_on_cpu(accelerator)
         datasplitter_kwargs = self._drop_lone_last_cell(datasplitter_kwargs, n_train, batch_size)
         n_train_batches = math.ceil(n_train / batch_size)
-        trainer_kwargs = _quiet_trainer_kwargs(trainer_kwargs, n_train_batches, callbacks)
+        fit_kwargs = {
+            "max_epochs": max_epochs,
+            "accelerator": accelerator,
+            "devices": devices,
+            "train_size": train_size,
+            "validation_size": validation_size,
+            "batch_size": batch_size,
+            "early_stopping": early_stopping,
+            "load_sparse_tensor": load_sparse_tensor,
+            "datasplitter_kwargs": datasplitter_kwargs,
+            "plan_kwargs": plan_kwargs,
+        }
+        gmm_kwargs = {
+            "latent_fn": self._gmm_latent_fn(batch_size),
+            "n_components": self.module.n_centroids,
+            "init_epoch": gmm_init_epoch,
+            "seed": settings.seed,
+            "method": gmm_init_method,
+            "refit": gmm_refit,
+        }
+        # The held-out check of the experts comes before the mixture is fitted. When it
+        # leaves an expert out, training starts again from the initial weights with that
+        # expert off (see MultiSCALEVAE's select_experts): the check's own run ends there.
+        check = None
+        if prior_trains and getattr(self.module, "select_experts", False) and n_validation > 0:
+            check = ExpertCheckCallback(
+                self._heldout_fit_fn(batch_size), gmm_init_epoch, stop_if_changed=True
+            )
+            initial_state = {k: v.clone() for k, v in self.module.state_dict().items()}
+            # scvi-tools leaves the module in eval mode after training, and Lightning does not
+            # switch it back: the new start gets each submodule's mode of the first.
+            initial_modes = {name: m.training for name, m in self.module.named_modules()}
+            trained_before = self.is_trained_
+        result = self._fit(
+            fit_kwargs,
+            trainer_kwargs,
+            user_callbacks,
+            n_train_batches,
+            prior_trains,
+            gmm_kwargs,
+            check,
+        )
+        if check is not None and check.stopped:
+            active = self.module.expert_active.clone()
+            self.module.load_state_dict(initial_state)
+            self.module.expert_active.copy_(active)
+            for name, m in self.module.named_modules():
+                m.train(initial_modes[name])
+            self.is_trained_ = trained_before
+            logger.info("Training starts again from the initial weights with these experts.")
+            result = self._fit(
+                fit_kwargs,
+                trainer_kwargs,
+                user_callbacks,
+                n_train_batches,
+                prior_trains,
+                gmm_kwargs,
+                None,
+            )
+        if check is not None:
+            self.expert_check_ = check.report
+        return result
+
+    def _fit(
+        self,
+        fit_kwargs: dict,
+        trainer_kwargs: dict,
+        user_callbacks: list,
+        n_train_batches: int,
+        prior_trains: bool,
+        gmm_kwargs: dict,
+        check: ExpertCheckCallback | None,
+    ):
+        """One run of scvi-tools' ``train`` with this model's callbacks, of :meth:`train`."""
+        callbacks = list(user_callbacks)
+        if check is not None:
+            callbacks.append(check)
+        # A query model of load_query_data has the reference's prior frozen: keep it, so
+        # that query cells are assigned to the reference's components.
+        if prior_trains:
+            callbacks.append(GMMInitCallback(**gmm_kwargs))
+        guard = FiniteLossGuard(trained_before=self.is_trained_)
+        interrupt = InterruptRecorder()
+        callbacks += [guard, interrupt]
+        kwargs = _quiet_trainer_kwargs(trainer_kwargs, n_train_batches, callbacks)
         try:
             with flush_denormal(), sparse_minibatch_warnings_handled():
-                result = super().train(
-                    max_epochs=max_epochs,
-                    accelerator=accelerator,
-                    devices=devices,
-                    train_size=train_size,
-                    validation_size=validation_size,
-                    batch_size=batch_size,
-                    early_stopping=early_stopping,
-                    load_sparse_tensor=load_sparse_tensor,
-                    datasplitter_kwargs=datasplitter_kwargs,
-                    plan_kwargs=plan_kwargs,
-                    callbacks=callbacks,
-                    **trainer_kwargs,
-                )
+                result = super().train(**fit_kwargs, callbacks=callbacks, **kwargs)
         except BaseException as error:
             self.module.eval()
             self.n_clusters_ = self.module.prior.n_active

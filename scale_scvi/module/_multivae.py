@@ -117,9 +117,10 @@ class MultiSCALEVAE(SCALEModuleBase):
 
     Learned weights follow how well each component explains the training cells, which an
     encoder of a modality without signal can do by heart (a few open peaks are a fingerprint
-    of a cell). With ``select_experts=True`` training checks the experts once on held-out
-    cells (:meth:`select_experts_on`) and leaves out of the posterior a modality whose
-    expert makes the product explain them worse (its likelihood stays).
+    of a cell). So training checks the experts once on held-out cells
+    (:meth:`select_experts_on`; ``select_experts``, on by default) and leaves out of the
+    posterior a modality whose expert makes the product explain them worse (its likelihood
+    stays), training again from the start without it.
 
     A cell that lacks a modality (all zeros in it, or flagged through ``modality_flags``) is
     modelled by the modalities it has: its mixture and its likelihood leave the missing one
@@ -159,11 +160,14 @@ class MultiSCALEVAE(SCALEModuleBase):
         ``True``: let :meth:`~scale_scvi.model.SCALE.train` leave out of the posterior a
         modality whose encoder does not help explain cells held out from training (checked
         once, at the end of the KL warm-up, by :meth:`select_experts_on`; see
-        :attr:`expert_active`). The modality's likelihood stays in the objective and its
-        decoder keeps learning, but from then on it no longer moves the latent of cells
-        that have another modality (its gradient stops at ``z``): the latent is shaped by
-        the modalities whose experts generalize, and the other is predicted from it.
-        ``False`` (default) keeps every expert (measurements in ``benchmarks/RESULTS.md``).
+        :attr:`expert_active`). When the check leaves an expert out, training starts again
+        from the module's initial weights with that expert off, so that nothing the expert
+        taught the latent during the warm-up remains (the warm-up is then trained twice: a
+        quarter more epochs by default). The modality's likelihood stays in the objective
+        and its decoder learns, but it does not move the latent of cells that have another
+        modality (its gradient stops at ``z``): the latent is shaped by the modalities whose
+        experts generalize, and the other is predicted from it. ``True`` is the default;
+        ``False`` keeps every expert (measurements in ``benchmarks/RESULTS.md``).
     modality_flags
         One row per category of the registered modality flag: which of ``(atac, rna)``
         a cell of that category has. ``None`` when no flag is registered.
@@ -187,7 +191,7 @@ class MultiSCALEVAE(SCALEModuleBase):
         mixture_weights: MixtureWeights | None = None,
         likelihood_scale: Mapping[str, float] | None = None,
         input_dropout: Mapping[str, float] | None = None,
-        select_experts: bool = False,
+        select_experts: bool = True,
         modality_flags: Sequence[Sequence[bool]] | None = None,
         peak_index: Sequence[int] | None = None,
         **kwargs,

@@ -38,6 +38,10 @@ class ExpertCheckCallback(Callback):
         Fewest paired validation cells the check is made on.
     min_steps
         Fewest optimizer steps before the check.
+    stop_if_changed
+        Stop training when the check changes which experts are on (:attr:`stopped`), so that
+        :meth:`~scale_scvi.model.SCALE.train` can train again from the start with the
+        experts it kept.
     """
 
     def __init__(
@@ -46,14 +50,18 @@ class ExpertCheckCallback(Callback):
         epoch: int,
         min_cells: int = 10,
         min_steps: int = 500,
+        stop_if_changed: bool = False,
     ):
         super().__init__()
         self.fit_fn = fit_fn
         self.epoch = epoch
         self.min_cells = min_cells
         self.min_steps = min_steps
+        self.stop_if_changed = stop_if_changed
         #: What the check measured (``None`` until it is made, or when it was not).
         self.report: dict | None = None
+        #: Whether the check changed which experts are on, and stopped training.
+        self.stopped = False
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if trainer.current_epoch != self.epoch:
@@ -84,8 +92,12 @@ class ExpertCheckCallback(Callback):
                 self.min_cells,
             )
             return
+        before = module.expert_active.clone()
         self.report = module.select_experts_on(torch.as_tensor(fit))
         off = [m for m, on in zip(module.modalities, module.expert_active, strict=True) if not on]
+        if self.stop_if_changed and not torch.equal(before, module.expert_active):
+            trainer.should_stop = True
+            self.stopped = True
         logger.info(
             "Held-out check of the experts (log-likelihood per validation cell: %s): %s.",
             ", ".join(f"{k} {v:.2f}" for k, v in self.report.items() if k != "n_cells"),

@@ -419,7 +419,9 @@ class GMMInitCallback(Callback):
         return tuple(rows) + (None,) * (3 - len(rows))
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if trainer.current_epoch == self.init_epoch:
+        # not when an earlier callback has just stopped training (the held-out check of the
+        # experts, before a new start)
+        if trainer.current_epoch == self.init_epoch and not trainer.should_stop:
             self._fit(trainer, pl_module.module, f"start of epoch {trainer.current_epoch}")
 
     def _fit(self, trainer, module, when: str) -> np.ndarray | None:
@@ -469,7 +471,7 @@ class GMMInitCallback(Callback):
         prior.prune(keep)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.current_epoch <= self.init_epoch:
+        if trainer.current_epoch <= self.init_epoch or self.n_train is None:
             return
         module = pl_module.module
         # The posterior means of the final fit are the ones the pruning reads: one pass.
