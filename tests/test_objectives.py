@@ -342,11 +342,16 @@ def test_marginal_ll_is_above_the_elbo_on_held_out_cells(trained):
     # the ELBO's reconstruction term is a one-sample estimate: average 20 of them per cell
     elbos = np.stack([model.get_elbo(held_out, return_mean=False) for _ in range(20)])
     elbo, elbo_se = elbos.mean(0), elbos.std(0, ddof=1) / np.sqrt(elbos.shape[0])
-    log_px = model.get_marginal_ll(held_out, n_mc_samples=100, return_mean=False)
+    # the marginal likelihood is a Monte-Carlo estimate too: average 5 of them per cell
+    log_pxs = np.stack(
+        [model.get_marginal_ll(held_out, n_mc_samples=100, return_mean=False) for _ in range(5)]
+    )
+    log_px, log_px_se = log_pxs.mean(0), log_pxs.std(0, ddof=1) / np.sqrt(log_pxs.shape[0])
     assert log_px.shape == elbo.shape == (held_out.n_obs,)
     assert np.isfinite(log_px).all() and np.isfinite(elbo).all()
     assert log_px.mean() > elbo.mean()
-    assert (log_px >= elbo - 3 * elbo_se).all()  # per cell too, up to Monte Carlo noise
+    # per cell too, up to the Monte Carlo noise of both estimates
+    assert (log_px >= elbo - 4 * np.sqrt(elbo_se**2 + log_px_se**2)).all()
     assert model.get_marginal_ll(held_out, n_mc_samples=10) == pytest.approx(
         float(model.get_marginal_ll(held_out, n_mc_samples=10, return_mean=False).mean()),
         abs=1.0,
