@@ -605,15 +605,16 @@ class SCALE(
             # switch it back: the new start gets each submodule's mode of the first.
             initial_modes = {name: m.training for name, m in self.module.named_modules()}
             trained_before = self.is_trained_
-        result = self._fit(
+        fit = partial(
+            self._fit,
             fit_kwargs,
             trainer_kwargs,
             user_callbacks,
             n_train_batches,
             prior_trains,
             gmm_kwargs,
-            check,
         )
+        result = fit(check)
         if check is not None and check.stopped:
             active = self.module.expert_active.clone()
             self.module.load_state_dict(initial_state)
@@ -622,15 +623,7 @@ class SCALE(
                 m.train(initial_modes[name])
             self.is_trained_ = trained_before
             logger.info("Training starts again from the initial weights with these experts.")
-            result = self._fit(
-                fit_kwargs,
-                trainer_kwargs,
-                user_callbacks,
-                n_train_batches,
-                prior_trains,
-                gmm_kwargs,
-                None,
-            )
+            result = fit(None)
         if check is not None:
             self.expert_check_ = check.report
         return result
