@@ -422,7 +422,8 @@ def scaling_section(df: pd.DataFrame) -> list[str]:
             "**A raw peak matrix through the default selection** (`run_scaling.py --peaks "
             "500000 --density 0.005`: peaks open in a type-specific pattern, about 2,800 of "
             "500,000 per cell; `setup_anndata` with its defaults, which read the peaks open in "
-            ">= 2 % of the cells, at most 50,000; then, as above, one epoch at `n_centroids=10`,"
+            ">= 1 % of the cells, at most 50,000 (the cap binds here); then, as above, one "
+            "epoch at `n_centroids=10`,"
             " one thread). Setup = `setup_anndata` (which counts the cells of every peak, block"
             " by block) and `SCALE(adata)`; train s = the whole `train()` call, the mixture's "
             "fits included.",
