@@ -152,6 +152,29 @@ def test_sparse_minibatches_agree_with_dense(small_adata):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_outputs_read_sparse_minibatches_on_the_cpu(small_adata):
+    """The outputs' data loader gives the module CSR minibatches on the CPU, as training
+    does (a wide peak matrix is never made dense a minibatch at a time), and the latent is
+    the one the dense minibatches give."""
+    scvi.settings.seed = 0
+    model = _train(small_adata, epochs=2)
+    layouts = []
+    inference = model.module.inference
+
+    def spy(*args, **kwargs):
+        x = kwargs.get("x", args[0] if args else None)
+        layouts.append(x.layout)
+        return inference(*args, **kwargs)
+
+    model.module.inference = spy
+    z_sparse = model.get_latent_representation()
+    assert set(layouts) == {torch.sparse_csr}
+    layouts.clear()
+    z_dense = model.get_latent_representation(load_sparse_tensor=False)
+    assert set(layouts) == {torch.strided}
+    np.testing.assert_allclose(z_sparse, z_dense, rtol=1e-5, atol=1e-5)
+
+
 def test_save_load_round_trip_is_exact(small_adata, tmp_path):
     model = _train(small_adata, epochs=3)
     model.save(tmp_path / "m", overwrite=True)
