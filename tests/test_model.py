@@ -159,14 +159,13 @@ def test_outputs_read_sparse_minibatches_on_the_cpu(small_adata):
     scvi.settings.seed = 0
     model = _train(small_adata, epochs=2)
     layouts = []
-    inference = model.module.inference
+    inference_input = model.module._get_inference_input
 
-    def spy(*args, **kwargs):
-        x = kwargs.get("x", args[0] if args else None)
-        layouts.append(x.layout)
-        return inference(*args, **kwargs)
+    def spy(tensors):
+        layouts.append(tensors[REGISTRY_KEYS.X_KEY].layout)
+        return inference_input(tensors)
 
-    model.module.inference = spy
+    model.module._get_inference_input = spy
     z_sparse = model.get_latent_representation()
     assert set(layouts) == {torch.sparse_csr}
     layouts.clear()

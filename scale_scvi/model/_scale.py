@@ -721,13 +721,16 @@ class SCALE(
         data_loader_class=None,
         **data_loader_kwargs,
     ):
-        """scvi-tools' data loader of the outputs, with sparse minibatches on the CPU.
+        """scvi-tools' data loader, with sparse minibatches by default when the module is on
+        the CPU.
 
-        As in training (``train(load_sparse_tensor=None)``), a sparse matrix is read as
-        sparse minibatches when the module is on the CPU, so that a minibatch of a wide
-        peak matrix is never made dense before the module cuts it to the peaks it reads
-        (at 300,000 peaks this halves the time of :meth:`get_latent_representation`). Pass
-        ``load_sparse_tensor`` to choose.
+        The rule of ``train(load_sparse_tensor=None)``, for every loader made after
+        training (the outputs): a sparse matrix is read as CSR minibatches on the CPU, so
+        that a minibatch of a wide peak matrix is never made dense before the module cuts it
+        to the peaks it reads (at 300,000 peaks this halves the time of
+        :meth:`get_latent_representation`), and as dense ones on a GPU, where sparse-dense
+        products are not deterministic. Pass ``load_sparse_tensor`` to choose; the fits made
+        during training pass :data:`FIT_LOADER`.
         """
         data_loader_kwargs.setdefault("load_sparse_tensor", self.module.device.type == "cpu")
         return super()._make_data_loader(
