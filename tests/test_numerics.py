@@ -310,15 +310,16 @@ def test_fit_gmm_rejects_what_it_cannot_fit(latent: np.ndarray, match: str) -> N
 
 
 def test_finite_check_of_the_module_state_finds_any_non_finite_value() -> None:
-    """The guard's one-pass check (float64 sums) sees a NaN or an infinity in any floating
-    tensor, float64 ones included, and ignores integer buffers."""
+    """The guard's one-pass check (minimum and maximum) sees a NaN or an infinity in any
+    floating tensor, float64 and empty ones included, and ignores integer buffers."""
     from scale_scvi.train._finite_guard import FiniteLossGuard
 
     module = torch.nn.Linear(3, 2)
     module.register_buffer("index", torch.arange(4))
     module.register_buffer("wide", torch.ones(2, dtype=torch.float64))
+    module.register_buffer("empty", torch.ones(0))
     assert FiniteLossGuard._finite(module)
-    big = torch.full((2, 3), torch.finfo(torch.float32).max)  # sums beyond float32's range
+    big = torch.full((2, 3), torch.finfo(torch.float32).max)  # finite, summing to infinity
     with torch.no_grad():
         module.weight.copy_(big)
     assert FiniteLossGuard._finite(module)

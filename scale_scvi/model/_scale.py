@@ -27,6 +27,7 @@ from scale_scvi.module import ATAC, ATAC_KEY, JOINT, SCALEVAE, Modality, module_
 from scale_scvi.pp._counts import get_matrix, matrix_name
 from scale_scvi.pp._filter import check_peak_selection
 from scale_scvi.train import (
+    EpochMetricsTrainingPlan,
     ExpertCheckCallback,
     FiniteLossGuard,
     FusedAdamW,
@@ -185,6 +186,7 @@ class SCALE(
     #: own (:func:`~scale_scvi.module.module_class` of the registered modalities).
     _module_cls = SCALEVAE
     _data_splitter_cls = SparseDataSplitter
+    _training_plan_cls = EpochMetricsTrainingPlan
 
     def __init__(
         self,

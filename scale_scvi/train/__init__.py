@@ -7,8 +7,10 @@ from ._finite_guard import FiniteLossGuard, NonFiniteLossError
 from ._gmm_init import GMMInitCallback, fit_gmm
 from ._interrupt import InterruptRecorder
 from ._optim import FusedAdamW, InPlaceGradient
+from ._plan import EpochMetricsTrainingPlan
 
 __all__ = [
+    "EpochMetricsTrainingPlan",
     "ExpertCheckCallback",
     "FiniteLossGuard",
     "FusedAdamW",
