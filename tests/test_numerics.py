@@ -318,16 +318,23 @@ def test_finite_check_of_the_module_state_finds_any_non_finite_value() -> None:
     module.register_buffer("index", torch.arange(4))
     module.register_buffer("wide", torch.ones(2, dtype=torch.float64))
     module.register_buffer("empty", torch.ones(0))
+    module.register_buffer("columns", torch.ones(5, 3).t())  # column-major, as the encoder's
     assert FiniteLossGuard._finite(module)
     big = torch.full((2, 3), torch.finfo(torch.float32).max)  # finite, summing to infinity
     with torch.no_grad():
         module.weight.copy_(big)
     assert FiniteLossGuard._finite(module)
-    for name, value in [("weight", float("nan")), ("bias", float("-inf")), ("wide", float("inf"))]:
+    cases = [
+        ("weight", float("nan")),
+        ("bias", float("-inf")),
+        ("wide", float("inf")),
+        ("columns", float("nan")),
+    ]
+    for name, value in cases:
         tensor = getattr(module, name)
         kept = tensor.detach().clone()
         with torch.no_grad():
-            tensor.view(-1)[-1] = value
+            tensor[(1,) * tensor.ndim] = value
         assert not FiniteLossGuard._finite(module), name
         with torch.no_grad():
             tensor.copy_(kept)

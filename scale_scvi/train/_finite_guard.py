@@ -19,6 +19,13 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
 
 
+def _in_memory_order(t: torch.Tensor) -> torch.Tensor:
+    """A view of ``t`` with its dimensions in the order of their strides (contiguous for a
+    permuted contiguous tensor, such as a column-major weight), for a fast reduction."""
+    order = sorted(range(t.ndim), key=lambda d: -t.stride(d))
+    return t.permute(order)
+
+
 class FiniteLossGuard(Callback):
     """Stop training with :class:`NonFiniteLossError` as soon as the loss is not finite.
 
@@ -74,11 +81,12 @@ class FiniteLossGuard(Callback):
 
         The minimum and the maximum of a tensor are both finite exactly when every value is
         (a NaN makes both NaN, an infinity shows in one of them): one pass over each tensor
-        (``aminmax``, 0.6 ms for 5 million values where a float64 sum took 19 ms) and one
-        synchronization.
+        (``aminmax``, 0.6 ms for 5 million values where a float64 sum took 19 ms; over the
+        tensor's dimensions in memory order, as on a column-major weight it takes 17 ms)
+        and one synchronization.
         """
         checks = [
-            torch.isfinite(torch.stack(torch.aminmax(t.detach())))
+            torch.isfinite(torch.stack(torch.aminmax(_in_memory_order(t.detach()))))
             for t in module.state_dict().values()
             if t.is_floating_point() and t.numel() > 0
         ]
