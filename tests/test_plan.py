@@ -55,3 +55,33 @@ def test_epoch_metrics_are_logged_once_per_epoch_with_scvis_values(
     epochs = 4
     assert n_theirs == epochs * (6 * 6 + 5)
     assert n_ours == epochs * (6 * 1 + 5 + 5)
+
+
+@pytest.mark.filterwarnings("ignore:.*have no accessible cell")
+def test_early_stopping_and_lr_schedule_read_the_deferred_metrics(
+    small_adata, monkeypatch
+) -> None:
+    """Early stopping and ReduceLROnPlateau monitor ``elbo_validation``, which this plan logs
+    at the epoch's last validation minibatch: they stop and lower the learning rate at the
+    same epochs as with scvi-tools' plan."""
+
+    def run(plan_cls):
+        scvi.settings.seed = 0
+        adata = small_adata.copy()
+        SCALE.setup_anndata(adata)
+        model = SCALE(adata, n_centroids=4)
+        monkeypatch.setattr(SCALE, "_training_plan_cls", plan_cls)
+        model.train(
+            max_epochs=200,
+            early_stopping=True,
+            early_stopping_patience=5,
+            plan_kwargs={"reduce_lr_on_plateau": True, "lr_patience": 3},
+            enable_progress_bar=False,
+        )
+        return len(model.history["elbo_train"]), model.history["lr-FusedAdamW"].to_numpy(float)
+
+    epochs, lr = run(EpochMetricsTrainingPlan)
+    epochs_scvi, lr_scvi = run(TrainingPlan)
+    assert epochs == epochs_scvi < 200
+    assert lr.min() < lr[0]
+    np.testing.assert_allclose(lr, lr_scvi)
