@@ -21,12 +21,14 @@ class EpochMetricsTrainingPlan(TrainingPlan):
     (600 cells x 5,000 peaks, minibatches of 32) this plan trains 6 % faster.
     Here such a call inside ``training_step`` or ``validation_step`` only records its value:
     a number is summed, weighted by its minibatch size (the weight Lightning gives it), and
-    a ``torchmetrics`` metric (which accumulates itself) is kept. At the last minibatch of
-    the epoch each name is logged once, with the same arguments, its epoch mean as the value
-    and the summed size as ``batch_size``: the history and the progress bar get the same
-    values under the same names. Calls with ``on_step=True`` (``kl_weight``), with another
-    reduction, or outside those steps reach Lightning as they come. The loss, the gradients
-    and the order of the minibatches are untouched.
+    a ``torchmetrics`` metric (which accumulates itself) is kept. When the epoch's training
+    or validation ends (``on_train_epoch_end``, ``on_validation_epoch_end``, before
+    Lightning collects the epoch's metrics) each name is logged once, with the same
+    arguments, its epoch mean as the value and the summed size as ``batch_size``: the
+    history and the progress bar get the same values under the same names. Calls with
+    ``on_step=True`` (``kl_weight``), with another reduction, or outside those steps reach
+    Lightning as they come. The loss, the gradients and the order of the minibatches are
+    untouched.
     """
 
     def __init__(self, *args, **kwargs):
@@ -38,15 +40,13 @@ class EpochMetricsTrainingPlan(TrainingPlan):
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch, batch_idx):
-        """scvi-tools' training step; its epoch metrics are logged at the epoch's last one."""
-        with self._recording("train", batch, batch_idx, self.trainer.num_training_batches):
+        """scvi-tools' training step; its epoch metrics are logged when the epoch ends."""
+        with self._recording("train", batch):
             return super().training_step(batch, batch_idx)
 
     def validation_step(self, batch, batch_idx, *args, **kwargs):
-        """scvi-tools' validation step; its epoch metrics are logged at the epoch's last one."""
-        n_batches = self.trainer.num_val_batches
-        n_batches = sum(n_batches) if isinstance(n_batches, list) else n_batches
-        with self._recording("validation", batch, batch_idx, n_batches):
+        """scvi-tools' validation step; its epoch metrics are logged when validation ends."""
+        with self._recording("validation", batch):
             return super().validation_step(batch, batch_idx, *args, **kwargs)
 
     def on_train_epoch_start(self) -> None:
@@ -55,7 +55,7 @@ class EpochMetricsTrainingPlan(TrainingPlan):
 
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
-        self._flush("train")  # only when the last minibatch was not the counted last one
+        self._flush("train")
 
     def on_validation_epoch_start(self) -> None:
         super().on_validation_epoch_start()
@@ -67,19 +67,17 @@ class EpochMetricsTrainingPlan(TrainingPlan):
 
     # ------------------------------------------------------------------ logging
     @contextmanager
-    def _recording(self, stage: str, batch, batch_idx: int, n_batches) -> Iterator[None]:
+    def _recording(self, stage: str, batch) -> Iterator[None]:
         self._stage = None if self.trainer.sanity_checking else stage
         self._step_batch, self._step_cells = batch, None
         try:
             yield
         finally:
             self._stage, self._step_batch = None, None
-        if batch_idx >= n_batches - 1:
-            self._flush(stage)
 
     def log(self, name: str, value, *args, **kwargs) -> None:
         """Lightning's ``log``; the epoch means of a training or validation step are recorded
-        and logged once, at the last minibatch of the epoch."""
+        and logged once, when the epoch ends."""
         if not (
             self._stage is not None
             and not args
