@@ -50,6 +50,9 @@ CONFIGS: dict[str, dict] = {
     # the encoders' linear biases that batch norm follows kept at their initial values (see
     # _common.freeze_pre_norm_biases)
     "frozen_pre_norm_biases": {"freeze_pre_norm_biases": True},
+    # the encoder's normalization: none (the original's encoder) or layer norm per cell
+    "norm_none": {"model": {"use_batch_norm": "none"}},
+    "layer_norm": {"model": {"use_batch_norm": "none", "use_layer_norm": "encoder"}},
 }
 
 

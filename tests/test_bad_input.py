@@ -317,8 +317,9 @@ CASES: dict[str, Case] = {
         error=ValueError,
         match="batch_size=0 is out of range",
     ),
-    "batch_size 1": Case(
+    "batch_size 1 with batch norm": Case(
         edited(lambda a: None),
+        model={"use_batch_norm": "encoder"},
         train={"batch_size": 1},
         error=ValueError,
         match=r"batch_size=1 .*at least 2 \(batch normalization",

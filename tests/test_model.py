@@ -223,15 +223,50 @@ def test_batch_norm_with_one_cell_left_over(n_cells):
 
     adata = simulate_scatac(n_cells=n_cells, n_peaks=300, n_types=4, seed=1)
     SCALE.setup_anndata(adata)
-    model = SCALE(adata, n_centroids=4, n_hidden=(64, 32))
+    model = SCALE(adata, n_centroids=4, n_hidden=(64, 32), use_batch_norm="encoder")
     assert any(isinstance(m, torch.nn.BatchNorm1d) for m in model.module.modules())
     model.train(max_epochs=2, batch_size=32, train_size=1.0, enable_progress_bar=False)
     assert model.trainer.num_training_batches == (2 if n_cells == 65 else 3)
     assert np.isfinite(model.get_latent_representation()).all()
-    # without batch norm nothing is dropped
-    plain = SCALE(adata, n_centroids=4, n_hidden=(64, 32), use_batch_norm="none")
+    # without batch norm (the default: layer norm) nothing is dropped
+    plain = SCALE(adata, n_centroids=4, n_hidden=(64, 32))
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in plain.module.modules())
     plain.train(max_epochs=1, batch_size=32, train_size=1.0, enable_progress_bar=False)
     assert plain.trainer.num_training_batches == 3
+
+
+@pytest.mark.parametrize("saved_norm", ["encoder", "none"])
+def test_state_saved_before_layer_norm_loads_as_saved(saved_norm):
+    """The ATAC encoder's default is layer norm. A state dict saved before (no
+    ``normalization_v2``) with the defaults of then, batch norm (0.1.x) or no normalization
+    (earlier), loads into a default-built module as the encoder it was saved with: the
+    same posterior, in evaluation and in training mode."""
+    from scale_scvi.module import SCALEVAE
+
+    torch.manual_seed(0)
+    saved = SCALEVAE(n_input=40, n_hidden=(16, 8), use_batch_norm=saved_norm)
+    for m in saved.modules():
+        if isinstance(m, torch.nn.BatchNorm1d):  # statistics other than the initial ones
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    state = saved.state_dict()
+    del state["normalization_v2"]
+    module = SCALEVAE(n_input=40, n_hidden=(16, 8))
+    assert any(isinstance(m, torch.nn.LayerNorm) for m in module.modules())
+    module.load_state_dict(state)
+    assert not any(isinstance(m, torch.nn.LayerNorm) for m in module.modules())
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm1d) for m in module.modules())
+    assert n_bn == (2 if saved_norm == "encoder" else 0)
+    assert (module.use_batch_norm, module.use_layer_norm) == (saved_norm, "none")
+    x = (torch.rand(9, 40) < 0.3).float()
+    for training in (False, True):
+        saved.train(training)
+        module.train(training)
+        torch.testing.assert_close(module.z_encoder(x), saved.z_encoder(x))
+    # saved since: loads as built, layer norm kept
+    fresh = SCALEVAE(n_input=40, n_hidden=(16, 8))
+    fresh.load_state_dict(SCALEVAE(n_input=40, n_hidden=(16, 8)).state_dict())
+    assert any(isinstance(m, torch.nn.LayerNorm) for m in fresh.modules())
 
 
 @pytest.mark.shared_data

@@ -10,7 +10,7 @@ from scvi import REGISTRY_KEYS
 from scvi.module.base import LossOutput, auto_move_data
 from torch.distributions import Normal
 
-from ._base import SCALEModuleBase
+from ._base import Normalization, SCALEModuleBase
 from ._components import binarize
 from ._constants import ATAC, MODULE_KEYS
 from ._feature_stats import open_fraction
@@ -22,6 +22,9 @@ from ._objectives import (
     log_mean_exp,
     mean_field_responsibilities,
 )
+
+#: ``(use_batch_norm, use_layer_norm)`` of :class:`SCALEVAE` when neither is given.
+DEFAULT_NORMALIZATION: tuple[Normalization, Normalization] = ("none", "encoder")
 
 
 class SCALEVAE(SCALEModuleBase):
@@ -39,6 +42,14 @@ class SCALEVAE(SCALEModuleBase):
         The peaks the module reads (sorted column indices of the registered matrix); every
         minibatch is cut to them, dense or sparse, and the networks see only those.
         ``None`` (default): every peak.
+    use_batch_norm, use_layer_norm
+        Normalization of the hidden layers (``"encoder"``, ``"decoder"``, ``"both"`` or
+        ``"none"``). Neither given (default): layer normalization of the encoder's hidden
+        layers and no batch normalization. Given one, the other is ``"none"`` unless given
+        too. Layer norm normalizes each cell's hidden units on their own; batch norm, the
+        default of the multimodal module, normalizes them over the minibatch, which on a
+        set of a few hundred cells ties a cell's latent to the other cells it is drawn
+        with (``benchmarks/NOTES.md``, "The encoder's normalization").
     gamma_from
         ``q(c|x)`` in the closed-form ELBO: the responsibilities ``p(c|z)`` at the posterior
         ``"mean"`` or at the ``"sample"`` used for the reconstruction (as the original
@@ -55,9 +66,19 @@ class SCALEVAE(SCALEModuleBase):
         n_input: int,
         gamma_from: Literal["mean", "sample", "expected"] = "mean",
         peak_index: Sequence[int] | None = None,
+        use_batch_norm: Normalization | None = None,
+        use_layer_norm: Normalization | None = None,
         **kwargs,
     ):
-        super().__init__(**kwargs)
+        default_norm = use_batch_norm is None and use_layer_norm is None
+        if default_norm:
+            use_batch_norm, use_layer_norm = DEFAULT_NORMALIZATION
+        super().__init__(
+            use_batch_norm=use_batch_norm or "none",
+            use_layer_norm=use_layer_norm or "none",
+            **kwargs,
+        )
+        self.default_normalization = default_norm
         if gamma_from not in ("mean", "sample", "expected"):
             raise ValueError(
                 f"gamma_from must be 'mean', 'sample' or 'expected', got {gamma_from!r}."
@@ -69,6 +90,8 @@ class SCALEVAE(SCALEModuleBase):
         self.z_encoder = self._make_encoder(self.n_peaks)
         self.decoder = self._make_decoder(self.n_peaks)
         self._add_prior()
+        # marks the state dicts saved since layer norm became the encoder's default
+        self.register_buffer("normalization_v2", torch.ones((), dtype=torch.bool))
 
     # ------------------------------------------------------------------ inputs
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict:
