@@ -298,10 +298,11 @@ def test_forebrain_clustering():
         f"forebrain ARI k-means {ari:.3f}, ARI argmax {ari_argmax:.3f}, "
         f"NMI {normalized_mutual_info_score(truth, km):.3f}"
     )
-    # Seed 0, one thread: 0.655 (argmax 0.671, NMI 0.735). Seeds 0-5 of the earlier
-    # defaults gave 0.647-0.679 (argmax 0.53-0.63, before the final mixture fit;
-    # benchmarks/NOTES.md).
-    assert ari >= 0.65
+    # Seed 0, one thread, the encoder's layer norm: 0.653 (argmax 0.634, NMI 0.730) on an
+    # AMD EPYC; with batch norm 0.655 (argmax 0.671). Seeds 0-5 of the earlier defaults gave
+    # 0.647-0.679 (benchmarks/NOTES.md); another CPU's rounding is another trajectory, and
+    # the seeds spread by about 0.03, hence the margin.
+    assert ari >= 0.62
     assert ari_argmax >= 0.50
 
 
@@ -326,11 +327,10 @@ def test_forebrain_default_path():
         f"forebrain default path: {model.n_clusters_} clusters, "
         f"ARI own {ari_own:.3f}, k-means {ari_km:.3f}"
     )
-    # Seed 0, one thread: 8 clusters, own 0.631, k-means 0.646 on an Intel Xeon
-    # (benchmarks/RESULTS.md, the as-shipped table; seeds 0-2 of the own clusters:
-    # 0.614-0.631); 9 clusters, own 0.551, k-means 0.647 on an AMD EPYC, the same code: the
-    # floating-point rounding of another CPU is another trajectory, and the number of
-    # clusters read off it can differ by one (benchmarks/NOTES.md).
+    # Seed 0, one thread, the encoder's layer norm: 9 clusters, own 0.636, k-means 0.693 on
+    # an AMD EPYC (benchmarks/RESULTS.md, the as-shipped table; seeds 0-2 of the own
+    # clusters: 0.618-0.653). Another CPU's floating-point rounding is another trajectory,
+    # and the number of clusters read off it can differ by one (benchmarks/NOTES.md).
     assert 6 <= model.n_clusters_ <= 11
     assert ari_own >= 0.50
     assert ari_km >= 0.60
