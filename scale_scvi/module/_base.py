@@ -60,39 +60,6 @@ def allow_missing_batch_norm(module: torch.nn.Module, state_dict: dict, prefix: 
         setattr(parent, child_name, torch.nn.Identity())
 
 
-def restore_saved_normalization(module: torch.nn.Module, state_dict: dict, prefix: str) -> None:
-    """Load a state dict saved before layer norm became the ATAC encoder's default.
-
-    Those state dicts lack the ``normalization_v2`` buffer. A module built with the default
-    normalization then gets the encoder it was saved with: batch norm in the hidden layers
-    whose batch-norm statistics the state dict holds (the default of versions 0.1.x), none
-    in the others (earlier versions), and no layer norm. Normalizations given explicitly
-    were saved in the model's arguments and are built as given.
-    """
-    key = prefix + "normalization_v2"
-    if not hasattr(module, "normalization_v2") or key in state_dict:
-        return
-    state_dict[key] = torch.zeros_like(module.normalization_v2)
-    if not getattr(module, "default_normalization", False):
-        return
-    with_bn = False
-    for name, child in module.named_modules():
-        if not isinstance(child, SCALEEncoder):
-            continue
-        for layer_name, layer in child.named_modules():
-            is_block = isinstance(layer, torch.nn.Sequential) and len(layer) == 5
-            if not (is_block and isinstance(layer[0], torch.nn.Linear)):
-                continue
-            full = ".".join(part for part in (name, layer_name) if part)
-            linear = layer[0]
-            if prefix + full + ".1.running_mean" in state_dict:
-                layer[1] = torch.nn.BatchNorm1d(linear.out_features, momentum=0.01, eps=0.001)
-                with_bn = True
-            layer[2] = None
-    module.use_batch_norm = "encoder" if with_bn else "none"
-    module.use_layer_norm = "none"
-
-
 def log_depth(x: torch.Tensor) -> torch.Tensor:
     """``log`` of the number of open peaks of each cell (at least 1), shape ``(B,)``.
 
@@ -261,7 +228,6 @@ class SCALEModuleBase(BaseModuleClass):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         allow_missing_depth_offset(self, state_dict, prefix)
-        restore_saved_normalization(self, state_dict, prefix)
         allow_missing_batch_norm(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

@@ -93,6 +93,32 @@ class SCALEVAE(SCALEModuleBase):
         # marks the state dicts saved since layer norm became the encoder's default
         self.register_buffer("normalization_v2", torch.ones((), dtype=torch.bool))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        self._restore_saved_normalization(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _restore_saved_normalization(self, state_dict: dict, prefix: str) -> None:
+        """Load a state dict saved before layer norm became the encoder's default.
+
+        Such a state dict lacks the ``normalization_v2`` buffer. Built with the default
+        normalization, the module then rebuilds its encoder as it was saved: batch norm if
+        the state dict holds the encoder's batch-norm statistics (versions 0.1.x), no
+        normalization otherwise (earlier versions). Normalizations given explicitly were
+        saved in the model's arguments and are built as given.
+        """
+        key = prefix + "normalization_v2"
+        if key in state_dict:
+            return
+        state_dict[key] = torch.zeros_like(self.normalization_v2)
+        if not self.default_normalization:
+            return
+        encoder = prefix + "z_encoder."
+        with_bn = any(k.startswith(encoder) and k.endswith(".running_mean") for k in state_dict)
+        self.use_batch_norm = "encoder" if with_bn else "none"
+        self.use_layer_norm = "none"
+        device = self.normalization_v2.device
+        self.z_encoder = self._make_encoder(self.n_peaks).to(device)
+
     # ------------------------------------------------------------------ inputs
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict:
         x = self.select_peaks(tensors[REGISTRY_KEYS.X_KEY])
