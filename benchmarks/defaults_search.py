@@ -40,6 +40,7 @@ CONFIGS: dict[str, dict] = {
     "k_true": {"model": {"n_centroids": "true"}},
     "all_peaks": {"setup": {"min_fraction": None, "n_top_peaks": None}},
     "min_fraction_1pct": {"setup": {"min_fraction": 0.01}},
+    "steps2000": {"train": {"n_steps": 2000}},
     "steps3000": {"train": {"n_steps": 3000}},
     "steps6000": {"train": {"n_steps": 6000}},
     "hidden256": {"model": {"n_hidden": [256, 128]}},
