@@ -54,6 +54,9 @@ CONFIGS: dict[str, dict] = {
     # the encoder's normalization: none (the original's encoder) or layer norm per cell
     "norm_none": {"model": {"use_batch_norm": "none"}},
     "layer_norm": {"model": {"use_batch_norm": "none", "use_layer_norm": "encoder"}},
+    # each peak's Bernoulli term weighted by log(1 + n_cells / cells open), normalized to a
+    # mean of 1 over the peaks read (a patch of the ATAC module's likelihood; see _idf_patch)
+    "likelihood_idf": {"likelihood_idf": True},
 }
 
 
@@ -125,6 +128,32 @@ def _cosine_lr_decay():
     return CosineLrDecay()
 
 
+def _idf_patch(adata, module) -> None:
+    """Weight each peak's term of the ATAC module's Bernoulli log-likelihood by its inverse
+    document frequency, ``log(1 + n_cells / cells open)``, normalized to a mean of 1."""
+    import scipy.sparse as sp
+    import torch
+    from torch.nn import functional as F
+
+    import scale_scvi.module._scalevae as scalevae
+
+    X = sp.csc_matrix(adata.X)
+    binary = X.copy()
+    binary.data = (binary.data > 0).astype(np.float32)
+    open_cells = np.asarray(binary.sum(0)).ravel()
+    if module.peak_index is not None:
+        open_cells = open_cells[module.peak_index.numpy()]
+    idf = np.log1p(adata.n_obs / np.maximum(open_cells, 1))
+    weight = torch.as_tensor(idf / idf.mean(), dtype=torch.float32)
+
+    def weighted(logits, x):
+        dense = x.to_dense() if x.layout != torch.strided else x
+        dense = (dense > 0).to(logits.dtype)
+        return (weight * (dense * logits - F.softplus(logits))).sum(-1)
+
+    scalevae.bernoulli_log_likelihood = weighted
+
+
 def run_scale(adata, seed: int, config: dict) -> dict:
     import scvi
     import torch
@@ -151,6 +180,8 @@ def run_scale(adata, seed: int, config: dict) -> dict:
         train_kwargs["callbacks"] = [_cosine_lr_decay()]
     SCALE.setup_anndata(adata, **config.get("setup", {}))
     model = SCALE(adata, **model_kwargs)
+    if config.get("likelihood_idf"):
+        _idf_patch(adata, model.module)
     if config.get("freeze_pre_norm_biases") and not freeze_pre_norm_biases(model.module):
         raise RuntimeError("No linear layer followed by batch norm was found.")
     t0 = time.perf_counter()
