@@ -167,7 +167,11 @@ class MultiSCALEVAE(SCALEModuleBase):
         and its decoder learns, but it does not move the latent of cells that have another
         modality (its gradient stops at ``z``): the latent is shaped by the modalities whose
         experts generalize, and the other is predicted from it. ``True`` is the default;
-        ``False`` keeps every expert (measurements in ``benchmarks/RESULTS.md``).
+        ``False`` keeps every expert (measurements in ``benchmarks/RESULTS.md``). The check
+        sums the likelihoods of the modalities, in which a large-count modality weighs more:
+        on small simulated pairs (480 and 1,200 cells) whose ATAC knew half of the cell types
+        it left that informative expert out (``docs/math.md`` section 8); on a pair of a few
+        thousand cells or fewer, compare with ``False``.
     modality_flags
         One row per category of the registered modality flag: which of ``(atac, rna)``
         a cell of that category has. ``None`` when no flag is registered.
