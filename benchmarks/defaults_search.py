@@ -131,19 +131,16 @@ def _cosine_lr_decay():
 def _idf_patch(adata, module) -> None:
     """Weight each peak's term of the ATAC module's Bernoulli log-likelihood by its inverse
     document frequency, ``log(1 + n_cells / cells open)``, normalized to a mean of 1."""
-    import scipy.sparse as sp
     import torch
     from torch.nn import functional as F
 
     import scale_scvi.module._scalevae as scalevae
+    from scale_scvi.module._feature_stats import open_fraction
 
-    X = sp.csc_matrix(adata.X)
-    binary = X.copy()
-    binary.data = (binary.data > 0).astype(np.float32)
-    open_cells = np.asarray(binary.sum(0)).ravel()
+    fraction = open_fraction(adata.X)
     if module.peak_index is not None:
-        open_cells = open_cells[module.peak_index.numpy()]
-    idf = np.log1p(adata.n_obs / np.maximum(open_cells, 1))
+        fraction = fraction[module.peak_index.numpy()]
+    idf = np.log1p(1.0 / np.maximum(fraction, 1.0 / adata.n_obs))
     weight = torch.as_tensor(idf / idf.mean(), dtype=torch.float32)
 
     def weighted(logits, x):

@@ -238,8 +238,8 @@ def test_batch_norm_with_one_cell_left_over(n_cells):
 @pytest.mark.parametrize("saved_norm", ["encoder", "none"])
 def test_state_saved_before_layer_norm_loads_as_saved(saved_norm):
     """The ATAC encoder's default is layer norm. A state dict saved before (no
-    ``normalization_v2``) with the defaults of then, batch norm (0.1.x) or no normalization
-    (earlier), loads into a default-built module as the encoder it was saved with: the
+    ``normalization_v2``) with the defaults of then, batch norm or (earlier) no
+    normalization, loads into a default-built module as the encoder it was saved with: the
     same posterior, in evaluation and in training mode."""
     from scale_scvi.module import SCALEVAE
 

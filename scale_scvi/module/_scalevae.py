@@ -102,8 +102,8 @@ class SCALEVAE(SCALEModuleBase):
 
         Such a state dict lacks the ``normalization_v2`` buffer. Built with the default
         normalization, the module then rebuilds its encoder as it was saved: batch norm if
-        the state dict holds the encoder's batch-norm statistics (versions 0.1.x), no
-        normalization otherwise (earlier versions). Normalizations given explicitly were
+        the state dict holds the encoder's batch-norm statistics (the previous default), no
+        normalization otherwise (the first default). Normalizations given explicitly were
         saved in the model's arguments and are built as given.
         """
         key = prefix + "normalization_v2"
