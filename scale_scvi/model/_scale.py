@@ -703,7 +703,10 @@ class SCALE(
             loader = self._make_data_loader(
                 adata=self.adata, indices=indices, batch_size=batch_size, **FIT_LOADER
             )
-            return torch.cat([self.module.heldout_fit(t).cpu() for t in loader], -1).numpy()
+            means = torch.cat([self.module.heldout_product_mean(t).cpu() for t in loader])
+            shared = means.nanmean(0)  # one latent for all the held-out cells
+            fit = [self.module.heldout_fit(t, shared).cpu() for t in loader]
+            return torch.cat(fit, -1).numpy()
 
         return fit_fn
 

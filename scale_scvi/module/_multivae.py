@@ -119,8 +119,9 @@ class MultiSCALEVAE(SCALEModuleBase):
     encoder of a modality without signal can do by heart (a few open peaks are a fingerprint
     of a cell). So training checks the experts once on held-out cells
     (:meth:`select_experts_on`; ``select_experts``, on by default) and leaves out of the
-    posterior a modality whose expert makes the product explain them worse (its likelihood
-    stays), training again from the start without it.
+    posterior a modality whose expert makes the product explain them worse and whose own
+    data the latent does not explain on them (its likelihood stays), training again from the
+    start without it.
 
     A cell that lacks a modality (all zeros in it, or flagged through ``modality_flags``) is
     modelled by the modalities it has: its mixture and its likelihood leave the missing one
@@ -167,11 +168,8 @@ class MultiSCALEVAE(SCALEModuleBase):
         and its decoder learns, but it does not move the latent of cells that have another
         modality (its gradient stops at ``z``): the latent is shaped by the modalities whose
         experts generalize, and the other is predicted from it. ``True`` is the default;
-        ``False`` keeps every expert (measurements in ``benchmarks/RESULTS.md``). The check
-        sums the likelihoods of the modalities, in which a large-count modality weighs more:
-        on small simulated pairs (480 and 1,200 cells) whose ATAC knew half of the cell types
-        it left that informative expert out (``docs/math.md`` section 8); on a pair of a few
-        thousand cells or fewer, compare with ``False``.
+        ``False`` keeps every expert (measurements in ``benchmarks/RESULTS.md`` and
+        ``docs/math.md`` section 8).
     modality_flags
         One row per category of the registered modality flag: which of ``(atac, rna)``
         a cell of that category has. ``None`` when no flag is registered.
@@ -610,57 +608,108 @@ class MultiSCALEVAE(SCALEModuleBase):
         return log_likelihood
 
     @torch.no_grad()
-    def heldout_fit(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        """How well each candidate posterior explains the cells of a minibatch, ``(M + 1, B)``.
+    def heldout_product_mean(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The mean of the product of every expert (on or off) for each cell, ``(B, D)``.
 
-        Row ``m`` is ``log p(x_1..M | z)`` (every modality, unweighted) at the mean of expert
-        ``m`` alone, the last row the same at the mean of the product of all experts; every
-        expert counts, whether on or off. ``NaN`` for a cell that lacks a modality. Read by
-        :meth:`select_experts_on` on cells held out from training.
+        ``NaN`` for a cell that lacks a modality. Their mean over the held-out cells is the
+        latent shared by all of them that :meth:`heldout_fit` decodes as a baseline.
+        """
+        out = self.inference(**self._get_inference_input(tensors))
+        mask = out[K.MODALITY_MASK_KEY]
+        poe_m, _ = product_of_experts(out[K.QZM_EXPERTS_KEY], out[K.QZV_EXPERTS_KEY], mask)
+        return torch.where(mask.all(0).unsqueeze(-1), poe_m, torch.nan)
+
+    def heldout_fit(
+        self, tensors: dict[str, torch.Tensor], shared_z: torch.Tensor
+    ) -> torch.Tensor:
+        """How well each candidate latent explains each modality of a minibatch, ``(M + 2, M, B)``.
+
+        Entry ``[c, k, n]`` is ``log p(x_k | z)`` of cell ``n`` (unweighted) with ``z`` the
+        mean of expert ``c`` alone (``c < M``), the mean of the product of all experts
+        (``c = M``; every expert counts, whether on or off), or ``shared_z`` (``c = M + 1``):
+        one latent for every cell, the mean of the held-out cells'
+        :meth:`heldout_product_mean`, which knows nothing of any one cell. ``NaN`` for a
+        cell that lacks a modality. Read by :meth:`select_experts_on` on cells held out from
+        training.
         """
         out = self.inference(**self._get_inference_input(tensors))
         mask = out[K.MODALITY_MASK_KEY]
         qz_ms, qz_vs = out[K.QZM_EXPERTS_KEY], out[K.QZV_EXPERTS_KEY]
         poe_m, _ = product_of_experts(qz_ms, qz_vs, mask)
-        z = torch.cat([qz_ms, poe_m.unsqueeze(0)])
-        ll = self._log_likelihood_fn(tensors, mask, z.device, scaled=False)(z)
+        shared = shared_z.to(poe_m).expand_as(poe_m)
+        z = torch.cat([qz_ms, poe_m.unsqueeze(0), shared.unsqueeze(0)])
+        per_modality = []
+        for k in range(len(self.modalities)):
+            only = torch.zeros_like(mask)
+            only[k] = mask[k]
+            per_modality.append(self._log_likelihood_fn(tensors, only, z.device, scaled=False)(z))
+        ll = torch.stack(per_modality, 1)
         return torch.where(mask.all(0), ll, torch.nan)
 
-    def select_experts_on(self, fit: torch.Tensor, z_threshold: float = 2.0) -> dict[str, float]:
+    def select_experts_on(
+        self, fit: torch.Tensor, z_threshold: float = 2.0, min_gain: float = 1.0
+    ) -> dict[str, float]:
         """Switch off the expert of a modality that does not help explain held-out cells.
 
         ``fit`` is :meth:`heldout_fit` of cells held out from training that have every
-        modality, ``(M + 1, N)``. The expert of modality ``m`` is switched off
-        (:attr:`expert_active`) when the posterior without it (with two modalities: the other
-        expert alone) explains these cells better than the product of every expert, in the
-        log-likelihood of all their modalities, by more than ``z_threshold`` standard errors
-        of the mean per-cell difference: its encoder then adds nothing that holds beyond the
-        training cells (the encoder of a modality that carries no signal learns the training
-        cells by heart, and its confident but meaningless means move the product, and with
-        it the latent, of every cell). Its likelihood stays in the objective, decoded from
-        the latent without moving it (see ``select_experts``). Where the
+        modality, ``(M + 2, M, N)``. The expert of modality ``m`` is switched off
+        (:attr:`expert_active`) when both of these hold:
+
+        - the posterior without it (with two modalities: the other expert alone) explains
+          these cells better than the product of every expert, in the log-likelihood of all
+          their modalities, by more than ``z_threshold`` standard errors of the mean
+          per-cell difference: its encoder then adds nothing that holds beyond the training
+          cells (the encoder of a modality that carries no signal learns the training cells
+          by heart, and its confident but meaningless means move the product, and with it
+          the latent, of every cell);
+        - the product does not explain modality ``m`` itself better than one latent shared
+          by all held-out cells, by at least ``min_gain`` nats per cell and ``z_threshold``
+          standard errors: the latent holds nothing about these cells' modality ``m``.
+
+        The second condition keeps an expert whose modality the latent explains on new
+        cells even when the other modality, which weighs more nats (RNA counts against a
+        sparse ATAC profile), loses more in sum. Its likelihood stays in the objective,
+        decoded from the latent without moving it (see ``select_experts``). Where the
         evidence is weaker every expert stays; if every expert would go, the one that
         explains the cells best stays.
 
-        Returns the mean log-likelihood per held-out cell of each candidate (``"atac"``,
-        ``"rna"``, ``"product"``), for each modality the z-score of the evidence against its
-        expert (``"z_atac"``, ``"z_rna"``: positive where the product does worse with it),
-        and the number of cells.
+        Returns the mean log-likelihood per held-out cell, summed over the modalities, of
+        each candidate (``"atac"``, ``"rna"``, ``"product"``, ``"shared"``); for each
+        modality the z-score of the evidence against its expert (``"z_atac"``, ``"z_rna"``:
+        positive where the product does worse with it), the gain per cell of the product
+        over the shared latent on that modality (``"gain_atac"``, ``"gain_rna"``) and its
+        z-score (``"z_gain_atac"``, ``"z_gain_rna"``); and the number of cells.
         """
         if len(self.modalities) != 2:
             raise ValueError("The held-out check of the experts needs two modalities.")
+        n_modalities = len(self.modalities)
+        if fit.dim() != 3 or fit.shape[:2] != (n_modalities + 2, n_modalities):
+            raise ValueError(
+                f"`fit` must be heldout_fit's (M + 2, M, N) = ({n_modalities + 2}, "
+                f"{n_modalities}, N) array; got the shape {tuple(fit.shape)}."
+            )
         fit = fit.double()
         n_cells = fit.shape[-1]
-        means = fit.mean(-1)
+        total = fit.sum(1)  # (M + 2, N): every modality
+        means = total.mean(-1)
         report: dict[str, float] = {m: float(means[i]) for i, m in enumerate(self.modalities)}
-        report["product"] = float(means[-1])
+        report["product"] = float(means[-2])
+        report["shared"] = float(means[-1])
+
+        def z_score(diff: torch.Tensor) -> float:
+            se = float(diff.std()) / math.sqrt(n_cells)  # NaN for one cell: no evidence
+            return float(diff.mean()) / se if se > 0 else 0.0
+
         keep = []
         for i, m in enumerate(self.modalities):
-            diff = fit[1 - i] - fit[-1]  # the other expert alone, against the product
-            se = float(diff.std()) / math.sqrt(n_cells)  # NaN for one cell: no evidence
-            z = float(diff.mean()) / se if se > 0 else 0.0
+            z = z_score(total[1 - i] - total[-2])  # the other expert alone, against the product
+            gain = fit[-2, i] - fit[-1, i]  # the product against the shared latent, on m
+            z_gain = z_score(gain)
             report[f"z_{m}"] = z
-            keep.append(z <= z_threshold)
+            report[f"gain_{m}"] = float(gain.mean())
+            report[f"z_gain_{m}"] = z_gain
+            informs = float(gain.mean()) >= min_gain and z_gain > z_threshold
+            keep.append(z <= z_threshold or informs)
         if not any(keep):
             keep[int(torch.argmax(means[:2]))] = True
         self.expert_active.copy_(torch.tensor(keep, device=self.expert_active.device))

@@ -21,7 +21,8 @@ class ExpertCheckCallback(Callback):
     the KL warm-up, before the prior's mixture is fitted) the validation cells that have
     every modality are encoded by each expert alone and by the product of the experts, and
     :meth:`~scale_scvi.module.MultiSCALEVAE.select_experts_on` switches off the expert of a
-    modality whose absence explains them at least as well. Nothing happens without
+    modality whose absence explains them better and whose own data the latent does not
+    explain better than one latent shared by all of them. Nothing happens without
     validation cells (``train_size=1.0``), with fewer than ``min_cells`` of them paired, or
     when fewer than ``min_steps`` optimizer steps precede the check (an encoder that has
     barely trained tells nothing about its modality; the default schedule makes about
@@ -31,7 +32,7 @@ class ExpertCheckCallback(Callback):
     ----------
     fit_fn
         Indices of cells -> :meth:`~scale_scvi.module.MultiSCALEVAE.heldout_fit` of those
-        cells, ``(M + 1, n)``.
+        cells, ``(M + 2, M, n)``.
     epoch
         Epoch at whose start the check is made.
     min_cells
@@ -79,10 +80,14 @@ class ExpertCheckCallback(Callback):
         if trainer.is_global_zero:
             indices = getattr(trainer.datamodule, "val_idx", None)
             if indices is not None and len(indices) > 0:
-                with eval_mode(module):
+                # A data loader's iterator draws its seed from torch's global generator: the
+                # check must not move the random stream that training goes on with, so that a
+                # check that keeps every expert leaves training as without it.
+                with eval_mode(module), torch.random.fork_rng(devices=[]):
                     fit = np.asarray(self.fit_fn(np.asarray(indices)))
-                fit = fit[:, ~np.isnan(fit).any(0)]
-                if fit.shape[1] < self.min_cells:
+                complete = ~np.isnan(fit.reshape(-1, fit.shape[-1])).any(0)
+                fit = fit[..., complete]
+                if fit.shape[-1] < self.min_cells:
                     fit = None
         fit = trainer.strategy.broadcast(fit, src=0)
         if fit is None:
