@@ -869,6 +869,15 @@ def test_train_leaves_out_an_expert_that_does_not_hold_on_new_cells(noise):
         model.get_latent_representation(modality=informative),
         atol=1e-5,
     )
+    # The new start is the model with the noise expert off from the first step: the same
+    # initial weights and random state, the same latent.
+    scvi.settings.seed = 0
+    off = SCALE(mdata, n_centroids=3, select_experts=False, **SMALL)
+    off.module.expert_active.copy_(torch.tensor([m != noise for m in ("atac", "rna")]))
+    off.train(max_epochs=24, batch_size=16, n_epochs_kl_warmup=22, enable_progress_bar=False)
+    np.testing.assert_array_equal(
+        off.get_latent_representation(), model.get_latent_representation()
+    )
     if noise == "rna":
         return
     for kwargs in ({"train_size": 1.0}, {"n_epochs_kl_warmup": 2}):

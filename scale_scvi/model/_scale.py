@@ -94,6 +94,19 @@ def default_max_epochs(
 FIT_LOADER = {"load_sparse_tensor": False}
 
 
+def _torch_rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """torch's global random state: the CPU generator's, and every CUDA device's if in use."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return torch.random.get_rng_state(), cuda
+
+
+def _set_torch_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
+    cpu, cuda = state
+    torch.random.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
 def _trains_on_cpu(accelerator: str) -> bool:
     """Whether Lightning's ``accelerator`` setting resolves to the CPU."""
     if accelerator == "cpu":
@@ -613,6 +626,9 @@ class SCALE(
                 self._heldout_fit_fn(batch_size), gmm_init_epoch, stop_if_changed=True
             )
             initial_state = {k: v.clone() for k, v in self.module.state_dict().items()}
+            # ... and from the random state the first run started from: the new start is the
+            # run that an expert switched off from the first step makes.
+            initial_rng = _torch_rng_state()
             # scvi-tools leaves the module in eval mode after training, and Lightning does not
             # switch it back: the new start gets each submodule's mode of the first.
             initial_modes = {name: m.training for name, m in self.module.named_modules()}
@@ -634,6 +650,7 @@ class SCALE(
             for name, m in self.module.named_modules():
                 m.train(initial_modes[name])
             self.is_trained_ = trained_before
+            _set_torch_rng_state(initial_rng)
             logger.info("Training starts again from the initial weights with these experts.")
             result = fit(None)
         if check is not None:

@@ -162,8 +162,9 @@ class MultiSCALEVAE(SCALEModuleBase):
         modality whose encoder does not help explain cells held out from training (checked
         once, at the end of the KL warm-up, by :meth:`select_experts_on`; see
         :attr:`expert_active`). When the check leaves an expert out, training starts again
-        from the module's initial weights with that expert off, so that nothing the expert
-        taught the latent during the warm-up remains (the warm-up is then trained twice: a
+        from the module's initial weights and random state with that expert off (the model
+        that has the expert off from the first step), so that nothing the expert taught the
+        latent during the warm-up remains (the warm-up is then trained twice: a
         quarter more epochs by default). The modality's likelihood stays in the objective
         and its decoder learns, but it does not move the latent of cells that have another
         modality (its gradient stops at ``z``): the latent is shaped by the modalities whose
