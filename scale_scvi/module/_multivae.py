@@ -620,6 +620,7 @@ class MultiSCALEVAE(SCALEModuleBase):
         poe_m, _ = product_of_experts(out[K.QZM_EXPERTS_KEY], out[K.QZV_EXPERTS_KEY], mask)
         return torch.where(mask.all(0).unsqueeze(-1), poe_m, torch.nan)
 
+    @torch.no_grad()
     def heldout_fit(
         self, tensors: dict[str, torch.Tensor], shared_z: torch.Tensor
     ) -> torch.Tensor:
