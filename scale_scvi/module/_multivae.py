@@ -568,8 +568,11 @@ class MultiSCALEVAE(SCALEModuleBase):
         mask: torch.Tensor,
         device: torch.device,
         scaled: bool,
+        by_modality: bool = False,
     ) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``z (N, B, D) -> sum_m scale_m log p(x_m|z)`` over the modalities each cell has."""
+        """``z (N, B, D) -> sum_m scale_m log p(x_m|z)`` over the modalities each cell has,
+        ``(N, B)``; with ``by_modality`` each modality's term, ``(N, M, B)`` (zero where a
+        cell lacks the modality)."""
         cats, cont = self._decoder_covariates(tensors, device)
         data = {}
         atac_offset: torch.Tensor | float = 0.0
@@ -592,19 +595,19 @@ class MultiSCALEVAE(SCALEModuleBase):
             return torch.where(moves_z[m], z, z.detach())
 
         def log_likelihood(z: torch.Tensor) -> torch.Tensor:
-            total = torch.zeros(z.shape[:-1], dtype=z.dtype, device=z.device)
+            terms = []  # in the order of self.modalities
             if ATAC in self.modalities:
                 z_atac = latent_for(ATAC, z)
                 logits = self.decoders[ATAC](z_atac, *cats, cont=cont) + atac_offset
                 ll = bernoulli_log_likelihood(logits, data[ATAC])
-                total = total + scales[ATAC] * torch.where(present[ATAC], ll, 0.0)
+                terms.append(scales[ATAC] * torch.where(present[ATAC], ll, 0.0))
             if RNA in self.modalities:
                 x = data[RNA]
                 scale = torch.softmax(self.decoders[RNA](latent_for(RNA, z), *cats, cont=cont), -1)
                 mu = x.sum(-1, keepdim=True) * scale
                 ll = NegativeBinomial(mu=mu, theta=self.px_r.exp()).log_prob(x).sum(-1)
-                total = total + scales[RNA] * torch.where(present[RNA], ll, 0.0)
-            return total
+                terms.append(scales[RNA] * torch.where(present[RNA], ll, 0.0))
+            return torch.stack(terms, -2) if by_modality else sum(terms)
 
         return log_likelihood
 
@@ -615,9 +618,7 @@ class MultiSCALEVAE(SCALEModuleBase):
         ``NaN`` for a cell that lacks a modality. Their mean over the held-out cells is the
         latent shared by all of them that :meth:`heldout_fit` decodes as a baseline.
         """
-        out = self.inference(**self._get_inference_input(tensors))
-        mask = out[K.MODALITY_MASK_KEY]
-        poe_m, _ = product_of_experts(out[K.QZM_EXPERTS_KEY], out[K.QZV_EXPERTS_KEY], mask)
+        mask, _, poe_m = self._heldout_means(tensors)
         return torch.where(mask.all(0).unsqueeze(-1), poe_m, torch.nan)
 
     @torch.no_grad()
@@ -634,19 +635,24 @@ class MultiSCALEVAE(SCALEModuleBase):
         cell that lacks a modality. Read by :meth:`select_experts_on` on cells held out from
         training.
         """
-        out = self.inference(**self._get_inference_input(tensors))
-        mask = out[K.MODALITY_MASK_KEY]
-        qz_ms, qz_vs = out[K.QZM_EXPERTS_KEY], out[K.QZV_EXPERTS_KEY]
-        poe_m, _ = product_of_experts(qz_ms, qz_vs, mask)
+        mask, qz_ms, poe_m = self._heldout_means(tensors)
         shared = shared_z.to(poe_m).expand_as(poe_m)
         z = torch.cat([qz_ms, poe_m.unsqueeze(0), shared.unsqueeze(0)])
-        per_modality = []
-        for k in range(len(self.modalities)):
-            only = torch.zeros_like(mask)
-            only[k] = mask[k]
-            per_modality.append(self._log_likelihood_fn(tensors, only, z.device, scaled=False)(z))
-        ll = torch.stack(per_modality, 1)
-        return torch.where(mask.all(0), ll, torch.nan)
+        log_likelihood = self._log_likelihood_fn(
+            tensors, mask, z.device, scaled=False, by_modality=True
+        )
+        return torch.where(mask.all(0), log_likelihood(z), torch.nan)
+
+    def _heldout_means(
+        self, tensors: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The modality mask ``(M, B)``, each expert's mean ``(M, B, D)`` and the mean of the
+        product of every expert, on or off, ``(B, D)``."""
+        out = self.inference(**self._get_inference_input(tensors))
+        mask = out[K.MODALITY_MASK_KEY]
+        qz_ms = out[K.QZM_EXPERTS_KEY]
+        poe_m, _ = product_of_experts(qz_ms, out[K.QZV_EXPERTS_KEY], mask)
+        return mask, qz_ms, poe_m
 
     def select_experts_on(
         self, fit: torch.Tensor, z_threshold: float = 2.0, min_gain: float = 1.0
