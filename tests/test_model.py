@@ -269,6 +269,37 @@ def test_state_saved_before_layer_norm_loads_as_saved(saved_norm):
     assert any(isinstance(m, torch.nn.LayerNorm) for m in fresh.modules())
 
 
+def test_state_saved_before_the_link_could_be_chosen_loads_as_logit():
+    """A state dict saved before ``atac_link`` existed (no ``atac_link_cloglog``) was
+    trained with the logit and loads as such, whatever the module was built with; one saved
+    since keeps the link it was trained with."""
+    from scale_scvi.module import SCALEVAE
+
+    torch.manual_seed(0)
+    saved = SCALEVAE(n_input=40, n_hidden=(16, 8))
+    assert saved.atac_link == "logit"
+    state = saved.state_dict()
+    del state["atac_link_cloglog"]
+    module = SCALEVAE(n_input=40, n_hidden=(16, 8), atac_link="cloglog")
+    module.load_state_dict(state)
+    assert module.atac_link == "logit"
+    eta = torch.linspace(-4, 4, 9)
+    torch.testing.assert_close(module.open_probability(eta), torch.sigmoid(eta))
+    x = (torch.rand(5, 40) < 0.3).float()
+    z = torch.randn(5, module.n_latent)
+    batch = {"batch": torch.zeros(5, 1)}
+    torch.testing.assert_close(
+        module._log_likelihood_fn(x, batch)(z), saved._log_likelihood_fn(x, batch)(z)
+    )
+    # saved since: the state dict's link wins
+    fresh = SCALEVAE(n_input=40, n_hidden=(16, 8))
+    fresh.load_state_dict(SCALEVAE(n_input=40, n_hidden=(16, 8), atac_link="cloglog").state_dict())
+    assert fresh.atac_link == "cloglog"
+    torch.testing.assert_close(fresh.open_probability(eta), -torch.expm1(-eta.exp()))
+    with pytest.raises(ValueError, match="atac_link must be 'logit' or 'cloglog'"):
+        SCALEVAE(n_input=40, atac_link="probit")
+
+
 @pytest.mark.shared_data
 def test_forebrain_clustering():
     """Real data: adult mouse forebrain snATAC-seq, 8 cell types, the training defaults."""
@@ -353,13 +384,21 @@ def test_depth_offset_explains_depth(small_adata):
     torch.testing.assert_close(
         shifted - plain, (depth.log() - module.log_mean_depth).unsqueeze(-1).expand(-1, 300)
     )
-    # the decoder bias starts at the peaks' open fractions
+    # the decoder bias starts at the peaks' open fractions, through the module's link
     SCALE.setup_anndata(small_adata)
-    fresh = SCALE(small_adata, n_centroids=4, n_hidden=(64, 32))
     frac = np.asarray((small_adata.X > 0).mean(0)).ravel().clip(1e-4, 1 - 1e-4)
-    frac = frac[fresh.module.peak_index.numpy()]  # the peaks the model reads
-    bias = fresh.module.decoder.output.fc_layers[0][0].bias.detach().numpy()
-    np.testing.assert_allclose(bias, np.log(frac / (1 - frac)), rtol=1e-4, atol=1e-4)
+    for link, expected in [
+        ("cloglog", np.log(-np.log1p(-frac))),
+        ("logit", np.log(frac / (1 - frac))),
+    ]:
+        fresh = SCALE(small_adata, n_centroids=4, n_hidden=(64, 32), atac_link=link)
+        assert fresh.module.atac_link == link
+        read = fresh.module.peak_index.numpy()  # the peaks the model reads
+        bias = fresh.module.decoder.output.fc_layers[0][0].bias.detach().numpy()
+        np.testing.assert_allclose(bias, expected[read], rtol=1e-4, atol=1e-4)
+        # a cell of the mean depth opens each peak with probability its open fraction
+        p = fresh.module.open_probability(torch.as_tensor(bias))
+        np.testing.assert_allclose(p.numpy(), frac[read], rtol=1e-3)
 
 
 def test_external_split_with_no_validation_cells_trains() -> None:

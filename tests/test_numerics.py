@@ -13,7 +13,13 @@ from scale_scvi import SCALE
 from scale_scvi.data import simulate_scatac
 from scale_scvi.module import SCALEVAE
 from scale_scvi.module._components import SCALEEncoder
-from scale_scvi.module._objectives import bernoulli_log_likelihood, gmm_kl
+from scale_scvi.module._objectives import (
+    bernoulli_log_likelihood,
+    cloglog_log_likelihood,
+    gmm_kl,
+    inverse_link,
+    open_probability,
+)
 from scale_scvi.module._prior import GaussianMixturePrior
 from scale_scvi.train import NonFiniteLossError, fit_gmm
 
@@ -117,6 +123,38 @@ def test_likelihood_and_encoder_variance_are_safe_at_extremes() -> None:
         encoder.var_encoder.bias.fill_(-1e4)  # softplus underflows to 0
     _, qz_v = encoder(torch.ones(3, 5))
     assert (qz_v >= 1e-4).all()
+
+
+def test_cloglog_likelihood_dense_and_sparse_match_the_formula() -> None:
+    """``x log(1 - exp(-e^eta)) - (1 - x) e^eta``, for dense and CSR minibatches, with and
+    without a leading particle dimension; the gradients are autograd's of the formula."""
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.rand(6, 50, generator=gen) < 0.3).double()
+    for shape in [(6, 50), (3, 6, 50)]:
+        eta = (3 * torch.randn(shape, generator=gen, dtype=torch.float64) - 1).requires_grad_()
+        rate = eta.exp()
+        expected = (x * torch.log(-torch.expm1(-rate)) - (1 - x) * rate).sum(-1)
+        weight = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
+        (grad_expected,) = torch.autograd.grad((expected * weight).sum(), eta)
+        for layout in (x, x.to_sparse_csr()):
+            ll = cloglog_log_likelihood(eta, layout)
+            torch.testing.assert_close(ll, expected)
+            (grad,) = torch.autograd.grad((ll * weight).sum(), eta)
+            torch.testing.assert_close(grad, grad_expected)
+    # the probability and its inverse
+    p = torch.rand(100, generator=gen, dtype=torch.float64).clamp(1e-3, 1 - 1e-3)
+    for link in ("logit", "cloglog"):
+        torch.testing.assert_close(open_probability(inverse_link(p, link), link), p)
+    # float32 at extreme outputs: an open peak of a huge rate costs nothing, a closed one its
+    # rate; the sparse sums keep the small terms beside a huge one
+    eta = torch.tensor([[-50.0, 0.0, 12.0, 25.0]])
+    ll = cloglog_log_likelihood(eta, torch.ones(1, 4).to_sparse_csr())
+    torch.testing.assert_close(
+        ll, torch.tensor([-50.0 + np.log(1 - np.exp(-1.0))], dtype=torch.float32)
+    )
+    ll = cloglog_log_likelihood(eta, torch.tensor([[1.0, 1.0, 0.0, 1.0]]).to_sparse_csr())
+    expected = -50.0 + np.log(1 - np.exp(-1.0)) - np.exp(12.0)
+    torch.testing.assert_close(ll, torch.tensor([expected], dtype=torch.float32))
 
 
 @pytest.mark.filterwarnings("ignore:Number of distinct clusters")

@@ -44,6 +44,14 @@ def _tiny_module(n_input: int = 12, n_latent: int = 2, n_centroids: int = 3, see
     return module
 
 
+def _log_px_z(module: SCALEVAE, eta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``log p(x|z)`` from the decoder output, written out for the module's link."""
+    if module.atac_link == "logit":
+        return Bernoulli(logits=eta).log_prob(x).sum(-1)
+    rate = eta.double().exp()  # p = 1 - exp(-rate)
+    return (x * torch.log(-torch.expm1(-rate)) - (1 - x) * rate).sum(-1).to(eta.dtype)
+
+
 def _tiny_batch(module: SCALEVAE, n_cells: int = 6, seed: int = 1) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     x = (torch.rand(n_cells, module.n_input, generator=gen) < 0.4).float()
@@ -94,8 +102,7 @@ def test_iwae_with_one_particle_is_one_sample_elbo():
     eps = torch.randn((1, *qz_m.shape), dtype=qz_m.dtype)
     z = qz_m + qz_v.sqrt() * eps
     x = tensors[REGISTRY_KEYS.X_KEY]
-    log_px_z = Bernoulli(logits=module.decoder(z, tensors[REGISTRY_KEYS.BATCH_KEY]))
-    log_px_z = log_px_z.log_prob(x).sum(-1)
+    log_px_z = _log_px_z(module, module.decoder(z, tensors[REGISTRY_KEYS.BATCH_KEY]), x)
     log_pz = module.prior.distribution().log_prob(z)
     log_qz = Normal(qz_m, qz_v.sqrt()).log_prob(z).sum(-1)
     expected = (log_px_z + log_pz - log_qz)[0]
@@ -108,7 +115,7 @@ def _log_px_by_quadrature(module, x, n_grid=20001, half_width=12.0) -> torch.Ten
     z = grid.reshape(-1, 1, 1).expand(-1, x.shape[0], 1)
     with torch.no_grad():
         logits = module.decoder(z, torch.zeros(x.shape[0], 1))
-        log_joint = Bernoulli(logits=logits).log_prob(x).sum(-1)
+        log_joint = _log_px_z(module, logits, x)
         log_joint = log_joint + module.prior.log_prob(z)
     return torch.logsumexp(log_joint, 0) + math.log(grid[1] - grid[0])
 
@@ -191,7 +198,7 @@ def test_dreg_encoder_gradient_matches_reference_formula(kl_weight):
     z = (qz_m.detach() + qz_v.detach().sqrt() * eps).requires_grad_(True)
     x = tensors[REGISTRY_KEYS.X_KEY]
     logits = module.decoder(z, tensors[REGISTRY_KEYS.BATCH_KEY])
-    log_wz = Bernoulli(logits=logits).log_prob(x).sum(-1) + kl_weight * (
+    log_wz = _log_px_z(module, logits, x) + kl_weight * (
         module.prior.log_prob(z) - Normal(qz_m.detach(), qz_v.detach().sqrt()).log_prob(z).sum(-1)
     )
     (dlogw_dz,) = torch.autograd.grad(log_wz.sum(), z)

@@ -327,4 +327,4 @@ class ImputationMixin:
         x = self.module.select_peaks(tensors[self.module.registry_key(ATAC)])
         x = (x if x.layout == torch.strided else x.to_dense()).to(p.device)
         offset = self.module.depth_logit_offset((x > 0).to(p.dtype))
-        return torch.sigmoid(torch.logit(p, eps=1e-7) + offset)
+        return self.module.open_probability(self.module.inverse_link(p) + offset)

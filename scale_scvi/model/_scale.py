@@ -180,8 +180,9 @@ class SCALE(
     n_particles
         Importance samples per cell for ``"iwae"`` and ``"dreg"``.
     **module_kwargs
-        Further arguments of the module: :class:`~scale_scvi.module.SCALEVAE`, or for a
-        MuData with RNA :class:`~scale_scvi.module.MultiSCALEVAE` (such as
+        Further arguments of the module: :class:`~scale_scvi.module.SCALEVAE` (such as
+        ``atac_link="cloglog"``, a complementary log-log link of the ATAC likelihood), or for
+        a MuData with RNA :class:`~scale_scvi.module.MultiSCALEVAE` (such as
         ``likelihood_scale``, ``input_dropout``, ``posterior``, ``mixture_weights`` and
         ``select_experts``).
 

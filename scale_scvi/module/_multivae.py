@@ -28,7 +28,6 @@ from ._constants import (
 )
 from ._feature_stats import mean_proportion, open_fraction
 from ._objectives import (
-    bernoulli_log_likelihood,
     mixture_log_weights,
     moe_elbo_bound,
     moe_importance_log_weights,
@@ -546,7 +545,7 @@ class MultiSCALEVAE(SCALEModuleBase):
 
     def _normalized_output(self, generative_outputs: Mapping, modality: str) -> torch.Tensor:
         if modality == ATAC:
-            return torch.sigmoid(generative_outputs[K.PX_KEY])
+            return self.open_probability(generative_outputs[K.PX_KEY])
         return generative_outputs[K.PX_RNA_SCALE_KEY]
 
     def _decode(self, z, library, cats: list, cont) -> dict:
@@ -599,7 +598,7 @@ class MultiSCALEVAE(SCALEModuleBase):
             if ATAC in self.modalities:
                 z_atac = latent_for(ATAC, z)
                 logits = self.decoders[ATAC](z_atac, *cats, cont=cont) + atac_offset
-                ll = bernoulli_log_likelihood(logits, data[ATAC])
+                ll = self.atac_log_likelihood(logits, data[ATAC])
                 terms.append(scales[ATAC] * torch.where(present[ATAC], ll, 0.0))
             if RNA in self.modalities:
                 x = data[RNA]

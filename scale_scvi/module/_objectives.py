@@ -52,6 +52,97 @@ class _SparseBernoulliLogLikelihood(torch.autograd.Function):
         return grad, None, None, None
 
 
+class _SparseCloglogLogLikelihood(torch.autograd.Function):
+    """``sum_p x_p log(1 - exp(-lambda_p)) - (1 - x_p) lambda_p``, ``lambda = exp(eta)``, for
+    a binary sparse CSR ``x``, without densifying it.
+
+    The open peaks' terms are a gather at the nonzeros of ``x``; the closed peaks' rates are
+    the sum over all peaks minus that over the open ones, accumulated in float64 (a peak
+    whose rate is large contributes to both sums). The gradient with respect to ``eta``,
+    ``x lambda / (1 - exp(-lambda)) - lambda``, is built in one tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, eta: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor):
+        flat = eta.reshape(-1, *eta.shape[-2:])  # (particles, B, P)
+        rate = torch.exp(flat)
+        at = rate[:, rows, cols]  # (particles, nnz)
+        open_ll = flat.new_zeros(flat.shape[:2]).index_add_(1, rows, _log_open(at))
+        open_rate = flat.new_zeros(flat.shape[:2], dtype=torch.float64)
+        open_rate.index_add_(1, rows, at.double())
+        closed = rate.sum(-1, dtype=torch.float64) - open_rate
+        ctx.save_for_backward(rate, rows, cols)
+        ctx.shape = eta.shape
+        return (open_ll - closed.to(flat.dtype)).reshape(eta.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        rate, rows, cols = ctx.saved_tensors
+        at = rate[:, rows, cols]
+        # d/d eta of log(1 - exp(-lambda)) + lambda at the open peaks, where -lambda is added
+        # below for every peak
+        open_grad = at / (-torch.expm1(-at)).clamp_min(torch.finfo(at.dtype).tiny)
+        grad = rate.neg()
+        index = (torch.arange(grad.shape[0], device=grad.device).unsqueeze(-1), rows, cols)
+        grad.index_put_(index, open_grad, accumulate=True)
+        grad.mul_(grad_out.reshape(grad.shape[:2]).unsqueeze(-1))
+        return grad.reshape(ctx.shape), None, None
+
+
+def _log_open(rate: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(-rate))``, the log-probability that a peak of that rate is open."""
+    return torch.log((-torch.expm1(-rate)).clamp_min(torch.finfo(rate.dtype).tiny))
+
+
+def cloglog_log_likelihood(eta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``sum_p log Bernoulli(x_p; 1 - exp(-exp(eta_p)))``: the complementary log-log link.
+
+    A peak is open when at least one fragment falls in it; with Poisson fragments of rate
+    ``exp(eta_p)`` that probability is ``1 - exp(-exp(eta_p))``, and a cell's depth
+    multiplies the rate (adds to ``eta``). ``x`` is the binarized minibatch of shape
+    ``(B, P)``, dense or a sparse CSR tensor; ``eta`` is ``(..., B, P)``. Returns shape
+    ``(..., B)``.
+    """
+    if x.layout == torch.strided:
+        rate = torch.exp(eta)
+        return torch.where(x > 0, _log_open(rate), -rate).sum(-1)
+    x = x if x.layout == torch.sparse_csr else x.to_sparse_csr()
+    return _SparseCloglogLogLikelihood.apply(eta, csr_row_indices(x), x.col_indices().long())
+
+
+#: The links of the ATAC likelihood: ``"logit"`` (``p = sigmoid(eta)``, SCALE's) and
+#: ``"cloglog"`` (``p = 1 - exp(-exp(eta))``).
+ATAC_LINKS = ("logit", "cloglog")
+
+
+def check_atac_link(link: str) -> None:
+    """Raise a ``ValueError`` unless ``link`` is one of :data:`ATAC_LINKS`."""
+    if link not in ATAC_LINKS:
+        raise ValueError(f"atac_link must be 'logit' or 'cloglog', got {link!r}.")
+
+
+def atac_log_likelihood(eta: torch.Tensor, x: torch.Tensor, link: str) -> torch.Tensor:
+    """``sum_p log Bernoulli(x_p; p_p)`` with ``p = open_probability(eta, link)``."""
+    if link == "cloglog":
+        return cloglog_log_likelihood(eta, x)
+    return bernoulli_log_likelihood(eta, x)
+
+
+def open_probability(eta: torch.Tensor, link: str) -> torch.Tensor:
+    """The probability that a peak is open, from the decoder's output ``eta``."""
+    if link == "cloglog":
+        return -torch.expm1(-torch.exp(eta))
+    return torch.sigmoid(eta)
+
+
+def inverse_link(p: torch.Tensor, link: str, eps: float = 1e-7) -> torch.Tensor:
+    """``eta`` with ``open_probability(eta, link) = p`` (``p`` clamped to ``[eps, 1 - eps]``)."""
+    p = p.clamp(eps, 1 - eps)
+    if link == "cloglog":
+        return torch.log(-torch.log1p(-p))
+    return torch.logit(p)
+
+
 def bernoulli_log_likelihood(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``sum_p log Bernoulli(x_p; sigmoid(logits_p))``, computed from logits.
 

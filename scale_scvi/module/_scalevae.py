@@ -15,7 +15,6 @@ from ._components import binarize
 from ._constants import ATAC, MODULE_KEYS
 from ._feature_stats import open_fraction
 from ._objectives import (
-    bernoulli_log_likelihood,
     gmm_kl,
     importance_log_weights,
     iwae_bound,
@@ -31,7 +30,8 @@ class SCALEVAE(SCALEModuleBase):
     """Variational autoencoder with a Gaussian-mixture prior for binarized scATAC-seq.
 
     Generative model: ``c ~ Cat(pi)``, ``z | c ~ N(mu_c, diag(sigma2_c))``,
-    ``x_p | z ~ Bernoulli(sigmoid(f(z))_p)``; inference ``q(z|x) = N(m(x), diag(s2(x)))``
+    ``x_p | z ~ Bernoulli(sigmoid(f(z))_p)`` (``1 - exp(-exp(f(z)_p))`` with
+    ``atac_link="cloglog"``); inference ``q(z|x) = N(m(x), diag(s2(x)))``
     and ``q(c|x) = p(c|z)`` (the responsibilities). Its one modality is ``"atac"``.
 
     Parameters
@@ -167,8 +167,9 @@ class SCALEVAE(SCALEModuleBase):
         }
 
     def _decode(self, z, library, cats: list, cont) -> dict[str, torch.Tensor]:
-        """Bernoulli logits of every peak (key ``"px"``); with ``library`` (the depth offset
-        of :meth:`depth_logit_offset`) those of a cell of that depth."""
+        """The decoder's output ``eta`` of every peak (key ``"px"``: Bernoulli logits for
+        ``atac_link="logit"``); with ``library`` (the depth offset of
+        :meth:`depth_logit_offset`) that of a cell of that depth."""
         logits = self.decoder(z, *cats, cont=cont)
         offset = library if library is not None else 0.0
         if isinstance(offset, torch.Tensor):
@@ -181,7 +182,7 @@ class SCALEVAE(SCALEModuleBase):
         offset = self.depth_logit_offset(x)
 
         def log_likelihood(z: torch.Tensor) -> torch.Tensor:
-            return bernoulli_log_likelihood(self.decoder(z, *cats, cont=cont) + offset, x)
+            return self.atac_log_likelihood(self.decoder(z, *cats, cont=cont) + offset, x)
 
         return log_likelihood
 
@@ -199,7 +200,7 @@ class SCALEVAE(SCALEModuleBase):
         return REGISTRY_KEYS.X_KEY
 
     def init_from_data(self, matrices: Mapping[str, object]) -> None:
-        """Decoder bias ``logit(open fraction)`` of each peak read, from ``matrices["atac"]``."""
+        """Decoder bias ``link(open fraction)`` of each peak read, from ``matrices["atac"]``."""
         self._init_bernoulli_decoder(self.decoder, open_fraction(matrices[ATAC]))
 
     def _joint_moments(self, inference_outputs: Mapping, joint_mean: str):
@@ -215,7 +216,7 @@ class SCALEVAE(SCALEModuleBase):
         return self._joint_moments(inference_outputs, "mixture")
 
     def _normalized_output(self, generative_outputs: Mapping, modality: str) -> torch.Tensor:
-        return torch.sigmoid(generative_outputs[MODULE_KEYS.PX_KEY])
+        return self.open_probability(generative_outputs[MODULE_KEYS.PX_KEY])
 
     def _loss(self, tensors, inference_outputs, generative_outputs, kl_weight, objective):
         """``reconstruction_loss`` and ``kl_local`` sum to the negative ELBO (``"elbo"``) or
@@ -232,7 +233,7 @@ class SCALEVAE(SCALEModuleBase):
         if objective == "elbo":
             z = inference_outputs[MODULE_KEYS.Z_KEY]
             logits = generative_outputs[MODULE_KEYS.PX_KEY]
-            reconst = -bernoulli_log_likelihood(logits, x)
+            reconst = -self.atac_log_likelihood(logits, x)
             if self.gamma_from == "expected":
                 gamma = mean_field_responsibilities(self.prior, qz_m, qz_v)
             else:
