@@ -252,9 +252,9 @@ def test_cli_passes_only_the_options_given(h5ad_file, tmp_path, capsys, monkeypa
     assert seen["init"] == {}
     assert set(seen["train"][0]) == {"callbacks"}
     options = ["-k", "3", "--max-epochs", "7", "--lr", "0.01", "--batch-size", "16", "-q"]
-    options += ["--min-peaks", "1"]
+    options += ["--min-peaks", "1", "--atac-link", "cloglog"]
     code, err = _run([h5ad_file, "-o", tmp_path / "b", *options], capsys)
-    assert seen["init"] == {"n_centroids": 3}
+    assert seen["init"] == {"n_centroids": 3, "atac_link": "cloglog"}
     kwargs = seen["train"][1]
     kwargs.pop("callbacks")
     assert kwargs == {"max_epochs": 7, "lr": 0.01, "batch_size": 16, "enable_progress_bar": False}

@@ -150,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--n-latent", metavar="N", type=_COUNT, help="latent dimensions", **_LIBRARY
     )
     model.add_argument(
+        "--atac-link",
+        choices=["logit", "cloglog"],
+        help="link of the ATAC likelihood; try cloglog when clusters follow sequencing depth "
+        "(one cell type cut into a shallow and a deep cluster)",
+        **_LIBRARY,
+    )
+    model.add_argument(
         "--max-epochs",
         metavar="N",
         type=_COUNT,

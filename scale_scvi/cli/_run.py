@@ -72,7 +72,10 @@ def _train(data: AnnData | MuData, args: argparse.Namespace, log: Log):
             )
         else:
             SCALE.setup_anndata(data, **given(args, layer="layer", batch_key="batch_key"))
-        model = SCALE(data, **given(args, n_centroids="n_centroids", n_latent="n_latent"))
+        model = SCALE(
+            data,
+            **given(args, n_centroids="n_centroids", n_latent="n_latent", atac_link="atac_link"),
+        )
     except (ValueError, TypeError) as err:
         raise from_library(err) from err
     train_kwargs = given(
