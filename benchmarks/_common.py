@@ -70,20 +70,23 @@ def prepare_dataset(
     return out
 
 
-def train_default_path(file: str, seed: int, **train_kwargs):
-    """What a user runs on a shared dataset: the matrix as shipped, ``setup_anndata(adata)``,
-    ``SCALE(adata)``, ``train(**train_kwargs)`` (no progress bar), at ``scvi.settings.seed =
-    seed``. Returns ``(adata, model, training seconds)``."""
+def train_default_path(
+    file: str | Path, seed: int, model_kwargs: dict | None = None, **train_kwargs
+):
+    """What a user runs on a shared dataset (its file name) or another ``.h5ad`` (a
+    :class:`~pathlib.Path`): the matrix as shipped, ``setup_anndata(adata)``,
+    ``SCALE(adata, **model_kwargs)``, ``train(**train_kwargs)`` (no progress bar), at
+    ``scvi.settings.seed = seed``. Returns ``(adata, model, training seconds)``."""
     import anndata as ad
     import scvi
 
     from scale_scvi import SCALE
     from scale_scvi.data import shared_data_path
 
-    adata = ad.read_h5ad(shared_data_path(file))
+    adata = ad.read_h5ad(file if isinstance(file, Path) else shared_data_path(file))
     scvi.settings.seed = seed
     SCALE.setup_anndata(adata)
-    model = SCALE(adata)
+    model = SCALE(adata, **(model_kwargs or {}))
     start = time.perf_counter()
     model.train(enable_progress_bar=False, **train_kwargs)
     return adata, model, time.perf_counter() - start

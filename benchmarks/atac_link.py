@@ -28,7 +28,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import numpy as np
-from _common import DATASETS
+from _common import DATASETS, cluster_scores, label_scores, train_default_path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "atac_link.csv"
 
@@ -48,30 +48,19 @@ def depth_r2(latent: np.ndarray, x, labels: np.ndarray) -> float:
     return float(np.mean(scores))
 
 
-def run(adata, seed: int, link: str, train_kwargs: dict) -> dict:
-    import scvi
+def run(file: str | Path, seed: int, link: str, train_kwargs: dict) -> dict:
     import torch
-    from sklearn.cluster import KMeans
-    from sklearn.metrics import adjusted_rand_score
-
-    from scale_scvi import SCALE
 
     torch.set_num_threads(1)
-    adata = adata.copy()
+    adata, model, train_s = train_default_path(
+        file, seed, model_kwargs={"atac_link": link}, **train_kwargs
+    )
     labels = adata.obs["cell_type"].astype(str).to_numpy()
-    scvi.settings.seed = seed
-    SCALE.setup_anndata(adata)
-    model = SCALE(adata, atac_link=link)
-    t0 = time.perf_counter()
-    model.train(enable_progress_bar=False, **train_kwargs)
-    train_s = time.perf_counter() - t0
     latent = model.get_latent_representation()
     own = np.asarray(model.get_cluster_assignments())
-    k = len(np.unique(labels))
-    kmeans = KMeans(n_clusters=k, n_init=20, random_state=0).fit_predict(latent)
     return {
-        "ari_kmeans": round(float(adjusted_rand_score(labels, kmeans)), 4),
-        "ari_own": round(float(adjusted_rand_score(labels, own)), 4),
+        "ari_kmeans": round(cluster_scores(latent, labels)["ari"], 4),
+        "ari_own": round(label_scores(own, labels)["ari"], 4),
         "n_own": len(np.unique(own)),
         "depth_r2": round(depth_r2(latent, adata.X, labels), 3),
         "train_s": round(train_s, 1),
@@ -88,16 +77,13 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=None)
     args = parser.parse_args()
 
-    import anndata as ad
-
     from scale_scvi.data import shared_data_path
 
     if (args.dataset is None) == (args.file is None):
         raise SystemExit("Give one of --dataset and --file.")
-    path = Path(args.file) if args.file else shared_data_path(DATASETS[args.dataset])
-    if path is None:
-        raise SystemExit(f"{DATASETS[args.dataset]} not found: set SCALE_SCVI_DATA.")
-    adata = ad.read_h5ad(path)
+    file = Path(args.file) if args.file else DATASETS[args.dataset]
+    if args.dataset and shared_data_path(file) is None:
+        raise SystemExit(f"{file} not found: set SCALE_SCVI_DATA.")
     train_kwargs = {} if args.max_epochs is None else {"max_epochs": args.max_epochs}
     for seed in args.seeds:
         for link in args.links:
@@ -107,7 +93,7 @@ def main() -> None:
                 "atac_link": link,
                 "implementation": "package",
                 "train": json.dumps(train_kwargs, sort_keys=True),
-                **run(adata, seed, link, train_kwargs),
+                **run(file, seed, link, train_kwargs),
                 "threads": 1,
                 "date": time.strftime("%Y-%m-%d %H:%M"),
             }

@@ -12,14 +12,22 @@ from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 
 from ._components import SCALEDecoder, SCALEEncoder, SparseFirstLayer, select_columns
 from ._constants import ATAC, JOINT, MODULE_KEYS, Modality
-from ._objectives import atac_log_likelihood, check_atac_link, inverse_link, open_probability
+from ._objectives import atac_log_likelihood, inverse_link, open_probability
 from ._prior import GaussianMixturePrior
 
 Objective = Literal["elbo", "iwae", "dreg"]
 OBJECTIVES = ("elbo", "iwae", "dreg")
 Normalization = Literal["encoder", "decoder", "none", "both"]
 
+#: The links of the ATAC likelihood: ``p = sigmoid(eta)`` (SCALE's) or ``1 - exp(-exp(eta))``.
 AtacLink = Literal["logit", "cloglog"]
+ATAC_LINKS = ("logit", "cloglog")
+
+
+def check_atac_link(link: str) -> None:
+    """Raise a ``ValueError`` unless ``link`` is one of :data:`ATAC_LINKS`."""
+    if link not in ATAC_LINKS:
+        raise ValueError(f"atac_link must be 'logit' or 'cloglog', got {link!r}.")
 
 
 def validate_objective(
@@ -204,8 +212,10 @@ class SCALEModuleBase(BaseModuleClass):
         # log of the mean number of open peaks per cell: the reference of the depth offset
         self.register_buffer("log_mean_depth", torch.zeros(()))
         self.min_var = min_var
+        # The link saved with the weights (state dicts saved before it existed: the logit).
+        # The string is kept beside the buffer, in step with it on loading, so that the
+        # likelihood of every minibatch does not read a device tensor back to the host.
         self.atac_link = atac_link
-        # the link saved with the weights (state dicts saved before it existed: the logit)
         self.register_buffer("atac_link_cloglog", torch.tensor(atac_link == "cloglog"))
 
     def _add_prior(self) -> None:

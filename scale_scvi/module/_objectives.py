@@ -71,14 +71,13 @@ class _SparseCloglogLogLikelihood(torch.autograd.Function):
         open_rate = flat.new_zeros(flat.shape[:2], dtype=torch.float64)
         open_rate.index_add_(1, rows, at.double())
         closed = rate.sum(-1, dtype=torch.float64) - open_rate
-        ctx.save_for_backward(rate, rows, cols)
+        ctx.save_for_backward(rate, at, rows, cols)
         ctx.shape = eta.shape
         return (open_ll - closed.to(flat.dtype)).reshape(eta.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        rate, rows, cols = ctx.saved_tensors
-        at = rate[:, rows, cols]
+        rate, at, rows, cols = ctx.saved_tensors
         # d/d eta of log(1 - exp(-lambda)) + lambda at the open peaks, where -lambda is added
         # below for every peak
         open_grad = at / (-torch.expm1(-at)).clamp_min(torch.finfo(at.dtype).tiny)
@@ -108,17 +107,6 @@ def cloglog_log_likelihood(eta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return torch.where(x > 0, _log_open(rate), -rate).sum(-1)
     x = x if x.layout == torch.sparse_csr else x.to_sparse_csr()
     return _SparseCloglogLogLikelihood.apply(eta, csr_row_indices(x), x.col_indices().long())
-
-
-#: The links of the ATAC likelihood: ``"logit"`` (``p = sigmoid(eta)``, SCALE's) and
-#: ``"cloglog"`` (``p = 1 - exp(-exp(eta))``).
-ATAC_LINKS = ("logit", "cloglog")
-
-
-def check_atac_link(link: str) -> None:
-    """Raise a ``ValueError`` unless ``link`` is one of :data:`ATAC_LINKS`."""
-    if link not in ATAC_LINKS:
-        raise ValueError(f"atac_link must be 'logit' or 'cloglog', got {link!r}.")
 
 
 def atac_log_likelihood(eta: torch.Tensor, x: torch.Tensor, link: str) -> torch.Tensor:
