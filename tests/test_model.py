@@ -276,11 +276,12 @@ def test_state_saved_before_the_link_could_be_chosen_loads_as_logit():
     from scale_scvi.module import SCALEVAE
 
     torch.manual_seed(0)
-    saved = SCALEVAE(n_input=40, n_hidden=(16, 8))
+    saved = SCALEVAE(n_input=40, n_hidden=(16, 8), atac_link="logit")
     assert saved.atac_link == "logit"
     state = saved.state_dict()
     del state["atac_link_cloglog"]
-    module = SCALEVAE(n_input=40, n_hidden=(16, 8), atac_link="cloglog")
+    module = SCALEVAE(n_input=40, n_hidden=(16, 8))
+    assert module.atac_link == "cloglog"  # the default
     module.load_state_dict(state)
     assert module.atac_link == "logit"
     eta = torch.linspace(-4, 4, 9)
@@ -293,11 +294,19 @@ def test_state_saved_before_the_link_could_be_chosen_loads_as_logit():
     )
     # saved since: the state dict's link wins
     fresh = SCALEVAE(n_input=40, n_hidden=(16, 8))
-    fresh.load_state_dict(SCALEVAE(n_input=40, n_hidden=(16, 8), atac_link="cloglog").state_dict())
+    fresh.load_state_dict(SCALEVAE(n_input=40, n_hidden=(16, 8), atac_link="logit").state_dict())
+    assert fresh.atac_link == "logit"
+    torch.testing.assert_close(fresh.open_probability(eta), torch.sigmoid(eta))
+    fresh = SCALEVAE(n_input=40, n_hidden=(16, 8), atac_link="logit")
+    fresh.load_state_dict(SCALEVAE(n_input=40, n_hidden=(16, 8)).state_dict())
     assert fresh.atac_link == "cloglog"
     torch.testing.assert_close(fresh.open_probability(eta), -torch.expm1(-eta.exp()))
     with pytest.raises(ValueError, match="atac_link must be 'logit' or 'cloglog'"):
         SCALEVAE(n_input=40, atac_link="probit")
+    # the multimodal module keeps the logit as its default
+    from scale_scvi.module import MultiSCALEVAE
+
+    assert MultiSCALEVAE(n_input_atac=4, n_input_rna=3, n_centroids=3).atac_link == "logit"
 
 
 @pytest.mark.shared_data
