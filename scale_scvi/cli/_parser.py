@@ -152,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--atac-link",
         choices=["logit", "cloglog"],
-        help="link of the ATAC likelihood (the library's default: cloglog; logit is the "
-        "original SCALE's)",
+        help="link of the ATAC likelihood; try cloglog when clusters follow sequencing depth "
+        "(one cell type cut into a shallow and a deep cluster)",
         **_LIBRARY,
     )
     model.add_argument(
