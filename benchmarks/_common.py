@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import platform
@@ -262,6 +263,28 @@ def run_child(
 def read_json(path: Path) -> dict:
     with open(path) as fh:
         return json.load(fh)
+
+
+def append_rows(path: Path, rows: list[dict], fields: list[str] | None = None) -> None:
+    """Append ``rows`` to the CSV ``path``, with a header of ``fields`` (default: the first
+    row's keys) if the file is new. An existing file keeps its header; a row with a column
+    that header lacks stops the run (move the file aside first), and columns a row lacks
+    are left empty."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    if new:
+        fields = list(fields or rows[0])
+    else:
+        with open(path, newline="") as fh:
+            fields = next(csv.reader(fh))
+        missing = sorted({key for row in rows for key in row} - set(fields))
+        if missing:
+            raise SystemExit(f"{path} lacks columns {missing}; move it aside first.")
+    with open(path, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields, restval="")
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
 
 
 def write_json(path: Path, obj: dict) -> None:

@@ -18,7 +18,6 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import time
@@ -28,7 +27,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import numpy as np
-from _common import DATASETS, cluster_scores, label_scores, train_default_path
+from _common import DATASETS, append_rows, cluster_scores, label_scores, train_default_path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "atac_link.csv"
 
@@ -98,16 +97,7 @@ def main() -> None:
                 "date": time.strftime("%Y-%m-%d %H:%M"),
             }
             print(json.dumps(row), flush=True)
-            new = not RESULTS.exists()
-            if not new:
-                with open(RESULTS) as fh:
-                    if next(csv.reader(fh)) != list(row):
-                        raise SystemExit(f"{RESULTS} has other columns; move it aside first.")
-            with open(RESULTS, "a", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=list(row))
-                if new:
-                    writer.writeheader()
-                writer.writerow(row)
+            append_rows(RESULTS, [row])
 
 
 if __name__ == "__main__":

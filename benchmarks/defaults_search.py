@@ -16,7 +16,6 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import csv
 import inspect
 import json
 import os
@@ -27,7 +26,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import numpy as np
-from _common import DATASETS, freeze_pre_norm_biases
+from _common import DATASETS, append_rows, freeze_pre_norm_biases
 
 RESULTS = Path(__file__).resolve().parent / "results" / "defaults_search.csv"
 
@@ -240,20 +239,7 @@ def main() -> None:
         }
     )
     print(json.dumps(row))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    fields = list(row)
-    new = not RESULTS.exists()
-    if not new:
-        with open(RESULTS) as fh:
-            fields = next(csv.reader(fh))
-            missing = [f for f in row if f not in fields]
-        if missing:
-            raise SystemExit(f"{RESULTS} lacks columns {missing}; move it aside first.")
-    with open(RESULTS, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields, restval="")
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    append_rows(RESULTS, [row])
 
 
 if __name__ == "__main__":

@@ -17,11 +17,10 @@ Usage (from the repository root, one thread)::
 from __future__ import annotations
 
 import argparse
-import csv
 import time
 
 import numpy as np
-from _common import RESULTS, cluster_scores, cpu_model, label_scores, load_matrix
+from _common import RESULTS, append_rows, cluster_scores, cpu_model, label_scores, load_matrix
 from _common import prepare_dataset as prepare
 
 MIN_OPEN_FRACTION = 0.02
@@ -82,13 +81,7 @@ def main() -> None:
         "machine": cpu_model(),
     }
     print(row, flush=True)
-    out = RESULTS / "depth_offset.csv"
-    new = not out.exists()
-    with open(out, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    append_rows(RESULTS / "depth_offset.csv", [row], FIELDS)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ Rows go to ``results/label_structure.csv``::
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import time
 from pathlib import Path
@@ -35,7 +34,14 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
-from _common import DATASETS, cluster_scores, label_scores, lsi_embedding, train_default_path
+from _common import (
+    DATASETS,
+    append_rows,
+    cluster_scores,
+    label_scores,
+    lsi_embedding,
+    train_default_path,
+)
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
 
@@ -103,14 +109,8 @@ def main() -> None:
     fields = ["dataset", "method", "seed", "ari_kmeans", "ari_kmeans_merged", "knn_acc"]
     fields += [f"knn_acc_{name}" for groups in GROUPS.values() for name, _ in groups]
     fields += ["ari_own", "ari_own_merged", "n_own", "train_s", "date"]
-    new = not RESULTS.exists()
-    with open(RESULTS, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, restval="")
-        if new:
-            writer.writeheader()
-        date = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
-        for row in rows:
-            writer.writerow({"dataset": args.dataset, "date": date, **row})
+    date = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+    append_rows(RESULTS, [{"dataset": args.dataset, "date": date, **row} for row in rows], fields)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import os
 import subprocess
@@ -48,6 +47,7 @@ from _common import (
     ROOT,
     SNAPATAC2_PYTHON,
     WORK,
+    append_rows,
     cluster_scores,
     label_scores,
     leiden_scores,
@@ -103,11 +103,16 @@ def make_set(dataset: str, n_cells: int, parents: int, data_seed: int) -> Path:
     labels = shipped.obs["cell_type"].astype(str).to_numpy()
     X, types = pooled_cells(shipped.X, labels, n_cells, parents, data_seed)
     WORK.mkdir(parents=True, exist_ok=True)
-    save_matrix(stem.with_suffix(".npz"), X, types)
+    # written under temporary names and renamed: an interrupted run leaves no partial set
+    # that a later run (which reuses the set when its .h5ad exists) would read
+    partial = stem.with_name(stem.name + ".partial")
+    save_matrix(partial.with_suffix(".npz"), X, types)
+    os.replace(partial.with_suffix(".npz"), stem.with_suffix(".npz"))
     obs = pd.DataFrame(
         {"cell_type": pd.Categorical(types)}, index=[f"cell{i}" for i in range(n_cells)]
     )
-    ad.AnnData(X, obs=obs, var=shipped.var.copy()).write_h5ad(h5ad)
+    ad.AnnData(X, obs=obs, var=shipped.var.copy()).write_h5ad(partial.with_suffix(".h5ad"))
+    os.replace(partial.with_suffix(".h5ad"), h5ad)
     return h5ad
 
 
@@ -218,12 +223,7 @@ def main() -> None:
                 "date": time.strftime("%Y-%m-%d %H:%M"),
             }
             print(row, flush=True)
-            new = not RESULTS.exists()
-            with open(RESULTS, "a", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=COLUMNS)
-                if new:
-                    writer.writeheader()
-                writer.writerow(row)
+            append_rows(RESULTS, [row], COLUMNS)
 
 
 if __name__ == "__main__":
