@@ -15,7 +15,8 @@ Then, one after the other, one thread each, on the same matrix:
 - this SCALE's default path (``setup_anndata(adata)``, ``SCALE(adata)``, ``train()``): its
   own clusters, k-means with the true k and Leiden at scanpy's defaults on its latent;
 - ``scale_logit`` / ``scale_cloglog``: the same with ``SCALE(adata, atac_link=...)`` (the
-  stored rows name the link; ``scale_logit`` is the default path today);
+  ``logit`` rows of ``scale`` were the default path until the complementary log-log became
+  the default; they are stored as ``scale_logit``);
 - LSI (``_common.lsi_embedding``): k-means and Leiden;
 - SnapATAC2's spectral embedding (``snapatac2_spectral.py``, in
   ``benchmarks/.venv-snapatac2``) when that venv exists: k-means and Leiden.

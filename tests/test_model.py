@@ -276,11 +276,12 @@ def test_state_saved_before_the_link_could_be_chosen_loads_as_logit():
     from scale_scvi.module import SCALEVAE
 
     torch.manual_seed(0)
-    saved = SCALEVAE(n_input=40, n_hidden=(16, 8))
+    saved = SCALEVAE(n_input=40, n_hidden=(16, 8), atac_link="logit")
     assert saved.atac_link == "logit"
     state = saved.state_dict()
     del state["atac_link_cloglog"]
-    module = SCALEVAE(n_input=40, n_hidden=(16, 8), atac_link="cloglog")
+    module = SCALEVAE(n_input=40, n_hidden=(16, 8))
+    assert module.atac_link == "cloglog"  # the default
     module.load_state_dict(state)
     assert module.atac_link == "logit"
     eta = torch.linspace(-4, 4, 9)
@@ -293,11 +294,19 @@ def test_state_saved_before_the_link_could_be_chosen_loads_as_logit():
     )
     # saved since: the state dict's link wins
     fresh = SCALEVAE(n_input=40, n_hidden=(16, 8))
-    fresh.load_state_dict(SCALEVAE(n_input=40, n_hidden=(16, 8), atac_link="cloglog").state_dict())
+    fresh.load_state_dict(SCALEVAE(n_input=40, n_hidden=(16, 8), atac_link="logit").state_dict())
+    assert fresh.atac_link == "logit"
+    torch.testing.assert_close(fresh.open_probability(eta), torch.sigmoid(eta))
+    fresh = SCALEVAE(n_input=40, n_hidden=(16, 8), atac_link="logit")
+    fresh.load_state_dict(SCALEVAE(n_input=40, n_hidden=(16, 8)).state_dict())
     assert fresh.atac_link == "cloglog"
     torch.testing.assert_close(fresh.open_probability(eta), -torch.expm1(-eta.exp()))
     with pytest.raises(ValueError, match="atac_link must be 'logit' or 'cloglog'"):
         SCALEVAE(n_input=40, atac_link="probit")
+    # the multimodal module keeps the logit as its default
+    from scale_scvi.module import MultiSCALEVAE
+
+    assert MultiSCALEVAE(n_input_atac=4, n_input_rna=3, n_centroids=3).atac_link == "logit"
 
 
 @pytest.mark.shared_data
@@ -329,10 +338,11 @@ def test_forebrain_clustering():
         f"forebrain ARI k-means {ari:.3f}, ARI argmax {ari_argmax:.3f}, "
         f"NMI {normalized_mutual_info_score(truth, km):.3f}"
     )
-    # Seed 0, one thread, the encoder's layer norm: 0.653 (argmax 0.634, NMI 0.730) on an
-    # AMD EPYC; with batch norm 0.655 (argmax 0.671). Seeds 0-5 of the earlier defaults gave
-    # 0.647-0.679 (benchmarks/NOTES.md); another CPU's rounding is another trajectory, and
-    # the seeds spread by about 0.03, hence the margin.
+    # Seed 0, one thread, the complementary log-log link: 0.658 (argmax 0.645, NMI 0.734)
+    # on an AMD EPYC; with the logit 0.653 (argmax 0.634), with batch norm 0.655 (0.671).
+    # Seeds 0-5 of the earlier defaults gave 0.647-0.679 (benchmarks/NOTES.md); another
+    # CPU's rounding is another trajectory, and the seeds spread by about 0.03, hence the
+    # margin.
     assert ari >= 0.62
     assert ari_argmax >= 0.50
 
@@ -358,13 +368,14 @@ def test_forebrain_default_path():
         f"forebrain default path: {model.n_clusters_} clusters, "
         f"ARI own {ari_own:.3f}, k-means {ari_km:.3f}"
     )
-    # Seed 0, one thread, the encoder's layer norm: 9 clusters, own 0.636, k-means 0.693 on
-    # an AMD EPYC (benchmarks/RESULTS.md, the as-shipped table; seeds 0-2 of the own
-    # clusters: 0.618-0.653). Another CPU's floating-point rounding is another trajectory,
-    # and the number of clusters read off it can differ by one (benchmarks/NOTES.md).
+    # Seed 0, one thread, the complementary log-log link: 9 clusters, own 0.644, k-means
+    # 0.606 on an AMD EPYC (benchmarks/RESULTS.md, the as-shipped table; seeds 0-4 of the
+    # same path, benchmarks/results/atac_link.csv: own clusters 0.586-0.658, k-means
+    # 0.605-0.687). Another CPU's floating-point rounding is another trajectory, and the
+    # number of clusters read off it can differ by one (benchmarks/NOTES.md).
     assert 6 <= model.n_clusters_ <= 11
     assert ari_own >= 0.50
-    assert ari_km >= 0.60
+    assert ari_km >= 0.55
 
 
 def test_depth_offset_explains_depth(small_adata):

@@ -674,22 +674,28 @@ def test_setup_mudata_default_reads_every_peak_below_the_cap():
         SCALE.setup_mudata(mdata, n_top_peaks=0)
 
 
-def test_selected_peaks_at_the_observed_depth():
+@pytest.mark.parametrize("link", ["cloglog", "logit"])
+def test_selected_peaks_at_the_observed_depth(link):
     """normalize_cells=True moves each cell's probabilities to its depth over the peaks the
-    model reads, the depth its training offset used."""
+    model reads, the depth its training offset used, through the model's link."""
     from scale_scvi.data import simulate_scatac
 
     adata = simulate_scatac(n_cells=60, n_peaks=200, n_types=2, seed=0)
     SCALE.setup_anndata(adata, n_top_peaks=80, min_fraction=None)
-    model = SCALE(adata, n_centroids=2, n_hidden=(16,))
+    model = SCALE(adata, n_centroids=2, n_hidden=(16,), atac_link=link)
     model.train(max_epochs=1, enable_progress_bar=False)
     mean_depth = model.get_normalized_accessibility(return_numpy=True)
     at_depth = model.get_normalized_accessibility(normalize_cells=True, return_numpy=True)
     x = sp.csr_matrix(adata[:, model.selected_peaks_].X)
     depth = np.log(np.maximum(np.diff((x > 0).tocsr().indptr), 1))
     offset = depth - float(model.module.log_mean_depth)
-    logit = np.log(mean_depth) - np.log1p(-mean_depth)
-    np.testing.assert_allclose(at_depth, 1 / (1 + np.exp(-(logit + offset[:, None]))), rtol=1e-3)
+    if link == "logit":
+        eta = np.log(mean_depth) - np.log1p(-mean_depth)
+        expected = 1 / (1 + np.exp(-(eta + offset[:, None])))
+    else:  # 1 - exp(-exp(eta)): the depth multiplies the rate exp(eta)
+        eta = np.log(-np.log1p(-mean_depth))
+        expected = -np.expm1(-np.exp(eta + offset[:, None]))
+    np.testing.assert_allclose(at_depth, expected, rtol=1e-3)
 
 
 # ---------------------------------------------------------------------- held-out expert check

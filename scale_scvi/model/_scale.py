@@ -181,7 +181,7 @@ class SCALE(
         Importance samples per cell for ``"iwae"`` and ``"dreg"``.
     **module_kwargs
         Further arguments of the module: :class:`~scale_scvi.module.SCALEVAE` (such as
-        ``atac_link="cloglog"``, a complementary log-log link of the ATAC likelihood), or for
+        ``atac_link="logit"``, the original SCALE's link of the ATAC likelihood), or for
         a MuData with RNA :class:`~scale_scvi.module.MultiSCALEVAE` (such as
         ``likelihood_scale``, ``input_dropout``, ``posterior``, ``mixture_weights`` and
         ``select_experts``).
@@ -972,7 +972,7 @@ class SCALE(
         """Peaks that characterize each mixture component, read from the decoder.
 
         The mean ``mu_c`` of each component is decoded into peak probabilities
-        ``sigmoid(f(mu_c))``, and peaks are ranked by ``p_c - p_rest``, their probability in
+        (through the link), and peaks are ranked by ``p_c - p_rest``, their probability in
         the component minus that in the other components.
 
         Parameters

@@ -10,7 +10,7 @@ from scvi import REGISTRY_KEYS
 from scvi.module.base import LossOutput, auto_move_data
 from torch.distributions import Normal
 
-from ._base import Normalization, SCALEModuleBase
+from ._base import AtacLink, Normalization, SCALEModuleBase
 from ._components import binarize
 from ._constants import ATAC, MODULE_KEYS
 from ._feature_stats import open_fraction
@@ -30,8 +30,8 @@ class SCALEVAE(SCALEModuleBase):
     """Variational autoencoder with a Gaussian-mixture prior for binarized scATAC-seq.
 
     Generative model: ``c ~ Cat(pi)``, ``z | c ~ N(mu_c, diag(sigma2_c))``,
-    ``x_p | z ~ Bernoulli(sigmoid(f(z))_p)`` (``1 - exp(-exp(f(z)_p))`` with
-    ``atac_link="cloglog"``); inference ``q(z|x) = N(m(x), diag(s2(x)))``
+    ``x_p | z ~ Bernoulli(1 - exp(-exp(f(z)_p)))`` (``sigmoid(f(z)_p)``, the original
+    SCALE's, with ``atac_link="logit"``); inference ``q(z|x) = N(m(x), diag(s2(x)))``
     and ``q(c|x) = p(c|z)`` (the responsibilities). Its one modality is ``"atac"``.
 
     Parameters
@@ -50,6 +50,13 @@ class SCALEVAE(SCALEModuleBase):
         default of the multimodal module, normalizes them over the minibatch, which on a
         set of a few hundred cells ties a cell's latent to the other cells it is drawn
         with (``benchmarks/NOTES.md``, "The encoder's normalization").
+    atac_link
+        ``"cloglog"`` (default) or ``"logit"``: how the decoder's output and the depth
+        offset become the probability that a peak is open (see
+        :class:`~scale_scvi.module.SCALEModuleBase`, whose default, the logit, the
+        multimodal module keeps). The complementary log-log is this module's default since
+        it was measured on larger sets made from the labeled cells (``benchmarks/NOTES.md``,
+        "The default path at 6,000-10,000 cells made from real ones").
     gamma_from
         ``q(c|x)`` in the closed-form ELBO: the responsibilities ``p(c|z)`` at the posterior
         ``"mean"`` or at the ``"sample"`` used for the reconstruction (as the original
@@ -68,6 +75,7 @@ class SCALEVAE(SCALEModuleBase):
         peak_index: Sequence[int] | None = None,
         use_batch_norm: Normalization | None = None,
         use_layer_norm: Normalization | None = None,
+        atac_link: AtacLink = "cloglog",
         **kwargs,
     ):
         default_norm = use_batch_norm is None and use_layer_norm is None
@@ -76,6 +84,7 @@ class SCALEVAE(SCALEModuleBase):
         super().__init__(
             use_batch_norm=use_batch_norm or "none",
             use_layer_norm=use_layer_norm or "none",
+            atac_link=atac_link,
             **kwargs,
         )
         self.default_normalization = default_norm
