@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 import scipy.io
 import scipy.sparse as sp
+import scvi
 
 from scale_scvi import SCALE
 from scale_scvi.cli import main
@@ -259,6 +260,21 @@ def test_cli_passes_only_the_options_given(h5ad_file, tmp_path, capsys, monkeypa
     kwargs.pop("callbacks")
     assert kwargs == {"max_epochs": 7, "lr": 0.01, "batch_size": 16, "enable_progress_bar": False}
     assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())
+
+
+def test_cli_runs_are_repeatable(h5ad_file, tmp_path, capsys):
+    """Without --seed the command seeds training with 0 (scvi-tools alone would not): the
+    same command gives the same latent space and clusters; --seed gives another run."""
+    runs = {}
+    for name, extra in [("a", []), ("b", []), ("c", ["--seed", "1"])]:
+        scvi.settings.seed = None  # whatever the caller's process had set
+        code, err = _run([h5ad_file, "-o", tmp_path / name, *FAST, *extra], capsys)
+        assert code == 0, err
+        runs[name] = ad.read_h5ad(tmp_path / name / "adata.h5ad")
+    np.testing.assert_array_equal(runs["a"].obsm["X_scale"], runs["b"].obsm["X_scale"])
+    np.testing.assert_array_equal(runs["a"].obsm["X_umap"], runs["b"].obsm["X_umap"])
+    assert (runs["a"].obs["leiden"] == runs["b"].obs["leiden"]).all()
+    assert np.abs(runs["a"].obsm["X_scale"] - runs["c"].obsm["X_scale"]).max() > 1e-3
 
 
 def test_cli_10x_folder_with_filters(tenx_folder, sim, tmp_path, capsys):

@@ -152,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--atac-link",
         choices=["logit", "cloglog"],
-        help="link of the ATAC likelihood; try cloglog when clusters follow sequencing depth "
-        "(one cell type cut into a shallow and a deep cluster)",
+        help="link of the ATAC likelihood (the library's default: cloglog; logit is the "
+        "original SCALE's)",
         **_LIBRARY,
     )
     model.add_argument(
@@ -170,8 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed",
         metavar="N",
         type=_INT,
-        help="random seed of training, UMAP and Leiden (default: scvi-tools' and scanpy's)",
-        **_LIBRARY,
+        default=0,
+        help="random seed of training, UMAP and Leiden (default: 0, scanpy's; the same "
+        "command on the same machine gives the same result, where scvi-tools alone would "
+        "leave training unseeded)",
     )
     model.add_argument(
         "--accelerator",

@@ -61,8 +61,7 @@ def _train(data: AnnData | MuData, args: argparse.Namespace, log: Log):
     from scale_scvi import SCALE
 
     multimodal = isinstance(data, MuData)
-    if hasattr(args, "seed"):
-        scvi.settings.seed = args.seed
+    scvi.settings.seed = args.seed  # 0 unless given: a run can be repeated
     try:
         if multimodal:
             SCALE.setup_mudata(
@@ -118,7 +117,7 @@ def _annotate(model, data: AnnData | MuData, args: argparse.Namespace) -> AnnDat
     adata.obs["scale_cluster"] = model.get_cluster_assignments()
     # which peaks the model reads (setup_anndata / setup_mudata chose them)
     adata.var["scale_selected"] = adata.var_names.isin(model.selected_peaks_)
-    seed = given(args, random_state="seed")
+    seed = {"random_state": args.seed}
     # scanpy 1.11 builds the graph of >= 8,192 cells with pynndescent, whose sparse result
     # scipy >= 1.17 no longer gives `getnnz` ("'csr_array' object has no attribute
     # 'getnnz'"). scikit-learn's exact k-nearest neighbours avoid that path, and are fast on
