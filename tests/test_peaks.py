@@ -21,8 +21,9 @@ def planted():
     """A linear-decoder model whose components open known blocks of peaks.
 
     The prior means are put at k-means centres of the (untrained) posterior means, and the
-    decoder is solved so that decoding centre ``c`` gives logit +4 on block ``c`` and -3
-    elsewhere: the answer of every method below is known.
+    decoder is solved so that decoding centre ``c`` gives eta = +4 on block ``c`` and -3
+    elsewhere (the linear predictor of the model's link): the answer of every method below
+    is known.
     """
     scvi.settings.seed = 0
     adata = simulate_scatac(n_cells=120, n_peaks=200, n_types=N_TYPES, seed=3)
@@ -41,7 +42,7 @@ def planted():
     target = np.full((N_TYPES, adata.n_vars), -3.0)
     for c in range(N_TYPES):
         target[c, c * BLOCK : (c + 1) * BLOCK] = 4.0
-    # logits = centres @ W.T + b with b = 0: least squares for W (exact: K <= D).
+    # eta = centres @ W.T + b with b = 0: least squares for W (exact: K <= D).
     weight = np.linalg.lstsq(centres, target, rcond=None)[0].T
     linear = model.module.decoder.output.fc_layers[0][0]
     with torch.no_grad():
@@ -49,6 +50,11 @@ def planted():
         linear.bias.zero_()
     adata.obs["scale_cluster"] = model.get_cluster_assignments()
     return model, adata, km.labels_
+
+
+def _open(eta: float, link: str) -> float:
+    """The probability that a peak is open at linear predictor ``eta``."""
+    return 1 / (1 + np.exp(-eta)) if link == "logit" else -np.expm1(-np.exp(eta))
 
 
 def test_components_decode_to_their_planted_blocks(planted):
@@ -69,8 +75,9 @@ def test_components_decode_to_their_planted_blocks(planted):
         expected = set(adata.var_names[c * BLOCK : (c + 1) * BLOCK])
         assert set(rows["peak"]) == expected
         assert rows["rank"].tolist() == list(range(1, BLOCK + 1))
-        np.testing.assert_allclose(rows["p_component"], 1 / (1 + np.exp(-4.0)), rtol=1e-4)
-        np.testing.assert_allclose(rows["p_rest"], 1 / (1 + np.exp(3.0)), rtol=1e-4)
+        link = model.module.atac_link
+        np.testing.assert_allclose(rows["p_component"], _open(4.0, link), rtol=1e-4)
+        np.testing.assert_allclose(rows["p_rest"], _open(-3.0, link), rtol=1e-4)
     assert (table["score"] > 0.9).all()
 
 
