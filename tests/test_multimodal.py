@@ -689,12 +689,11 @@ def test_selected_peaks_at_the_observed_depth(link):
     x = sp.csr_matrix(adata[:, model.selected_peaks_].X)
     depth = np.log(np.maximum(np.diff((x > 0).tocsr().indptr), 1))
     offset = depth - float(model.module.log_mean_depth)
-    if link == "logit":
-        eta = np.log(mean_depth) - np.log1p(-mean_depth)
-        expected = 1 / (1 + np.exp(-(eta + offset[:, None])))
-    else:  # 1 - exp(-exp(eta)): the depth multiplies the rate exp(eta)
-        eta = np.log(-np.log1p(-mean_depth))
-        expected = -np.expm1(-np.exp(eta + offset[:, None]))
+    # the offset is added to the decoder output eta, through the model's link (whose
+    # formulas test_model checks)
+    module = model.module
+    eta = module.inverse_link(torch.as_tensor(mean_depth, dtype=torch.float64))
+    expected = module.open_probability(eta + torch.as_tensor(offset)[:, None]).numpy()
     np.testing.assert_allclose(at_depth, expected, rtol=1e-3)
 
 
