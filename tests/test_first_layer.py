@@ -185,6 +185,42 @@ def test_zero_grad_clears_every_written_row(zero_all_fraction, monkeypatch):
     assert len(enc.first_layer._rows_written) == 1
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_fused_adamw_clips_apart_parameters_on_their_own(sparse):
+    """With clip_apart, the two sets of parameters take the steps of torch's AdamW after
+    clip_grad_norm_ applied to each set separately (0.5 clips both here); the first layer of
+    the apart encoder gives its norm to the apart set only."""
+    torch.manual_seed(0)
+    ref = [SCALEEncoder(40, 4, (16, 8)), SCALEEncoder(40, 4, (16, 8))]
+    encs = copy.deepcopy(ref)
+    params = [p for e in ref for p in e.parameters()]
+    opt1 = torch.optim.AdamW(params, lr=1e-2, eps=1e-8, weight_decay=5e-4)
+    opt2 = FusedAdamW(
+        [p for e in encs for p in e.parameters()],
+        lr=1e-2,
+        eps=1e-8,
+        weight_decay=5e-4,
+        max_grad_norm=0.5,
+        in_place_layers=[e.first_layer for e in encs],
+        clip_apart=list(encs[1].parameters()),
+    )
+    dense, csr = _batch(density=0.05 if sparse else 0.2)
+    for _ in range(5):
+        for pair, opt in ((ref, opt1), (encs, opt2)):
+            opt.zero_grad()
+            loss = 0.0
+            for scale, enc in zip((1.0, 30.0), pair, strict=True):
+                m, v = enc(csr if sparse else dense)
+                loss = loss + scale * (m.pow(2).sum() + v.sum())
+            loss.backward()
+            if opt is opt1:
+                for enc in pair:
+                    assert torch.nn.utils.clip_grad_norm_(enc.parameters(), 0.5) > 0.5
+            opt.step()
+    for p1, p2 in zip(params, [p for e in encs for p in e.parameters()], strict=True):
+        torch.testing.assert_close(p1, p2, atol=1e-6, rtol=1e-5)
+
+
 def test_fused_adamw_rejects_a_bad_clipping_norm():
     with pytest.raises(ValueError, match="max_grad_norm"):
         FusedAdamW(SCALEEncoder(4, 2, (3,)).parameters(), max_grad_norm=0)

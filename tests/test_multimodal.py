@@ -767,13 +767,26 @@ def test_a_switched_off_expert_encodes_only_cells_without_the_other():
     # the likelihood still reads every modality a cell has; the posterior only the RNA's
     assert out["modality_mask"].tolist() == [[True] * 4, [False, True, True, True]]
     assert out["expert_mask"].tolist() == [[True, False, False, False], [False] + [True] * 3]
+    # the components the minibatch uses: the ATAC expert (cell 0) and the RNA expert; the
+    # product, which would be of one expert, is left out
     assert out["component_mask"].tolist() == [
         [True, False, False, False],
         [False, True, True, True],
-        [False] * 4,
     ]
+    assert out["qzm_components"].shape[0] == 2
     torch.testing.assert_close(out["qzm"][1:], out["qzm_rna"][1:])
     torch.testing.assert_close(out["qzm"][0], out["qzm_atac"][0])
+    # paired cells only: one component, of weight one, whatever the learned weights
+    paired = module.inference(x_atac=atac, x_rna=torch.poisson(torch.full((4, 15), 3.0)))
+    assert paired["component_mask"].tolist() == [[True] * 4]
+    assert paired["component_log_weights"].tolist() == [[0.0] * 4]
+    torch.testing.assert_close(paired["qzm"], paired["qzm_rna"])
+    # the switched-off modality's networks are clipped apart from the rest
+    apart = {id(p) for p in module.separately_clipped_parameters()}
+    atac_side = [*module.encoders["atac"].parameters(), *module.decoders["atac"].parameters()]
+    assert apart == {id(p) for p in atac_side}
+    module.expert_active.fill_(True)
+    assert module.separately_clipped_parameters() == []
     # a module state saved before the check existed loads with every expert on
     state = {k: v for k, v in module.state_dict().items() if k != "expert_active"}
     fresh = MultiSCALEVAE(n_input_atac=20, n_input_rna=15, n_centroids=3, **SMALL)
@@ -885,6 +898,20 @@ def test_train_leaves_out_an_expert_that_does_not_hold_on_new_cells(noise):
     )
     if noise == "rna":
         return
+    # With the ATAC expert out, the joint model trains its latent as the RNA-only model of
+    # the same seed does (the same initial RNA weights, the same random stream, one mixture
+    # component, the ATAC networks clipped apart): the same latent and clusters, to the bit.
+    rna_only = _pair_with_noise(noise)
+    SCALE.setup_mudata(rna_only, modalities={"rna_layer": "rna"})
+    scvi.settings.seed = 0
+    alone = SCALE(rna_only, n_centroids=3, **SMALL)
+    alone.train(max_epochs=24, batch_size=16, n_epochs_kl_warmup=22, enable_progress_bar=False)
+    np.testing.assert_array_equal(
+        alone.get_latent_representation(), model.get_latent_representation()
+    )
+    np.testing.assert_array_equal(
+        alone.get_cluster_probabilities(), model.get_cluster_probabilities()
+    )
     for kwargs in ({"train_size": 1.0}, {"n_epochs_kl_warmup": 2}):
         model = SCALE(mdata, n_centroids=3, select_experts=True, **SMALL)
         model.train(max_epochs=3, batch_size=16, enable_progress_bar=False, **kwargs)
@@ -913,7 +940,7 @@ def _complementary_pair(n_cells: int, seed: int = 0):
 
 @pytest.mark.parametrize(
     ("n_cells", "network", "max_epochs", "n_epochs_kl_warmup"),
-    [(2400, SMALL, 12, 8), (480, {}, 60, 40)],
+    [(2400, {"n_hidden": (128, 64)}, 12, 8), (480, {}, 60, 40)],
 )
 def test_train_keeps_both_experts_where_each_modality_knows_part_of_the_types(
     n_cells, network, max_epochs, n_epochs_kl_warmup
@@ -955,8 +982,11 @@ def test_train_keeps_both_experts_where_each_modality_knows_part_of_the_types(
     joint = ari(model.get_latent_representation())
     experts = {m: ari(model.get_latent_representation(modality=m)) for m in ("atac", "rna")}
     if n_cells == 2400:
-        # 12 short epochs of a small network: 0.63 against 0.44 and 0.24 on this machine
-        assert joint > max(experts.values()) + 0.1, (joint, experts)
+        # 12 short epochs of a narrow network: joint 0.84-0.99 on seeds 0-3, both experts
+        # kept on each (0.92 on seed 0, the ATAC expert 0.84 and the RNA expert 0.24 on
+        # this machine). With SMALL's (32, 16) encoders, 8 epochs of warm-up taught the ATAC
+        # expert its groups on one seed of four, and the check then rightly left it out.
+        assert joint > 0.8 and joint > max(experts.values()), (joint, experts)
         # a check that keeps every expert does not move training's random stream: the
         # same model as without the check
         scvi.settings.seed = 0

@@ -107,6 +107,14 @@ def _set_torch_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) 
         torch.cuda.set_rng_state_all(cuda)
 
 
+def _make_optimizer(module: torch.nn.Module, params, **kwargs) -> FusedAdamW:
+    """The optimizer of one run of ``train``, made when the run starts: the networks of a
+    modality whose expert is off at that time (the new start after the held-out check of the
+    experts) are clipped apart from the rest."""
+    apart = getattr(module, "separately_clipped_parameters", list)()
+    return FusedAdamW(params, in_place_layers=module.in_place_layers(), clip_apart=apart, **kwargs)
+
+
 def _trains_on_cpu(accelerator: str) -> bool:
     """Whether Lightning's ``accelerator`` setting resolves to the CPU."""
     if accelerator == "cpu":
@@ -579,12 +587,12 @@ class SCALE(
             {
                 "optimizer": "Custom",
                 "optimizer_creator": partial(
-                    FusedAdamW,
+                    _make_optimizer,
+                    self.module,
                     lr=lr,
                     eps=eps,
                     weight_decay=weight_decay,
                     max_grad_norm=gradient_clip_val,
-                    in_place_layers=self.module.in_place_layers(),
                 ),
                 "lr": lr,
                 "weight_decay": weight_decay,

@@ -167,9 +167,12 @@ class MultiSCALEVAE(SCALEModuleBase):
         quarter more epochs by default). The modality's likelihood stays in the objective
         and its decoder learns, but it does not move the latent of cells that have another
         modality (its gradient stops at ``z``): the latent is shaped by the modalities whose
-        experts generalize, and the other is predicted from it. ``True`` is the default;
-        ``False`` keeps every expert (measurements in ``benchmarks/RESULTS.md`` and
-        ``docs/math.md`` section 8).
+        experts generalize, and the other is predicted from it. Its networks are clipped
+        apart from the rest (:meth:`separately_clipped_parameters`), and the mixture
+        components no cell uses are left out, so that on paired cells whose ATAC expert is
+        left out the latent is, to the bit, that of the RNA-only model of the same seed.
+        ``True`` is the default; ``False`` keeps every expert (measurements in
+        ``benchmarks/RESULTS.md`` and ``docs/math.md`` section 8).
     modality_flags
         One row per category of the registered modality flag: which of ``(atac, rna)``
         a cell of that category has. ``None`` when no flag is registered.
@@ -264,11 +267,21 @@ class MultiSCALEVAE(SCALEModuleBase):
         n_inputs = {ATAC: self.n_peaks, RNA: n_input_rna}
         self.encoders = nn.ModuleDict()
         self.decoders = nn.ModuleDict()
+        # Each modality's networks draw their initial weights from a stream of their own,
+        # seeded by one draw of torch's generator: a modality starts at the same weights
+        # whichever other modalities the module has, and the global stream moves by that one
+        # draw. So the RNA side of a joint model starts where an RNA-only model of the same
+        # seed starts, and (with the unused mixture components left out, see inference) a
+        # joint model whose held-out check leaves the ATAC expert out trains its latent
+        # exactly as that model does.
+        base_seed = int(torch.randint(2**31 - 1, (), dtype=torch.int64))
         for m in self.modalities:
-            self.encoders[m] = self._make_encoder(n_inputs[m], input_dropout.get(m, 0.0))
-            self.decoders[m] = self._make_decoder(n_inputs[m])
-        if RNA in self.modalities:
-            self.px_r = nn.Parameter(torch.randn(n_input_rna))
+            with torch.random.fork_rng(devices=[]):
+                torch.random.default_generator.manual_seed(base_seed + MODALITIES.index(m))
+                self.encoders[m] = self._make_encoder(n_inputs[m], input_dropout.get(m, 0.0))
+                self.decoders[m] = self._make_decoder(n_inputs[m])
+                if m == RNA:
+                    self.px_r = nn.Parameter(torch.randn(n_input_rna))
         self._add_prior()
         if len(self.modalities) == 1:
             mixture_weights = "equal"  # one component: nothing to weigh
@@ -303,6 +316,23 @@ class MultiSCALEVAE(SCALEModuleBase):
         # saved before the held-out check of the experts existed: every expert on
         state_dict.setdefault(prefix + "expert_active", torch.ones_like(self.expert_active))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def separately_clipped_parameters(self) -> list[nn.Parameter]:
+        """The parameters of the modalities whose expert is off (:attr:`expert_active`):
+        their encoder, decoder and (RNA) dispersion.
+
+        The optimizer clips their gradient norm apart from the rest
+        (:class:`~scale_scvi.train.FusedAdamW`'s ``clip_apart``): the likelihood of a
+        switched-off modality does not move the latent, and its gradients then do not scale
+        the steps of the networks that shape it. Empty while every expert is on.
+        """
+        params: list[nn.Parameter] = []
+        for m, on in zip(self.modalities, self.expert_active.tolist(), strict=True):
+            if not on:
+                params += [*self.encoders[m].parameters(), *self.decoders[m].parameters()]
+                if m == RNA:
+                    params.append(self.px_r)
+        return params
 
     @property
     def settings(self) -> dict[str, str]:
@@ -408,6 +438,16 @@ class MultiSCALEVAE(SCALEModuleBase):
             comp_vs = torch.cat([qz_vs, poe_v.unsqueeze(0)])
             comp_mask = torch.cat([experts, (experts.sum(0) > 1).unsqueeze(0)])
         logits = self.component_logits if self.mixture_weights == "learned" else None
+        if not bool(self.expert_active.all()):
+            # An expert is off: leave out the components no cell of the minibatch has (the
+            # switched-off expert, and the product where it would be of one expert). They
+            # weigh nothing in the bound, but their particles would be drawn and decoded. With
+            # one component left, its weight is one and the learned weights are not read, so
+            # the step is that of the model of the remaining modality alone.
+            used = comp_mask.any(1)
+            if not bool(used.all()):
+                comp_ms, comp_vs, comp_mask = comp_ms[used], comp_vs[used], comp_mask[used]
+                logits = logits[used] if logits is not None and comp_ms.shape[0] > 1 else None
         log_weights = mixture_log_weights(comp_mask, logits).to(comp_ms.dtype)  # (C, B)
         weights = log_weights.exp()
         w = weights.unsqueeze(-1)

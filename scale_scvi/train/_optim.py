@@ -68,6 +68,12 @@ class FusedAdamW(torch.optim.AdamW):
         2-norm) at this value; ``None`` for no clipping.
     in_place_layers
         Layers that write their weight's gradient in place.
+    clip_apart
+        Parameters whose gradients are clipped to ``max_grad_norm`` on their own: the total
+        norm of the others leaves them out, and theirs is taken over them alone (the
+        networks of a modality whose expert is switched off, see
+        :meth:`~scale_scvi.module.MultiSCALEVAE.separately_clipped_parameters`). Empty
+        (the default): one total norm over every parameter.
     """
 
     def __init__(
@@ -79,6 +85,7 @@ class FusedAdamW(torch.optim.AdamW):
         weight_decay: float = 1e-2,
         max_grad_norm: float | None = None,
         in_place_layers: Iterable[InPlaceGradient] = (),
+        clip_apart: Iterable[torch.Tensor] = (),
     ):
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}.")
@@ -87,19 +94,25 @@ class FusedAdamW(torch.optim.AdamW):
         )
         self.max_grad_norm = max_grad_norm
         self.in_place_layers = list(in_place_layers)
+        self.clip_apart = {id(p) for p in clip_apart}
 
-    def _grad_scale(self) -> torch.Tensor | None:
-        """``1 / min(1, max_norm / (total_norm + 1e-6))``, as ``clip_grad_norm_`` computes it."""
+    def _grad_scale(self, apart: bool = False) -> torch.Tensor | None:
+        """``1 / min(1, max_norm / (total_norm + 1e-6))``, as ``clip_grad_norm_`` computes it,
+        over the parameters of ``clip_apart`` (``apart``) or over the others."""
         if self.max_grad_norm is None:
             return None
         known = {}
         for layer in self.in_place_layers:
+            if (id(layer.weight) in self.clip_apart) != apart:
+                continue
             sq_norm = layer.grad_sq_norm()
             if sq_norm is not None:
                 known[id(layer.weight)] = sq_norm.sqrt()
         norms, grads = list(known.values()), []
         for group in self.param_groups:
             for p in group["params"]:
+                if (id(p) in self.clip_apart) != apart:
+                    continue
                 if p.grad is not None and id(p) not in known:
                     grads.append(p.grad)
         norms += list(torch._foreach_norm(grads)) if grads else []
@@ -126,45 +139,53 @@ class FusedAdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grad_scale = self._grad_scale()
+        scales = {False: self._grad_scale()}
+        if self.clip_apart:
+            scales[True] = self._grad_scale(apart=True)
         for group in self.param_groups:
-            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise TypeError("FusedAdamW does not take sparse gradients.")
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                grad = p.grad
-                if grad.stride() != p.stride():
-                    grad = grad.contiguous() if p.is_contiguous() else grad.t().contiguous().t()
-                params.append(_contiguous_view(p))
-                grads.append(_contiguous_view(grad))
-                exp_avgs.append(_contiguous_view(state["exp_avg"]))
-                exp_avg_sqs.append(_contiguous_view(state["exp_avg_sq"]))
-                steps.append(state["step"])
-            if not params:
-                continue
-            beta1, beta2 = group["betas"]
-            adamw(
-                params,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
-                [],
-                steps,
-                fused=True,
-                amsgrad=False,
-                beta1=beta1,
-                beta2=beta2,
-                lr=group["lr"],
-                weight_decay=group["weight_decay"],
-                eps=group["eps"],
-                maximize=False,
-                grad_scale=grad_scale,
-            )
+            for apart, grad_scale in scales.items():
+                self._update(group, grad_scale, apart)
         return loss
+
+    def _update(self, group: dict, grad_scale: torch.Tensor | None, apart: bool) -> None:
+        """The fused update of the parameters of ``group`` in ``clip_apart`` (``apart``) or
+        not in it, their gradients divided by ``grad_scale``."""
+        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None or (id(p) in self.clip_apart) != apart:
+                continue
+            if p.grad.is_sparse:
+                raise TypeError("FusedAdamW does not take sparse gradients.")
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            grad = p.grad
+            if grad.stride() != p.stride():
+                grad = grad.contiguous() if p.is_contiguous() else grad.t().contiguous().t()
+            params.append(_contiguous_view(p))
+            grads.append(_contiguous_view(grad))
+            exp_avgs.append(_contiguous_view(state["exp_avg"]))
+            exp_avg_sqs.append(_contiguous_view(state["exp_avg_sq"]))
+            steps.append(state["step"])
+        if not params:
+            return
+        beta1, beta2 = group["betas"]
+        adamw(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            [],
+            steps,
+            fused=True,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+            grad_scale=grad_scale,
+        )
