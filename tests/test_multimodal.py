@@ -863,8 +863,10 @@ def test_train_leaves_out_an_expert_that_does_not_hold_on_new_cells(noise):
     scvi.settings.seed = 0
     model = SCALE(mdata, n_centroids=3, select_experts=True, **SMALL)
     initial = {k: v.clone() for k, v in model.module.encoders[noise].state_dict().items()}
-    # 23 steps per epoch: the check at the start of epoch 22 follows 506 steps
-    model.train(max_epochs=24, batch_size=16, n_epochs_kl_warmup=22, enable_progress_bar=False)
+    # 23 steps per epoch: the check at the start of epoch 22 follows 506 steps; the user is
+    # told which modality no longer shapes the latent, and how to keep it
+    with pytest.warns(UserWarning, match=f"left the {noise} expert out.*select_experts=False"):
+        model.train(max_epochs=24, batch_size=16, n_epochs_kl_warmup=22, enable_progress_bar=False)
     informative = "rna" if noise == "atac" else "atac"
     assert model.module.expert_active.tolist() == [m != noise for m in ("atac", "rna")]
     assert model.expert_check_[f"z_{noise}"] > 2.0

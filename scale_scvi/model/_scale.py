@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Literal
@@ -653,6 +654,13 @@ class SCALE(
         )
         result = fit(check)
         if check is not None and check.stopped:
+            for m, on in zip(self.module.modalities, self.module.expert_active.tolist()):
+                if not on:
+                    warnings.warn(
+                        check.left_out_message(m),
+                        UserWarning,
+                        stacklevel=settings.warnings_stacklevel,
+                    )
             active = self.module.expert_active.clone()
             self.module.load_state_dict(initial_state)
             self.module.expert_active.copy_(active)

@@ -171,8 +171,10 @@ class MultiSCALEVAE(SCALEModuleBase):
         apart from the rest (:meth:`separately_clipped_parameters`), and the mixture
         components no cell uses are left out, so that on paired cells whose ATAC expert is
         left out the latent is, to the bit, that of the RNA-only model of the same seed.
-        ``True`` is the default; ``False`` keeps every expert (measurements in
-        ``benchmarks/RESULTS.md`` and ``docs/math.md`` section 8).
+        Training warns when the check leaves an expert out: a warm-up much shorter than the
+        default can end before the latent has learned a modality that does inform it
+        (``benchmarks/multiome_heldout.md``). ``True`` is the default; ``False`` keeps every
+        expert (measurements in ``benchmarks/RESULTS.md`` and ``docs/math.md`` section 8).
     modality_flags
         One row per category of the registered modality flag: which of ``(atac, rna)``
         a cell of that category has. ``None`` when no flag is registered.

@@ -63,6 +63,25 @@ class ExpertCheckCallback(Callback):
         self.report: dict | None = None
         #: Whether the check changed which experts are on, and stopped training.
         self.stopped = False
+        #: Optimizer steps made before the check (``None`` until it is made).
+        self.step: int | None = None
+
+    def left_out_message(self, modality: str) -> str:
+        """What the check measured against ``modality``'s expert, which it left out, and how
+        to keep that expert."""
+        report = self.report or {}
+        return (
+            f"The held-out check left the {modality} expert out of the posterior: on "
+            f"{report.get('n_cells')} validation cells the latent explains their {modality} data "
+            f"{report.get(f'gain_{modality}', float('nan')):.2f} nats per cell better than one "
+            "latent shared by all of them (1 nat and 2 standard errors needed to keep it), and "
+            "the posterior without it explains the cells better (z = "
+            f"{report.get(f'z_{modality}', float('nan')):.1f}). The {modality} data stay in the "
+            "objective, predicted from the latent, but no longer shape it "
+            "(model.expert_check_ has the measurements). If they should inform the clusters, "
+            f"train longer (the check comes at the end of the KL warm-up, after {self.step} "
+            "steps here) or pass select_experts=False."
+        )
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if trainer.current_epoch != self.epoch:
@@ -110,3 +129,4 @@ class ExpertCheckCallback(Callback):
             if off
             else "every expert kept",
         )
+        self.step = trainer.global_step
