@@ -37,6 +37,10 @@ from ._objectives import (
 Posterior = Literal["moe", "mopoe"]
 MixtureWeights = Literal["equal", "learned"]
 K = MODULE_KEYS
+#: Defaults of :meth:`MultiSCALEVAE.select_experts_on`: the z-score its evidence needs, and
+#: the gain in nats per cell that keeps the expert of a modality the latent explains.
+EXPERT_Z_THRESHOLD = 2.0
+EXPERT_MIN_GAIN = 1.0
 
 
 def _dense(x: torch.Tensor) -> torch.Tensor:
@@ -696,7 +700,10 @@ class MultiSCALEVAE(SCALEModuleBase):
         return mask, qz_ms, poe_m
 
     def select_experts_on(
-        self, fit: torch.Tensor, z_threshold: float = 2.0, min_gain: float = 1.0
+        self,
+        fit: torch.Tensor,
+        z_threshold: float = EXPERT_Z_THRESHOLD,
+        min_gain: float = EXPERT_MIN_GAIN,
     ) -> dict[str, float]:
         """Switch off the expert of a modality that does not help explain held-out cells.
 

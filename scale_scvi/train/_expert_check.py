@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from scale_scvi.module._multivae import EXPERT_MIN_GAIN, EXPERT_Z_THRESHOLD
+
 from ._eval_mode import eval_mode
 
 logger = logging.getLogger(__name__)
@@ -69,18 +71,18 @@ class ExpertCheckCallback(Callback):
     def left_out_message(self, modality: str) -> str:
         """What the check measured against ``modality``'s expert, which it left out, and how
         to keep that expert."""
-        report = self.report or {}
+        report = self.report
         return (
             f"The held-out check left the {modality} expert out of the posterior: on "
-            f"{report.get('n_cells')} validation cells the latent explains their {modality} data "
-            f"{report.get(f'gain_{modality}', float('nan')):.2f} nats per cell better than one "
-            "latent shared by all of them (1 nat and 2 standard errors needed to keep it), and "
-            "the posterior without it explains the cells better (z = "
-            f"{report.get(f'z_{modality}', float('nan')):.1f}). The {modality} data stay in the "
-            "objective, predicted from the latent, but no longer shape it "
-            "(model.expert_check_ has the measurements). If they should inform the clusters, "
-            f"train longer (the check comes at the end of the KL warm-up, after {self.step} "
-            "steps here) or pass select_experts=False."
+            f"{report['n_cells']} validation cells the latent explains their {modality} data "
+            f"{report[f'gain_{modality}']:.2f} nats per cell better than one latent shared by "
+            f"all of them ({EXPERT_MIN_GAIN:g} nat and {EXPERT_Z_THRESHOLD:g} standard errors "
+            "needed to keep it), and the posterior without it explains the cells better (z = "
+            f"{report[f'z_{modality}']:.1f}). The {modality} data stay in the objective, "
+            "predicted from the latent, but no longer shape it (model.expert_check_ has the "
+            "measurements). If they should inform the clusters, train longer (the check comes "
+            f"at the end of the KL warm-up, after {self.step} steps here) or pass "
+            "select_experts=False."
         )
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
