@@ -88,13 +88,6 @@ def default_max_epochs(
     return max(2, math.ceil(n_steps / steps_per_epoch))
 
 
-#: The data loader of the fits made during training (the mixture's, the check of the
-#: experts): dense minibatches. Sparse ones give the same posterior to about 1e-6, which is
-#: enough to move the Leiden partition of the mixture's fit and with it the rest of the run;
-#: every measured run (``benchmarks/``, the tutorials) was made with dense ones.
-FIT_LOADER = {"load_sparse_tensor": False}
-
-
 def _torch_rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
     """torch's global random state: the CPU generator's, and every CUDA device's if in use."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
@@ -523,7 +516,9 @@ class SCALE(
             data matrix to the module as sparse (CSR) tensors (no dense ``(batch, peaks)``
             minibatch is ever built; dense storage is converted per minibatch), ``False`` as
             dense tensors. ``None`` (default): ``True`` when training on the CPU (faster),
-            ``False`` on a GPU, where sparse-dense products are not deterministic.
+            ``False`` on a GPU, where sparse-dense products are not deterministic. The fits
+            made during training (the mixture's, the held-out check of the experts) read the
+            same layout.
         accelerator, devices
             Lightning accelerator and devices; ``strategy="ddp_find_unused_parameters_true"``
             with ``devices > 1`` trains on several processes.
@@ -620,7 +615,7 @@ class SCALE(
             "plan_kwargs": plan_kwargs,
         }
         gmm_kwargs = {
-            "latent_fn": self._gmm_latent_fn(batch_size),
+            "latent_fn": self._gmm_latent_fn(batch_size, load_sparse_tensor),
             "n_components": self.module.n_centroids,
             "init_epoch": gmm_init_epoch,
             "seed": settings.seed,
@@ -633,7 +628,9 @@ class SCALE(
         check = None
         if prior_trains and getattr(self.module, "select_experts", False) and n_validation > 0:
             check = ExpertCheckCallback(
-                self._heldout_fit_fn(batch_size), gmm_init_epoch, stop_if_changed=True
+                self._heldout_fit_fn(batch_size, load_sparse_tensor),
+                gmm_init_epoch,
+                stop_if_changed=True,
             )
             initial_state = {k: v.clone() for k, v in self.module.state_dict().items()}
             # ... and from the random state the first run started from: the new start is the
@@ -731,11 +728,16 @@ class SCALE(
             return kwargs
         return datasplitter_kwargs
 
-    def _heldout_fit_fn(self, batch_size: int):
+    def _heldout_fit_fn(self, batch_size: int, load_sparse_tensor: bool):
+        """The held-out check's fit, reading minibatches in the training's layout."""
+
         @torch.inference_mode()
         def fit_fn(indices: np.ndarray) -> np.ndarray:
             loader = self._make_data_loader(
-                adata=self.adata, indices=indices, batch_size=batch_size, **FIT_LOADER
+                adata=self.adata,
+                indices=indices,
+                batch_size=batch_size,
+                load_sparse_tensor=load_sparse_tensor,
             )
             means = torch.cat([self.module.heldout_product_mean(t).cpu() for t in loader])
             shared = means.nanmean(0)  # one latent for all the held-out cells
@@ -744,9 +746,14 @@ class SCALE(
 
         return fit_fn
 
-    def _gmm_latent_fn(self, batch_size: int):
+    def _gmm_latent_fn(self, batch_size: int, load_sparse_tensor: bool):
+        """The mixture fits' posterior moments, reading minibatches in the training's layout
+        (on the CPU sparse ones: a minibatch of a wide peak matrix is not made dense)."""
+
         def latent_fn(indices: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-            return self._posterior_moments(self.adata, indices, batch_size, **FIT_LOADER)
+            return self._posterior_moments(
+                self.adata, indices, batch_size, load_sparse_tensor=load_sparse_tensor
+            )
 
         return latent_fn
 
@@ -769,7 +776,7 @@ class SCALE(
         to the peaks it reads (at 300,000 peaks this halves the time of
         :meth:`get_latent_representation`), and as dense ones on a GPU, where sparse-dense
         products are not deterministic. Pass ``load_sparse_tensor`` to choose; the fits made
-        during training pass :data:`FIT_LOADER`.
+        during training read the layout the training reads.
         """
         data_loader_kwargs.setdefault("load_sparse_tensor", self.module.device.type == "cpu")
         return super()._make_data_loader(
