@@ -174,6 +174,42 @@ def test_outputs_read_sparse_minibatches_on_the_cpu(small_adata):
     np.testing.assert_allclose(z_sparse, z_dense, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("load_sparse_tensor", [None, False], ids=["default", "dense"])
+def test_fits_during_training_read_the_training_layout(small_adata, load_sparse_tensor):
+    """The mixture's fits (at the end of the KL warm-up and when training ends) read their
+    minibatches in the layout the training reads: CSR on the CPU by default, so a wide peak
+    matrix is not made dense a minibatch at a time, and dense when training is told so."""
+    scvi.settings.seed = 0
+    SCALE.setup_anndata(small_adata)
+    model = SCALE(small_adata, n_centroids=4, n_hidden=(64, 32))
+    fits = []
+    moments = model._posterior_moments
+
+    def spy(adata, indices, batch_size, **loader_kwargs):
+        fits.append(loader_kwargs)
+        return moments(adata, indices, batch_size, **loader_kwargs)
+
+    model._posterior_moments = spy
+    layouts = set()
+    inference_input = model.module._get_inference_input
+
+    def layout_spy(tensors):
+        layouts.add(tensors[REGISTRY_KEYS.X_KEY].layout)
+        return inference_input(tensors)
+
+    model.module._get_inference_input = layout_spy
+    model.train(
+        max_epochs=3,
+        enable_progress_bar=False,
+        accelerator="cpu",
+        load_sparse_tensor=load_sparse_tensor,
+    )
+    sparse = load_sparse_tensor is None
+    assert len(fits) == 2  # the fit at the end of the warm-up and the refit at the end
+    assert all(kwargs == {"load_sparse_tensor": sparse} for kwargs in fits)
+    assert layouts == {torch.sparse_csr if sparse else torch.strided}
+
+
 def test_save_load_round_trip_is_exact(small_adata, tmp_path):
     model = _train(small_adata, epochs=3)
     model.save(tmp_path / "m", overwrite=True)
