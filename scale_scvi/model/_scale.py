@@ -105,8 +105,12 @@ def _make_optimizer(module: torch.nn.Module, params, **kwargs) -> FusedAdamW:
     """The optimizer of one run of ``train``, made when the run starts: the networks of a
     modality whose expert is off at that time (the new start after the held-out check of the
     experts) are clipped apart from the rest."""
-    apart = getattr(module, "separately_clipped_parameters", list)()
-    return FusedAdamW(params, in_place_layers=module.in_place_layers(), clip_apart=apart, **kwargs)
+    return FusedAdamW(
+        params,
+        in_place_layers=module.in_place_layers(),
+        clip_apart=module.separately_clipped_parameters(),
+        **kwargs,
+    )
 
 
 def _trains_on_cpu(accelerator: str) -> bool:

@@ -257,6 +257,12 @@ class SCALEModuleBase(BaseModuleClass):
         """The encoders' sparse first layers (they write their weight gradients in place)."""
         return [m.first_layer for m in self.modules() if isinstance(m, SCALEEncoder)]
 
+    def separately_clipped_parameters(self) -> list[torch.nn.Parameter]:
+        """Parameters whose gradient norm the optimizer clips apart from the rest
+        (:class:`~scale_scvi.train.FusedAdamW`'s ``clip_apart``): none here; a multimodal
+        module returns the networks of a switched-off modality."""
+        return []
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         allow_missing_depth_offset(self, state_dict, prefix)
         allow_missing_batch_norm(self, state_dict, prefix)
