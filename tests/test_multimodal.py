@@ -795,6 +795,33 @@ def test_a_switched_off_expert_encodes_only_cells_without_the_other():
     assert fresh.expert_active.tolist() == [True, True]
 
 
+def test_experts_all_on_follows_every_change_of_the_buffer():
+    """``inference`` reads whether every expert is on from a host copy; the copy follows the
+    buffer through the held-out check's ``copy_``, in-place fills, ``load_state_dict`` and
+    ``to``, and an unchanged buffer is not read again."""
+    module = MultiSCALEVAE(n_input_atac=20, n_input_rna=15, n_centroids=3, **SMALL).eval()
+    atac = (torch.rand(4, 20) < 0.3).float()
+    rna = torch.poisson(torch.full((4, 15), 3.0))
+    assert module.experts_all_on
+    assert module.inference(x_atac=atac, x_rna=rna)["qzm_components"].shape[0] == 3
+    module.expert_active.copy_(torch.tensor([False, True]))
+    assert not module.experts_all_on
+    assert module.inference(x_atac=atac, x_rna=rna)["qzm_components"].shape[0] == 1
+    module.expert_active.fill_(True)
+    assert module.experts_all_on
+    off = {k: v.clone() for k, v in module.state_dict().items()}
+    off["expert_active"] = torch.tensor([True, False])
+    module.load_state_dict(off)
+    assert not module.experts_all_on
+    module.load_state_dict({**off, "expert_active": torch.tensor([True, True])}, assign=True)
+    assert module.experts_all_on
+    module.to(torch.float64)  # a new buffer of the same values (bool buffers keep their dtype)
+    assert module.experts_all_on
+    # no change: the cached value is returned without reading the buffer
+    module._experts_all_on = (module._experts_all_on[0], False)
+    assert not module.experts_all_on
+
+
 def test_a_switched_off_modality_is_decoded_without_moving_the_latent():
     """With the ATAC expert off, the ATAC likelihood still trains the ATAC decoder, but its
     gradient stops at the latent of cells encoded by the RNA expert (the RNA encoder gets

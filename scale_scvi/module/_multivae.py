@@ -259,6 +259,8 @@ class MultiSCALEVAE(SCALEModuleBase):
         #: modelled (its likelihood is in the objective) but no longer encoded into the
         #: latent, except for cells that have no other modality.
         self.register_buffer("expert_active", torch.ones(len(self.modalities), dtype=torch.bool))
+        # experts_all_on's host copy, and the buffer version it was read from
+        self._experts_all_on: tuple[tuple[int, int], bool] | None = None
 
         if modality_flags is None:
             flags = torch.ones((1, len(MODALITIES)), dtype=torch.bool)
@@ -392,6 +394,21 @@ class MultiSCALEVAE(SCALEModuleBase):
         mask = torch.stack(rows)
         return torch.where(mask.any(0, keepdim=True), mask, torch.ones_like(mask))
 
+    @property
+    def experts_all_on(self) -> bool:
+        """Whether every expert is on (:attr:`expert_active`), as a Python ``bool``.
+
+        Read from the device only when the buffer has changed since the last read (its
+        storage or its in-place version counter: the held-out check, ``load_state_dict`` and
+        ``to`` all change one of them), not at every minibatch: on a GPU, reading a tensor's
+        value on the host waits for every queued kernel.
+        """
+        buffer = self.expert_active
+        key = (buffer.data_ptr(), buffer._version)
+        if self._experts_all_on is None or self._experts_all_on[0] != key:
+            self._experts_all_on = (key, bool(buffer.all()))
+        return self._experts_all_on[1]
+
     def expert_mask(self, modality_mask: torch.Tensor) -> torch.Tensor:
         """Which experts encode each cell, ``(M, B)``: the modalities it has whose expert is
         on (:attr:`expert_active`); a cell with none of those keeps every modality it has."""
@@ -444,7 +461,7 @@ class MultiSCALEVAE(SCALEModuleBase):
             comp_vs = torch.cat([qz_vs, poe_v.unsqueeze(0)])
             comp_mask = torch.cat([experts, (experts.sum(0) > 1).unsqueeze(0)])
         logits = self.component_logits if self.mixture_weights == "learned" else None
-        if not bool(self.expert_active.all()):
+        if not self.experts_all_on:
             # An expert is off: leave out the components no cell of the minibatch has (the
             # switched-off expert, and the product where it would be of one expert). They
             # weigh nothing in the bound, but their particles would be drawn and decoded. With
