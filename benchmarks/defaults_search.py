@@ -56,6 +56,9 @@ CONFIGS: dict[str, dict] = {
     # each peak's Bernoulli term weighted by log(1 + n_cells / cells open), normalized to a
     # mean of 1 over the peaks read (a patch of the ATAC module's likelihood; see _idf_patch)
     "likelihood_idf": {"likelihood_idf": True},
+    # the mixture's first fit (end of the KL warm-up) read off Leiden at resolution 0.5, the
+    # fit when training ends at the default resolution 1 (see _init_resolution_patch)
+    "init_resolution_05": {"init_resolution": 0.5},
 }
 
 
@@ -150,6 +153,23 @@ def _idf_patch(adata, module) -> None:
     scalevae.bernoulli_log_likelihood = weighted
 
 
+def _init_resolution_patch(resolution: float) -> None:
+    """Make the mixture's first fit (at the end of the KL warm-up) use ``resolution``; the
+    fit when training ends keeps the callback's own resolution."""
+    from scale_scvi.train._gmm_init import GMMInitCallback
+
+    start = GMMInitCallback.on_train_epoch_start
+
+    def patched(self, trainer, pl_module):
+        default, self.resolution = self.resolution, resolution
+        try:
+            start(self, trainer, pl_module)
+        finally:
+            self.resolution = default
+
+    GMMInitCallback.on_train_epoch_start = patched
+
+
 def run_scale(adata, seed: int, config: dict) -> dict:
     import scvi
     import torch
@@ -174,6 +194,8 @@ def run_scale(adata, seed: int, config: dict) -> dict:
         )
     if config.get("lr_schedule") == "cosine":
         train_kwargs["callbacks"] = [_cosine_lr_decay()]
+    if "init_resolution" in config:
+        _init_resolution_patch(config["init_resolution"])
     SCALE.setup_anndata(adata, **config.get("setup", {}))
     model = SCALE(adata, **model_kwargs)
     if config.get("likelihood_idf"):
