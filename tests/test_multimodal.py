@@ -820,6 +820,11 @@ def test_experts_all_on_follows_every_change_of_the_buffer():
     # no change: the cached value is returned without reading the buffer
     module._experts_all_on = (module._experts_all_on[0], False)
     assert not module.experts_all_on
+    # a buffer made under inference mode has no version counter: read every time
+    with torch.inference_mode():
+        module.to(torch.float32)
+        module.expert_active = torch.tensor([False, True])
+    assert module.expert_active.is_inference() and not module.experts_all_on
 
 
 def test_a_switched_off_modality_is_decoded_without_moving_the_latent():
