@@ -59,6 +59,9 @@ CONFIGS: dict[str, dict] = {
     # the mixture's first fit (end of the KL warm-up) read off Leiden at resolution 0.5, the
     # fit when training ends at the default resolution 1 (see _init_resolution_patch)
     "init_resolution_05": {"init_resolution": 0.5},
+    # inverted dropout of the encoder's input peaks during training (the multimodal module's
+    # input_dropout, set on the ATAC module's encoder)
+    "input_dropout_02": {"input_dropout": 0.2},
 }
 
 
@@ -198,6 +201,8 @@ def run_scale(adata, seed: int, config: dict) -> dict:
         _init_resolution_patch(config["init_resolution"])
     SCALE.setup_anndata(adata, **config.get("setup", {}))
     model = SCALE(adata, **model_kwargs)
+    if config.get("input_dropout"):
+        model.module.z_encoder.input_dropout = float(config["input_dropout"])
     if config.get("likelihood_idf"):
         _idf_patch(adata, model.module)
     if config.get("freeze_pre_norm_biases") and not freeze_pre_norm_biases(model.module):
