@@ -259,7 +259,7 @@ class MultiSCALEVAE(SCALEModuleBase):
         #: modelled (its likelihood is in the objective) but no longer encoded into the
         #: latent, except for cells that have no other modality.
         self.register_buffer("expert_active", torch.ones(len(self.modalities), dtype=torch.bool))
-        # experts_all_on's host copy, and the buffer version it was read from
+        # experts_all_on's host copy, keyed by the buffer's storage and version counter
         self._experts_all_on: tuple[tuple[int, int], bool] | None = None
 
         if modality_flags is None:
