@@ -62,6 +62,12 @@ CONFIGS: dict[str, dict] = {
     # inverted dropout of the encoder's input peaks during training (the multimodal module's
     # input_dropout, set on the ATAC module's encoder)
     "input_dropout_02": {"input_dropout": 0.2},
+    # both mixture fits (end of the KL warm-up, end of training) take the number of
+    # components from the Leiden partition merged by BIC, and the partition itself from
+    # k-means with that number (see _kmeans_at_leiden_k_patch)
+    "kmeans_at_leiden_k": {"kmeans_at_leiden_k": "both"},
+    # the same for the first fit only; the fit when training ends as in the package
+    "first_fit_kmeans_at_leiden_k": {"kmeans_at_leiden_k": "first"},
 }
 
 
@@ -173,6 +179,38 @@ def _init_resolution_patch(resolution: float) -> None:
     GMMInitCallback.on_train_epoch_start = patched
 
 
+def _kmeans_at_leiden_k_patch(which: str) -> None:
+    """Make the Leiden-read mixture fits (``which``: "both", or the "first" one only) k-means
+    fits with as many components as the Leiden partition has once merged
+    (``fit_gmm(method="leiden")`` counts, k-means cuts)."""
+    from scale_scvi.train import _gmm_init as gmm
+
+    fit = gmm.fit_gmm
+    calls = []
+
+    def patched(
+        latent,
+        n_components,
+        seed=0,
+        max_cells=50_000,
+        posterior_var=None,
+        method="kmeans",
+        sample_weight=None,
+        resolution=1.0,
+    ):
+        calls.append(method)
+        if method == "leiden" and (which == "both" or len(calls) == 1):
+            x = np.asarray(latent, dtype=np.float64)
+            labels = gmm.leiden_partition(x, n_components, seed=seed, resolution=resolution)
+            labels = gmm.merge_partition(x, labels, sample_weight, 1e-4)
+            n_components, method = int(labels.max()) + 1, "kmeans"
+        return fit(
+            latent, n_components, seed, max_cells, posterior_var, method, sample_weight, resolution
+        )
+
+    gmm.fit_gmm = patched
+
+
 def run_scale(adata, seed: int, config: dict) -> dict:
     import scvi
     import torch
@@ -197,6 +235,8 @@ def run_scale(adata, seed: int, config: dict) -> dict:
         )
     if config.get("lr_schedule") == "cosine":
         train_kwargs["callbacks"] = [_cosine_lr_decay()]
+    if config.get("kmeans_at_leiden_k"):
+        _kmeans_at_leiden_k_patch(config["kmeans_at_leiden_k"])
     if "init_resolution" in config:
         _init_resolution_patch(config["init_resolution"])
     SCALE.setup_anndata(adata, **config.get("setup", {}))

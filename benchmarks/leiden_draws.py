@@ -52,7 +52,7 @@ def trained_latent(dataset: str, seed: int) -> dict[str, np.ndarray]:
             var=var,
             own=np.asarray(model.get_cluster_assignments()).astype(np.int64),
             train_idx=np.asarray(model.train_indices),
-            labels=adata.obs["cell_type"].astype(str).to_numpy(),
+            labels=np.asarray(adata.obs["cell_type"].astype(str), dtype=str),
         )
     return dict(np.load(path, allow_pickle=False))
 

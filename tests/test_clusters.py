@@ -10,7 +10,12 @@ from scale_scvi import SCALE
 from scale_scvi.data import simulate_scatac
 from scale_scvi.module._components import select_columns
 from scale_scvi.train import fit_gmm
-from scale_scvi.train._gmm_init import knn_connectivities, leiden_partition, merge_partition
+from scale_scvi.train._gmm_init import (
+    REFIT_TRIM,
+    knn_connectivities,
+    leiden_partition,
+    merge_partition,
+)
 
 SMALL = {"n_hidden": (64, 32)}
 
@@ -159,9 +164,12 @@ def test_confidence_and_sampled_probabilities(four_types):
 
 def test_mixture_is_fitted_again_on_the_trained_latent(four_types):
     adata, model = four_types
-    # the final fit is made on the training cells (a tenth is held out by default)
+    # the final fit is made on the training cells (a tenth is held out by default), with
+    # the components' moments trimmed
     means, variances, _ = model._posterior_moments(adata, model.train_indices, 128)
-    weights, centers, _ = fit_gmm(means, 30, seed=0, posterior_var=variances, method="leiden")
+    weights, centers, _ = fit_gmm(
+        means, 30, seed=0, posterior_var=variances, method="leiden", trim=REFIT_TRIM
+    )
     prior = model.module.prior
     active = prior.active.cpu().numpy()
     # the components left on are those of a fit on the final posterior means (the ones no
@@ -175,7 +183,10 @@ def test_mixture_is_fitted_again_on_the_trained_latent(four_types):
 
 @pytest.mark.parametrize(
     ("gmm_refit", "expected"),
-    [(True, ["start of epoch 1", "end of training"]), (False, ["start of epoch 1"])],
+    [
+        (True, [("start of epoch 1", None), ("end of training", REFIT_TRIM)]),
+        (False, [("start of epoch 1", None)]),
+    ],
 )
 def test_gmm_refit_fits_the_mixture_again_when_training_ends(monkeypatch, gmm_refit, expected):
     from scale_scvi.train._gmm_init import GMMInitCallback
@@ -183,9 +194,9 @@ def test_gmm_refit_fits_the_mixture_again_when_training_ends(monkeypatch, gmm_re
     calls = []
     fit = GMMInitCallback._fit
 
-    def recording(self, trainer, module, when):
-        calls.append(when)
-        return fit(self, trainer, module, when)
+    def recording(self, trainer, module, when, trim=None):
+        calls.append((when, trim))
+        return fit(self, trainer, module, when, trim)
 
     monkeypatch.setattr(GMMInitCallback, "_fit", recording)
     scvi_seed()
@@ -271,3 +282,49 @@ def test_row_weights_reach_the_mixture_of_a_multimodal_model():
     assert weights.shape[0] == means.shape[0] > mdata.n_obs
     np.testing.assert_allclose(weights.sum(), mdata.n_obs, rtol=1e-6)
     assert set(np.round(1 / weights).astype(int)) <= {1, 2, 3}
+
+
+def test_trimmed_moments_are_unbiased_for_a_gaussian_cluster():
+    rng = np.random.default_rng(0)
+    latent = rng.normal(size=(20_000, 10)) * 0.5 + 1.0
+    _, means, plain = fit_gmm(latent, 1, seed=0)
+    _, trimmed_means, trimmed = fit_gmm(latent, 1, seed=0, trim=REFIT_TRIM)
+    # the consistency factor makes the central 80 % estimate the whole Gaussian's variance
+    np.testing.assert_allclose(trimmed, plain, rtol=0.03)
+    np.testing.assert_allclose(trimmed_means, means, atol=0.02)
+
+
+def test_trimmed_moments_keep_a_few_outlying_cells_from_flattening_a_component():
+    from scale_scvi.module import GaussianMixturePrior
+    from scale_scvi.train._gmm_init import _partition_mixture, _trimmed_moments
+
+    rng = np.random.default_rng(1)
+    n_dim = 10
+    shift = np.r_[1.5, np.zeros(n_dim - 1)]
+    tight = rng.normal(size=(300, n_dim)) * 0.3
+    core = rng.normal(size=(150, n_dim)) * 0.3 + shift
+    stray = rng.normal(size=(10, n_dim)) * 6.0 + shift  # cells of the same cluster, far out
+    latent = np.vstack([tight, core, stray])
+    labels = np.r_[np.zeros(300, int), np.ones(160, int)]
+    weight = np.ones(len(latent))
+    weights, means, variances = _partition_mixture(latent, labels, 2, weight)
+    trimmed = _trimmed_moments(latent, labels, weight, means, variances, REFIT_TRIM)
+    assert variances[1].mean() > 1.0  # ten cells of 160 make the plain variance 25 times wider
+    np.testing.assert_allclose(trimmed[1].mean(), 0.09, rtol=0.25)
+
+    def core_kept(mu, var):
+        prior = GaussianMixturePrior(2, n_dim)
+        prior.set_parameters(*(torch.as_tensor(p) for p in (weights, mu, var + 1e-4)))
+        with torch.inference_mode():
+            best = prior.responsibilities(torch.as_tensor(core, dtype=torch.float32)).argmax(1)
+        return float((best == 1).float().mean())
+
+    # with the plain moments the tight neighbour takes part of the cluster's own core
+    assert core_kept(means, variances) < 0.9
+    assert core_kept(*trimmed) == 1.0
+
+
+@pytest.mark.parametrize("trim", [0.0, 1.5, -0.2])
+def test_trim_is_checked(trim):
+    with pytest.raises(ValueError, match="trim must be in"):
+        fit_gmm(np.zeros((10, 2)), 2, trim=trim)

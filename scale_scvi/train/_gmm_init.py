@@ -18,6 +18,11 @@ logger = logging.getLogger(__name__)
 
 GMM_INIT_METHODS = ("kmeans", "em", "leiden")
 
+#: Fraction of each cluster's cells whose moments make its component in the mixture fitted
+#: when training ends (the clusters read off the trained latent): the central 80 % by
+#: Mahalanobis distance, see :func:`fit_gmm`'s ``trim`` and ``benchmarks/NOTES.md``.
+REFIT_TRIM = 0.8
+
 
 def check_gmm_init_method(method: str, name: str = "method") -> None:
     """Raise a ``ValueError`` unless ``method`` is one of :data:`GMM_INIT_METHODS`."""
@@ -34,6 +39,7 @@ def fit_gmm(
     method: Literal["kmeans", "em", "leiden"] = "kmeans",
     sample_weight: np.ndarray | None = None,
     resolution: float = 1.0,
+    trim: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fit a diagonal Gaussian mixture to posterior means.
 
@@ -55,6 +61,17 @@ def fit_gmm(
     matches the first two moments of the aggregate posterior ``(1/N) sum_n q(z|x_n)``
     (otherwise the KL term jumps by orders of magnitude at initialization).
 
+    A partition's cluster can hold a few cells far from the others. Their squared distances
+    then dominate its variance, and its component becomes so broad that the argmax of
+    ``p(c|z)`` gives the cluster's own central cells to a tighter neighbouring component.
+    With ``trim=q`` (partition methods only) each component's mean and variance are those
+    of the cluster's central fraction ``q`` of rows (by Mahalanobis distance under the
+    cluster's plain moments: one trimming step, as in a minimum covariance determinant
+    estimate), the variance scaled by ``q / F_{D+2}(F_D^{-1}(q))`` (``F_k``: the chi-square
+    distribution function with ``k`` degrees of freedom) so that it is unbiased for a
+    Gaussian cluster. The weights stay the clusters' fractions of the cells, and clusters
+    of fewer than 5 rows keep their plain moments.
+
     Parameters
     ----------
     latent
@@ -75,6 +92,9 @@ def fit_gmm(
         them by their weights in the cell's mixture makes each cell count once.
     resolution
         Resolution of the Leiden partition (``method="leiden"``).
+    trim
+        Fraction of each cluster's rows whose moments make its component (see above), in
+        ``(0, 1]``; ``None`` (or 1) for the moments of all its rows. Ignored by ``"em"``.
 
     Returns
     -------
@@ -82,6 +102,8 @@ def fit_gmm(
     ``k = n_components`` except for ``"leiden"``.
     """
     check_gmm_init_method(method)
+    if trim is not None and not 0.0 < trim <= 1.0:
+        raise ValueError(f"trim must be in (0, 1] or None, got {trim!r}.")
     latent = np.asarray(latent, dtype=np.float64)
     if latent.ndim != 2:
         raise ValueError(f"latent must be (n_cells, n_latent), got shape {latent.shape}.")
@@ -131,6 +153,10 @@ def fit_gmm(
             labels = merge_partition(latent, labels, sample_weight, reg_covar)
         k = n_components if method == "kmeans" else int(labels.max()) + 1
         weights, means, variances = _partition_mixture(latent, labels, k, sample_weight)
+        if trim is not None and trim < 1.0:
+            means, variances = _trimmed_moments(
+                latent, labels, sample_weight, means, variances, trim
+            )
         variances = variances + reg_covar
         resp = np.eye(k)[labels]
     if posterior_var is not None:
@@ -317,6 +343,38 @@ def merge_partition(
     return _by_size(labels)
 
 
+def _trimmed_moments(
+    latent: np.ndarray,
+    labels: np.ndarray,
+    sample_weight: np.ndarray,
+    means: np.ndarray,
+    variances: np.ndarray,
+    trim: float,
+    min_rows: int = 5,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each cluster's mean and per-dimension variance over its central ``trim`` fraction of
+    weight (rows by increasing Mahalanobis distance under ``means`` / ``variances``), the
+    variance made unbiased for a Gaussian cluster (see :func:`fit_gmm`)."""
+    from scipy.stats import chi2
+
+    n_dim = latent.shape[1]
+    consistency = trim / chi2.cdf(chi2.ppf(trim, n_dim), n_dim + 2)
+    means, variances = means.copy(), variances.copy()
+    for j in range(means.shape[0]):
+        rows = np.flatnonzero(labels == j)
+        if rows.size < min_rows:
+            continue
+        x, w = latent[rows], sample_weight[rows]
+        d2 = ((x - means[j]) ** 2 / np.maximum(variances[j], 1e-12)).sum(1)
+        order = np.argsort(d2, kind="stable")
+        before = np.cumsum(w[order]) - w[order]  # weight of the rows closer than each
+        kept = order[before < trim * w.sum()]
+        xk, wk = x[kept], w[kept] / w[kept].sum()
+        means[j] = wk @ xk
+        variances[j] = consistency * (wk @ (xk - means[j]) ** 2)
+    return means, variances
+
+
 def _partition_mixture(
     latent: np.ndarray, labels: np.ndarray, n_components: int, sample_weight: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -355,6 +413,9 @@ class GMMInitCallback(Callback):
     means of the trained encoder (``refit``): the clusters are then read off the final
     latent space, where the mixture learned by gradient alongside the encoder drifts away
     from the cell types (``benchmarks/NOTES.md``, "Clusters read off the trained latent").
+    That fit takes each component's moments from the central :data:`REFIT_TRIM` of its
+    cluster (``refit_trim``; :func:`fit_gmm`'s ``trim``), so that a few outlying cells do not
+    widen a component until its neighbours take its cells.
     Last, every component that is the most probable one of no training cell is switched
     off, so that the components left are the clusters (see
     :meth:`~scale_scvi.module.GaussianMixturePrior.prune`). Under a distributed strategy
@@ -385,6 +446,8 @@ class GMMInitCallback(Callback):
     refit
         Fit the mixture once more, the same way, on the posterior means of the trained
         encoder when training ends (as above).
+    refit_trim
+        ``trim`` of that last fit (``None``: the moments of all the cluster's cells).
     """
 
     def __init__(
@@ -397,6 +460,7 @@ class GMMInitCallback(Callback):
         resolution: float = 1.0,
         prune: bool = True,
         refit: bool = True,
+        refit_trim: float | None = REFIT_TRIM,
     ):
         super().__init__()
         check_gmm_init_method(method)
@@ -408,6 +472,7 @@ class GMMInitCallback(Callback):
         self.resolution = resolution
         self.prune = prune
         self.refit = refit
+        self.refit_trim = refit_trim
         self.n_train = None
 
     def _rows(self, trainer, module) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
@@ -424,7 +489,7 @@ class GMMInitCallback(Callback):
         if trainer.current_epoch == self.init_epoch and not trainer.should_stop:
             self._fit(trainer, pl_module.module, f"start of epoch {trainer.current_epoch}")
 
-    def _fit(self, trainer, module, when: str) -> np.ndarray | None:
+    def _fit(self, trainer, module, when: str, trim: float | None = None) -> np.ndarray | None:
         """Fit the mixture on rank 0 and copy it into every rank's prior; return the
         posterior means it was fitted on (on rank 0; ``None`` on the others)."""
         payload = latent = None
@@ -442,6 +507,7 @@ class GMMInitCallback(Callback):
                     method=self.method,
                     sample_weight=sample_weight,
                     resolution=self.resolution,
+                    trim=trim,
                 )
                 # The number of cells goes with the parameters: every rank needs it to take
                 # part in the pruning broadcasts of on_train_epoch_end.
@@ -475,7 +541,11 @@ class GMMInitCallback(Callback):
             return
         module = pl_module.module
         # The posterior means of the final fit are the ones the pruning reads: one pass.
-        latent = self._fit(trainer, module, "end of training") if self.refit else None
+        latent = (
+            self._fit(trainer, module, "end of training", trim=self.refit_trim)
+            if self.refit
+            else None
+        )
         if not self.prune:
             return
         keep = None
