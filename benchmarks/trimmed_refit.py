@@ -36,8 +36,8 @@ from _common import RESULTS, label_scores
 from leiden_draws import leiden, trained_latent
 
 from scale_scvi.module import GaussianMixturePrior
-from scale_scvi.train import fit_gmm
 from scale_scvi.train import _gmm_init as gmm
+from scale_scvi.train import fit_gmm
 
 CSV = RESULTS / "trimmed_refit.csv"
 N_DRAWS = 8
@@ -75,7 +75,9 @@ def readouts(d: dict, draw: int) -> dict[str, np.ndarray]:
     lat, var, train = d["lat"], d["var"], d["train_idx"]
     out = {}
     for name, trim in (("plain", None), ("trim0.8", 0.8), ("trim0.9", 0.9)):
-        fitted = fit_gmm(lat[train], 30, draw, posterior_var=var[train], method="leiden", trim=trim)
+        fitted = fit_gmm(
+            lat[train], 30, draw, posterior_var=var[train], method="leiden", trim=trim
+        )
         out[name] = argmax(fitted, lat)
     out["all_cells"] = argmax(fit_gmm(lat, 30, draw, posterior_var=var, method="leiden"), lat)
     x = lat[train].astype(np.float64)
