@@ -408,10 +408,11 @@ def test_forebrain_default_path():
     )
     # Seed 0, one thread, the complementary log-log link, the final fit's trimmed moments:
     # 9 clusters, own 0.648, k-means 0.612 on an AMD EPYC (benchmarks/RESULTS.md, the
-    # as-shipped table; own 0.640 there before the trimmed final fit; on another AMD EPYC
-    # host, before it, own 0.648 and k-means 0.609; seeds 0-4 of the same path,
-    # benchmarks/results/atac_link.csv: own clusters 0.586-0.658, k-means 0.605-0.687). Another CPU's floating-point rounding is another trajectory, and the
-    # number of clusters read off it can differ by one (benchmarks/NOTES.md).
+    # as-shipped table; own 0.640 on that host before the trimmed final fit; on another AMD
+    # EPYC host, before it, own 0.648 and k-means 0.609; seeds 0-4 of the same path,
+    # benchmarks/results/atac_link.csv: own clusters 0.586-0.658, k-means 0.605-0.687).
+    # Another CPU's floating-point rounding is another trajectory, and the number of
+    # clusters read off it can differ by one (benchmarks/NOTES.md).
     assert 6 <= model.n_clusters_ <= 11
     assert ari_own >= 0.50
     assert ari_km >= 0.55
