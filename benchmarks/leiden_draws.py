@@ -57,14 +57,15 @@ def trained_latent(dataset: str, seed: int) -> dict[str, np.ndarray]:
     return dict(np.load(path, allow_pickle=False))
 
 
-def leiden(latent: np.ndarray, seed: int, n_iterations: int) -> tuple[np.ndarray, float]:
-    """The refit's Leiden partition (``_gmm_init.leiden_partition``, here with the number of
-    iterations as an argument) and its modularity."""
+def graph_leiden(graph, seed: int, n_iterations: int = 2) -> tuple[np.ndarray, float]:
+    """Leiden (modularity, resolution 1, igraph as ``_gmm_init.leiden_partition`` calls it,
+    here with the number of iterations as an argument) on a symmetric weighted graph: the
+    labels by decreasing size and the partition's modularity."""
     import igraph as ig
 
-    graph = gmm.knn_connectivities(latent, 15).tocoo()
+    graph = graph.tocoo()
     upper = graph.row < graph.col
-    g = ig.Graph(n=latent.shape[0], edges=np.c_[graph.row[upper], graph.col[upper]].tolist())
+    g = ig.Graph(n=graph.shape[0], edges=np.c_[graph.row[upper], graph.col[upper]].tolist())
     g.es["weight"] = graph.data[upper].tolist()
     ig.set_random_number_generator(random.Random(seed))
     try:
@@ -80,6 +81,23 @@ def leiden(latent: np.ndarray, seed: int, n_iterations: int) -> tuple[np.ndarray
     return gmm._by_size(np.asarray(parts.membership)), g.modularity(parts.membership, "weight")
 
 
+def leiden(latent: np.ndarray, seed: int, n_iterations: int) -> tuple[np.ndarray, float]:
+    """The refit's Leiden partition (of the 15-nearest-neighbour graph of ``latent``) and its
+    modularity."""
+    return graph_leiden(gmm.knn_connectivities(latent, 15), seed, n_iterations)
+
+
+def partition_mixture(
+    x: np.ndarray, labels: np.ndarray, posterior_var: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The mixture the refit reads off a partition of ``x`` (unit row weights): each
+    cluster's moments, its variance widened by its cells' mean posterior variance."""
+    k = int(labels.max()) + 1
+    w, mu, v = gmm._partition_mixture(x, labels, k, np.ones(len(x)))
+    resp = np.eye(k)[labels]
+    return w, mu, v + 1e-4 + (resp / resp.sum(0, keepdims=True)).T @ posterior_var
+
+
 def refit_clusters(
     lat: np.ndarray, var: np.ndarray, rows: np.ndarray, seed: int, n_iterations: int
 ) -> tuple[np.ndarray, float]:
@@ -87,12 +105,8 @@ def refit_clusters(
     variances) and the argmax of its mixture over every cell; the partition's modularity."""
     x = lat[rows].astype(np.float64)
     labels, modularity = leiden(x, seed, n_iterations)
-    weight = np.ones(len(x))
-    labels = gmm.merge_partition(x, labels, weight, 1e-4)
-    k = int(labels.max()) + 1
-    w, mu, v = gmm._partition_mixture(x, labels, k, weight)
-    resp = np.eye(k)[labels]
-    v = v + 1e-4 + (resp / resp.sum(0, keepdims=True)).T @ var[rows]
+    labels = gmm.merge_partition(x, labels, np.ones(len(x)), 1e-4)
+    w, mu, v = partition_mixture(x, labels, var[rows])
     log_p = np.log(w)[None] - 0.5 * (
         np.log(2 * np.pi * v).sum(-1)[None] + ((lat[:, None, :] - mu[None]) ** 2 / v[None]).sum(-1)
     )

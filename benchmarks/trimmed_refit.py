@@ -33,7 +33,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 from _common import RESULTS, label_scores
-from leiden_draws import leiden, trained_latent
+from leiden_draws import graph_leiden, leiden, partition_mixture, trained_latent
 
 from scale_scvi.module import GaussianMixturePrior
 from scale_scvi.train import _gmm_init as gmm
@@ -49,26 +49,6 @@ def argmax(fitted, lat: np.ndarray) -> np.ndarray:
     prior.set_parameters(*(torch.as_tensor(p) for p in fitted))
     with torch.inference_mode():
         return prior.responsibilities(torch.as_tensor(lat, dtype=torch.float32)).argmax(1).numpy()
-
-
-def graph_leiden(graph: sp.csr_matrix, seed: int) -> np.ndarray:
-    """Leiden (modularity, resolution 1, two iterations) on a weighted graph."""
-    import random
-
-    import igraph as ig
-
-    coo = graph.tocoo()
-    upper = coo.row < coo.col
-    g = ig.Graph(n=graph.shape[0], edges=np.c_[coo.row[upper], coo.col[upper]].tolist())
-    g.es["weight"] = coo.data[upper].tolist()
-    ig.set_random_number_generator(random.Random(seed))
-    try:
-        parts = g.community_leiden(
-            objective_function="modularity", weights="weight", beta=0.01, n_iterations=2
-        )
-    finally:
-        ig.set_random_number_generator(random)
-    return gmm._by_size(np.asarray(parts.membership))
 
 
 def readouts(d: dict, draw: int) -> dict[str, np.ndarray]:
@@ -87,12 +67,8 @@ def readouts(d: dict, draw: int) -> dict[str, np.ndarray]:
     together = np.mean([p[conn.row] == p[conn.col] for p in draws], axis=0)
     graph = sp.csr_matrix((conn.data * together, (conn.row, conn.col)), shape=(len(x),) * 2)
     graph.eliminate_zeros()
-    labels = gmm.merge_partition(x, graph_leiden(graph, draw))
-    k = int(labels.max()) + 1
-    w, mu, v = gmm._partition_mixture(x, labels, k, np.ones(len(x)))
-    resp = np.eye(k)[labels]
-    v = v + 1e-4 + (resp / resp.sum(0, keepdims=True)).T @ var[train]
-    out["consensus"] = argmax((w, mu, v), lat)
+    labels = gmm.merge_partition(x, graph_leiden(graph, draw)[0])
+    out["consensus"] = argmax(partition_mixture(x, labels, var[train]), lat)
     return out
 
 
