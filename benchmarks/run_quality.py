@@ -203,13 +203,22 @@ def run_one(dataset: str, method: str, seed: int, redo: bool, run: bool = True) 
 
 def save_row(row: dict) -> None:
     """Replace the row of the same (dataset, method, seed) in the CSV, re-read first: another
-    runner may have added rows meanwhile."""
-    done = pd.read_csv(CSV) if CSV.exists() else pd.DataFrame()
-    if not done.empty:
-        same = (done.dataset == row["dataset"]) & (done.method == row["method"])
-        done = done[~(same & (done.seed == row["seed"]))]
-    done = pd.concat([done, pd.DataFrame([row])], ignore_index=True)
-    done.to_csv(CSV, index=False)
+    runner may have added rows meanwhile. The read and the write hold an exclusive lock
+    (``<csv>.lock``), so two runners finishing at once both keep their rows, and the file
+    is replaced in one step (written aside, then renamed)."""
+    import fcntl
+
+    CSV.parent.mkdir(parents=True, exist_ok=True)
+    with open(CSV.with_suffix(".csv.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = pd.read_csv(CSV) if CSV.exists() else pd.DataFrame()
+        if not done.empty:
+            same = (done.dataset == row["dataset"]) & (done.method == row["method"])
+            done = done[~(same & (done.seed == row["seed"]))]
+        done = pd.concat([done, pd.DataFrame([row])], ignore_index=True)
+        tmp = CSV.with_suffix(".csv.tmp")
+        done.to_csv(tmp, index=False)
+        os.replace(tmp, CSV)
 
 
 def main() -> None:
