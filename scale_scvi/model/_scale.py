@@ -104,13 +104,48 @@ def _set_torch_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) 
 def _make_optimizer(module: torch.nn.Module, params, **kwargs) -> FusedAdamW:
     """The optimizer of one run of ``train``, made when the run starts: the networks of a
     modality whose expert is off at that time (the new start after the held-out check of the
-    experts) are clipped apart from the rest."""
+    experts) are clipped apart from the rest.
+
+    A parameter whose gradient passes through a hook is not decayed: scArches' query mapping
+    (``load_query_data``) trains only the covariate columns of the reference's weights and
+    keeps the rest fixed by zeroing their gradients in such a hook, and AdamW's decoupled
+    weight decay, which does not read the gradient, would still shrink them.
+    """
+    params = list(params)
+    masked = [p for p in params if p._backward_hooks]
+    if masked:
+        free = [p for p in params if not p._backward_hooks]
+        params = [{"params": masked, "weight_decay": 0.0}] + ([{"params": free}] if free else [])
     return FusedAdamW(
         params,
         in_place_layers=module.in_place_layers(),
         clip_apart=module.separately_clipped_parameters(),
         **kwargs,
     )
+
+
+#: Arguments of scvi-tools' training plan that :meth:`SCALE.train` sets itself.
+_PLAN_KEYS_SET_BY_TRAIN = ("optimizer", "optimizer_creator", "n_steps_kl_warmup")
+
+
+def _check_plan_kwargs(plan_kwargs: dict, **train_args) -> None:
+    """Refuse ``plan_kwargs`` that ``train`` would override: the optimizer and its settings
+    are ``train``'s own arguments (``train_args``; a value of ``None`` is always refused)."""
+    for key, value in train_args.items():
+        if key in plan_kwargs and (value is None or plan_kwargs[key] != value):
+            raise ValueError(
+                f"plan_kwargs[{key!r}]={plan_kwargs[key]!r} would be ignored: train() sets "
+                f"it from its own argument. Pass {key}={plan_kwargs[key]!r} to train() "
+                "instead, and drop it from plan_kwargs."
+            )
+    for key in _PLAN_KEYS_SET_BY_TRAIN:
+        if key in plan_kwargs:
+            raise ValueError(
+                f"plan_kwargs[{key!r}] would be ignored: train() always trains with "
+                "FusedAdamW (AdamW; lr, weight_decay, eps and gradient_clip_val are its "
+                "arguments) and a KL warm-up counted in epochs (n_epochs_kl_warmup). Drop "
+                f"{key!r} from plan_kwargs."
+            )
 
 
 def _trains_on_cpu(accelerator: str) -> bool:
@@ -475,7 +510,9 @@ class SCALE(
             Learning rate of AdamW (:class:`~scale_scvi.train.FusedAdamW`, torch's AdamW on
             its fused kernel).
         weight_decay
-            Weight decay of AdamW.
+            Weight decay of AdamW. Parameters that scArches' query mapping keeps partly fixed
+            (``load_query_data``: a gradient hook zeroes their reference entries) are not
+            decayed, so that the reference's weights stay as they were.
         batch_size
             Minibatch size. 32 (as in the original SCALE) gives four times the optimizer steps
             of scvi-tools' 128 for the same epochs, which small datasets need. Raise it for
@@ -533,7 +570,9 @@ class SCALE(
         datasplitter_kwargs
             Further arguments of :class:`~scvi.dataloaders.DataSplitter`.
         plan_kwargs
-            Further arguments of :class:`~scvi.train.TrainingPlan`.
+            Further arguments of :class:`~scvi.train.TrainingPlan`. The optimizer and its
+            settings (``lr``, ``weight_decay``, ``eps``) and the KL warm-up are this method's
+            own arguments; giving them here with other values is refused.
         **trainer_kwargs
             Further arguments of :class:`~scvi.train.Trainer`.
         """
@@ -587,6 +626,9 @@ class SCALE(
                 "gradient_clip_algorithm (and set gradient_clip_val=None for no clipping)."
             )
         plan_kwargs = dict(plan_kwargs or {})
+        _check_plan_kwargs(
+            plan_kwargs, lr=lr, weight_decay=weight_decay, eps=eps, n_epochs_kl_warmup=None
+        )
         plan_kwargs.update(
             {
                 "optimizer": "Custom",
