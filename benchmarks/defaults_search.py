@@ -220,8 +220,7 @@ def _nets_weight_decay_patch(weight_decay: float) -> None:
     """Make ``train``'s optimizer decay the networks' parameters by ``weight_decay`` and the
     prior's by the ``weight_decay`` given to ``train`` (two parameter groups)."""
     from scale_scvi.model import _scale
-
-    make = _scale._make_optimizer
+    from scale_scvi.train import FusedAdamW
 
     def patched(module, params, **kwargs):
         params = list(params)
@@ -230,7 +229,12 @@ def _nets_weight_decay_patch(weight_decay: float) -> None:
             {"params": [p for p in params if id(p) in prior]},
             {"params": [p for p in params if id(p) not in prior], "weight_decay": weight_decay},
         ]
-        return make(module, groups, **kwargs)
+        return FusedAdamW(
+            groups,
+            in_place_layers=module.in_place_layers(),
+            clip_apart=module.separately_clipped_parameters(),
+            **kwargs,
+        )
 
     _scale._make_optimizer = patched
 
