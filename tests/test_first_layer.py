@@ -106,7 +106,7 @@ def test_fused_adamw_matches_torch_adamw(max_grad_norm, sparse):
     opt3.load_state_dict(opt2.state_dict())
 
 
-# 0.05: the sparse products; 0.3: above DENSE_BACKWARD_DENSITY, the dense products
+# 0.05: the sparse products; 0.3: above DENSE_PRODUCT_DENSITY, the dense products
 @pytest.mark.parametrize("density", [0.05, 0.3])
 @pytest.mark.parametrize("n_cat_list", [[], [3]])
 def test_inplace_weight_gradient_equals_autograd(n_cat_list, density):

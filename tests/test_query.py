@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from scale_scvi import SCALE
@@ -21,13 +22,12 @@ def test_query_training_keeps_the_reference_prior():
 
     query_model = SCALE.load_query_data(query, model)
     before = {k: v.detach().clone() for k, v in query_model.module.state_dict().items()}
-    weights_before = query_model.module.decoder.output.fc_layers[0][0].weight.detach().clone()
     query_model.train(max_epochs=3, enable_progress_bar=False)  # the default weight decay
     for key, value in query_model.module.prior.state_dict().items():
         torch.testing.assert_close(value, prior[key], rtol=0, atol=0)
     # The query's own batch column of the decoder did train.
-    weights_after = query_model.module.decoder.output.fc_layers[0][0].weight.detach()
-    assert not torch.equal(weights_before[:, -1], weights_after[:, -1])
+    key = "decoder.output.fc_layers.Layer 0.0.weight"
+    assert not torch.equal(before[key][:, -1], query_model.module.state_dict()[key][:, -1])
     # Everything of the reference stayed as it was, to the bit: the weights and biases that
     # scArches' hooks keep (partly) fixed are not decayed either. Only the weight columns of
     # the new batch category (the last one of a layer that takes the batch) moved.
@@ -48,8 +48,6 @@ def test_query_training_keeps_the_reference_prior():
 def test_train_refuses_plan_kwargs_it_would_override():
     """Optimizer settings in plan_kwargs would be overridden by train()'s own arguments: a
     conflicting value is refused with the argument to use, an equal one is accepted."""
-    import pytest
-
     adata = simulate_scatac(n_cells=60, n_peaks=80, n_types=2, seed=0)
     SCALE.setup_anndata(adata)
     model = SCALE(adata, n_centroids=2, n_hidden=(8,))

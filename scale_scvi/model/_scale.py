@@ -129,10 +129,11 @@ _PLAN_KEYS_SET_BY_TRAIN = ("optimizer", "optimizer_creator", "n_steps_kl_warmup"
 
 
 def _check_plan_kwargs(plan_kwargs: dict, **train_args) -> None:
-    """Refuse ``plan_kwargs`` that ``train`` would override: the optimizer and its settings
-    are ``train``'s own arguments (``train_args``; a value of ``None`` is always refused)."""
+    """Refuse ``plan_kwargs`` that ``train`` would override with another value: the
+    optimizer, its settings and the KL warm-up are ``train``'s own arguments
+    (``train_args``, as resolved)."""
     for key, value in train_args.items():
-        if key in plan_kwargs and (value is None or plan_kwargs[key] != value):
+        if key in plan_kwargs and plan_kwargs[key] != value:
             raise ValueError(
                 f"plan_kwargs[{key!r}]={plan_kwargs[key]!r} would be ignored: train() sets "
                 f"it from its own argument. Pass {key}={plan_kwargs[key]!r} to train() "
@@ -627,7 +628,11 @@ class SCALE(
             )
         plan_kwargs = dict(plan_kwargs or {})
         _check_plan_kwargs(
-            plan_kwargs, lr=lr, weight_decay=weight_decay, eps=eps, n_epochs_kl_warmup=None
+            plan_kwargs,
+            lr=lr,
+            weight_decay=weight_decay,
+            eps=eps,
+            n_epochs_kl_warmup=n_epochs_kl_warmup,
         )
         plan_kwargs.update(
             {

@@ -12,7 +12,7 @@ from torch import nn
 #: and its weight gradient are dense products (measured on one CPU thread at 32 cells x
 #: 5,036 peaks into 1,024 units, 22 % stored: forward 5.2 ms dense against 7.7 ms for the
 #: gathered rows, gradient 4.4 against 6.5 ms; equal at 10 %, sparse 2x faster at 2 %).
-DENSE_BACKWARD_DENSITY = 0.1
+DENSE_PRODUCT_DENSITY = 0.1
 #: Once the rows written since the last ``zero_grad`` reach this fraction of the first
 #: layer's gradient, the whole gradient is zeroed in one pass (a row-by-row fill costs
 #: about four times as much per row).
@@ -113,9 +113,9 @@ def select_columns(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def _dense_enough(x: torch.Tensor) -> bool:
-    """Whether a CSR minibatch stores enough values (``DENSE_BACKWARD_DENSITY``) that dense
+    """Whether a CSR minibatch stores enough values (``DENSE_PRODUCT_DENSITY``) that dense
     products through the first layer are faster than sparse ones."""
-    return x.values().numel() > DENSE_BACKWARD_DENSITY * x.shape[0] * x.shape[-1]
+    return x.values().numel() > DENSE_PRODUCT_DENSITY * x.shape[0] * x.shape[-1]
 
 
 def _sparse_linear(
