@@ -42,7 +42,10 @@ CONFIGS: dict[str, dict] = {
     "steps2000": {"train": {"n_steps": 2000}},
     "steps3000": {"train": {"n_steps": 3000}},
     "steps6000": {"train": {"n_steps": 6000}},
+    # the encoder: 256 -> 128 units (the default since 2026-12-06, late; its earlier rows were
+    # measured against 1024 -> 128), and the original SCALE's 1024 -> 128
     "hidden256": {"model": {"n_hidden": [256, 128]}},
+    "hidden1024": {"model": {"n_hidden": [1024, 128]}},
     "latent20": {"model": {"n_latent": 20}},
     "batch64_steps2000": {"train": {"batch_size": 64, "n_steps": 2000}},
     "batch128_steps1000": {"train": {"batch_size": 128, "n_steps": 1000}},

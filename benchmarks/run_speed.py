@@ -94,7 +94,7 @@ def main() -> None:
                 out = str(WORK / f"speed_scale_{tag}_{rep}")
                 cmd = [MAIN_PYTHON, "benchmarks/methods.py", "--method", "scale_k"]
                 cmd += ["--data", str(data), "--out", out, "--batch-size", str(args.batch_size)]
-                cmd += ["--no-outputs", "--max-epochs", str(args.epochs), "--no-batch-norm"]
+                cmd += ["--no-outputs", "--max-epochs", str(args.epochs), "--original-encoder"]
                 cmd += ["--time-epochs"]
                 cmd += [*extra, *thread_args]
                 usage = run_child(cmd, WORK / "logs" / f"speed_scale_{tag}_{rep}.log")

@@ -571,3 +571,32 @@ def test_cli_imports_torch_only_after_setting_huge_pages():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_long_run_is_announced_before_training_and_after_one_epoch(monkeypatch):
+    """The command says up front when training will be long, and how to shorten it."""
+    import itertools
+    from types import SimpleNamespace
+
+    from scale_scvi.cli import _progress
+
+    said: list[str] = []
+    cpu = SimpleNamespace(device=SimpleNamespace(type="cpu"))
+    # 4,000 steps on 100,000 features: far above the threshold
+    notice = _progress.RunTimeNotice(100_000, said.append)
+    trainer = SimpleNamespace(num_training_batches=40, max_epochs=100, current_epoch=0)
+    clock = itertools.chain([0.0], itertools.repeat(30.0))
+    monkeypatch.setattr(_progress, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    notice.on_train_start(trainer, cpu)
+    assert len(said) == 1 and "long run: 100 epochs of 40 steps on 100,000 features" in said[0]
+    assert "--max-epochs" in said[0] and "--n-top-peaks" in said[0]
+    notice.on_train_epoch_end(trainer, cpu)  # 30 s for the first epoch, 99 to go
+    assert len(said) == 2 and "first epoch took 30 s: about 50 min to go" in said[1]
+
+    # a short run says nothing, and neither does a run on a GPU
+    said.clear()
+    short = _progress.RunTimeNotice(2_000, said.append)
+    short.on_train_start(SimpleNamespace(num_training_batches=10, max_epochs=20), cpu)
+    gpu = SimpleNamespace(device=SimpleNamespace(type="cuda"))
+    notice.on_train_start(trainer, gpu)
+    assert said == []

@@ -176,7 +176,7 @@ class SCALEModuleBase(BaseModuleClass):
         n_batch: int = 0,
         n_centroids: int = 30,
         n_latent: int = 10,
-        n_hidden: Sequence[int] = (1024, 128),
+        n_hidden: Sequence[int] = (256, 128),
         n_hidden_decoder: Sequence[int] = (),
         n_continuous_cov: int = 0,
         n_cats_per_cov: Iterable[int] | None = None,

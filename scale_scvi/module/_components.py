@@ -387,7 +387,7 @@ class SCALEEncoder(nn.Module):
     n_output
         Latent dimensionality.
     n_hidden
-        Widths of the hidden layers, e.g. ``(1024, 128)``.
+        Widths of the hidden layers, e.g. ``(256, 128)``.
     n_cat_list
         Number of categories of each categorical covariate (batch first).
     n_cont
@@ -407,7 +407,7 @@ class SCALEEncoder(nn.Module):
         self,
         n_input: int,
         n_output: int,
-        n_hidden: Sequence[int] = (1024, 128),
+        n_hidden: Sequence[int] = (256, 128),
         n_cat_list: Iterable[int] | None = None,
         n_cont: int = 0,
         dropout_rate: float = 0.0,
@@ -419,7 +419,7 @@ class SCALEEncoder(nn.Module):
     ):
         super().__init__()
         if len(n_hidden) < 1:
-            raise ValueError("The encoder needs at least one hidden layer: n_hidden=(1024, 128).")
+            raise ValueError("The encoder needs at least one hidden layer: n_hidden=(256, 128).")
         if not 0.0 <= input_dropout < 1.0:
             raise ValueError(f"input_dropout must be in [0, 1), got {input_dropout}.")
         self.input_dropout = float(input_dropout)
