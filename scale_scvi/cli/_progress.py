@@ -7,11 +7,12 @@ from collections.abc import Callable
 
 from lightning.pytorch.callbacks import Callback
 
-# Seconds per optimizer step and per input feature (peak or gene), on the CPU: 63 ms per
-# step of 32 cells on 50,000 peaks and 212 ms per step of 64 cells on 140,102 peaks, two
-# threads (benchmarks/NOTES.md, Scale and Speed). Steps cost about the same at batch 32 and
-# 64, because the first layer's weights (1,024 per feature) dominate.
-SECONDS_PER_FEATURE_STEP = 1.5e-6
+# Seconds per optimizer step and per input feature (peak or gene), on the CPU, with the
+# default encoder (256 first-layer units per feature, whose weights dominate a step): 35 ms
+# per step of 32 cells on 50,000 peaks (benchmarks/RESULTS.md, Scale: 10,000 cells, 313
+# steps in 10.9 s), 25 ms at 50,000 cells, two threads. (With the original's 1,024 units it
+# was 63 ms, and 1.5e-6 s per feature and step.)
+SECONDS_PER_FEATURE_STEP = 7e-7
 LONG_RUN_S = 300.0  # runs estimated longer than this are announced
 SHORTEN = (
     "fewer epochs (--max-epochs), fewer peaks (--n-top-peaks) or a GPU (--accelerator gpu) "
