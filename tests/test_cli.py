@@ -582,13 +582,16 @@ def test_long_run_is_announced_before_training_and_after_one_epoch(monkeypatch):
 
     said: list[str] = []
     cpu = SimpleNamespace(device=SimpleNamespace(type="cpu"))
-    # 4,000 steps on 100,000 features: far above the threshold
-    notice = _progress.RunTimeNotice(100_000, said.append)
+    # 4,000 steps, estimated at ten times the threshold
+    n_features = round(10 * _progress.LONG_RUN_S / (4_000 * _progress.SECONDS_PER_FEATURE_STEP))
+    notice = _progress.RunTimeNotice(n_features, said.append)
     trainer = SimpleNamespace(num_training_batches=40, max_epochs=100, current_epoch=0)
     clock = itertools.chain([0.0], itertools.repeat(30.0))
     monkeypatch.setattr(_progress, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
     notice.on_train_start(trainer, cpu)
-    assert len(said) == 1 and "long run: 100 epochs of 40 steps on 100,000 features" in said[0]
+    assert len(said) == 1
+    assert f"long run: 100 epochs of 40 steps on {n_features:,} features" in said[0]
+    assert "about 50 min on an idle 2-core CPU" in said[0]
     assert "--max-epochs" in said[0] and "--n-top-peaks" in said[0]
     notice.on_train_epoch_end(trainer, cpu)  # 30 s for the first epoch, 99 to go
     assert len(said) == 2 and "first epoch took 30 s: about 50 min to go" in said[1]
