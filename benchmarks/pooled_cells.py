@@ -190,7 +190,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds")
     parser.add_argument(
         "--methods", nargs="+", default=["scale", "lsi", "snapatac2"],
-        choices=["scale", "scale_logit", "scale_cloglog", "lsi", "snapatac2"],
+        choices=["scale", "scale_logit", "scale_cloglog", "scale_hidden1024", "lsi", "snapatac2"],
     )  # fmt: skip
     args = parser.parse_args()
 
@@ -203,6 +203,10 @@ def main() -> None:
             )
             for link in ("logit", "cloglog")
         },
+        # the encoder of 1024 -> 128 units, the default before 2026-12-06 (late)
+        "scale_hidden1024": functools.partial(
+            run_scale, model_kwargs={"n_hidden": (1024, 128)}, name="scale_hidden1024"
+        ),
         "lsi": run_lsi,
         "snapatac2": run_snapatac2,
     }
