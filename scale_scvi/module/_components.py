@@ -11,7 +11,8 @@ from torch import nn
 #: Above this fraction of stored values, the first layer's product with a sparse minibatch
 #: and its weight gradient are dense products (measured on one CPU thread at 32 cells x
 #: 5,036 peaks into 1,024 units, 22 % stored: forward 5.2 ms dense against 7.7 ms for the
-#: gathered rows, gradient 4.4 against 6.5 ms; equal at 10 %, sparse 2x faster at 2 %).
+#: gathered rows, gradient 4.4 against 6.5 ms; equal at 10 %, sparse 2x faster at 2 %;
+#: measured with the 1,024-unit encoder that was the default then).
 DENSE_PRODUCT_DENSITY = 0.1
 #: Once the rows written since the last ``zero_grad`` reach this fraction of the first
 #: layer's gradient, the whole gradient is zeroed in one pass (a row-by-row fill costs
