@@ -25,6 +25,8 @@ SNAPATAC2_VENV = BENCH_DIR / ".venv-snapatac2"
 SNAPATAC2_PYTHON = SNAPATAC2_VENV / "bin" / "python"
 SNAPATAC2_VERSION = "2.9.0"
 ORIGINAL_VERSION = "1.1.2"
+#: The original SCALE's encoder widths (this SCALE's default was the same until 2026-12-06).
+ORIGINAL_N_HIDDEN = (1024, 128)
 
 DATASETS = {
     "forebrain": "preissl2018_forebrain_1043cells.h5ad",

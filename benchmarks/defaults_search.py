@@ -26,7 +26,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import numpy as np
-from _common import DATASETS, append_rows, freeze_pre_norm_biases
+from _common import DATASETS, ORIGINAL_N_HIDDEN, append_rows, freeze_pre_norm_biases
 
 RESULTS = Path(__file__).resolve().parent / "results" / "defaults_search.csv"
 
@@ -45,7 +45,7 @@ CONFIGS: dict[str, dict] = {
     # the encoder: 256 -> 128 units (the default since 2026-12-06, late; its earlier rows were
     # measured against 1024 -> 128), and the original SCALE's 1024 -> 128
     "hidden256": {"model": {"n_hidden": [256, 128]}},
-    "hidden1024": {"model": {"n_hidden": [1024, 128]}},
+    "hidden1024": {"model": {"n_hidden": list(ORIGINAL_N_HIDDEN)}},
     "latent20": {"model": {"n_latent": 20}},
     "batch64_steps2000": {"train": {"batch_size": 64, "n_steps": 2000}},
     "batch128_steps1000": {"train": {"batch_size": 128, "n_steps": 1000}},

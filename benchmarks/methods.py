@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from _common import load_matrix, lsi_embedding, write_json
+from _common import ORIGINAL_N_HIDDEN, load_matrix, lsi_embedding, write_json
 from lightning.pytorch.callbacks import Callback
 
 
@@ -113,7 +113,7 @@ def run_scale(X, k: int | None, seed: int, out: str, train_kwargs: dict) -> dict
     # the speed comparison gives this SCALE the original's encoder: 1024 -> 128, no batch norm
     model_kwargs = {}
     if train_kwargs.pop("original_encoder", False):
-        model_kwargs = {"n_hidden": (1024, 128), "use_batch_norm": "none"}
+        model_kwargs = {"n_hidden": ORIGINAL_N_HIDDEN, "use_batch_norm": "none"}
     if k is not None:
         model_kwargs["n_centroids"] = k
     model = SCALE(adata, **model_kwargs)

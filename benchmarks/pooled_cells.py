@@ -45,6 +45,7 @@ import numpy as np
 import scipy.sparse as sp
 from _common import (
     DATASETS,
+    ORIGINAL_N_HIDDEN,
     ROOT,
     SNAPATAC2_PYTHON,
     WORK,
@@ -205,7 +206,7 @@ def main() -> None:
         },
         # the encoder of 1024 -> 128 units, the default before 2026-12-06 (late)
         "scale_hidden1024": functools.partial(
-            run_scale, model_kwargs={"n_hidden": (1024, 128)}, name="scale_hidden1024"
+            run_scale, model_kwargs={"n_hidden": ORIGINAL_N_HIDDEN}, name="scale_hidden1024"
         ),
         "lsi": run_lsi,
         "snapatac2": run_snapatac2,

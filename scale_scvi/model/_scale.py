@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from mudata import MuData
 
 from scale_scvi.module import ATAC, ATAC_KEY, JOINT, SCALEVAE, Modality, module_class
+from scale_scvi.module._components import DEFAULT_N_HIDDEN
 from scale_scvi.pp._counts import get_matrix, matrix_name
 from scale_scvi.pp._filter import check_peak_selection
 from scale_scvi.train import (
@@ -254,7 +255,7 @@ class SCALE(
         adata: AnnData,
         n_centroids: int | None = None,
         n_latent: int = 10,
-        n_hidden: Sequence[int] = (256, 128),
+        n_hidden: Sequence[int] = DEFAULT_N_HIDDEN,
         n_hidden_decoder: Sequence[int] = (),
         dropout_rate: float = 0.0,
         objective: Literal["elbo", "iwae", "dreg"] = "elbo",

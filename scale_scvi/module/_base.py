@@ -10,7 +10,13 @@ import torch
 from scvi import REGISTRY_KEYS
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 
-from ._components import SCALEDecoder, SCALEEncoder, SparseFirstLayer, select_columns
+from ._components import (
+    DEFAULT_N_HIDDEN,
+    SCALEDecoder,
+    SCALEEncoder,
+    SparseFirstLayer,
+    select_columns,
+)
 from ._constants import ATAC, JOINT, MODULE_KEYS, Modality
 from ._objectives import atac_log_likelihood, inverse_link, open_probability
 from ._prior import GaussianMixturePrior
@@ -176,7 +182,7 @@ class SCALEModuleBase(BaseModuleClass):
         n_batch: int = 0,
         n_centroids: int = 30,
         n_latent: int = 10,
-        n_hidden: Sequence[int] = (256, 128),
+        n_hidden: Sequence[int] = DEFAULT_N_HIDDEN,
         n_hidden_decoder: Sequence[int] = (),
         n_continuous_cov: int = 0,
         n_cats_per_cov: Iterable[int] | None = None,

@@ -8,11 +8,14 @@ import torch
 from scvi.nn import FCLayers
 from torch import nn
 
+#: The encoder's hidden-layer widths by default (the original SCALE's were 1024 -> 128;
+#: benchmarks/NOTES.md, "An encoder of 256 -> 128 units").
+DEFAULT_N_HIDDEN: tuple[int, ...] = (256, 128)
 #: Above this fraction of stored values, the first layer's product with a sparse minibatch
 #: and its weight gradient are dense products (measured on one CPU thread at 32 cells x
-#: 5,036 peaks into 1,024 units, 22 % stored: forward 5.2 ms dense against 7.7 ms for the
-#: gathered rows, gradient 4.4 against 6.5 ms; equal at 10 %, sparse 2x faster at 2 %;
-#: measured with the 1,024-unit encoder that was the default then).
+#: 5,036 peaks into 1,024 units, the default width then, 22 % stored: forward 5.2 ms dense
+#: against 7.7 ms for the gathered rows, gradient 4.4 against 6.5 ms; equal at 10 %, sparse
+#: 2x faster at 2 %).
 DENSE_PRODUCT_DENSITY = 0.1
 #: Once the rows written since the last ``zero_grad`` reach this fraction of the first
 #: layer's gradient, the whole gradient is zeroed in one pass (a row-by-row fill costs
@@ -388,7 +391,7 @@ class SCALEEncoder(nn.Module):
     n_output
         Latent dimensionality.
     n_hidden
-        Widths of the hidden layers, e.g. ``(256, 128)``.
+        Widths of the hidden layers (``DEFAULT_N_HIDDEN``).
     n_cat_list
         Number of categories of each categorical covariate (batch first).
     n_cont
@@ -408,7 +411,7 @@ class SCALEEncoder(nn.Module):
         self,
         n_input: int,
         n_output: int,
-        n_hidden: Sequence[int] = (256, 128),
+        n_hidden: Sequence[int] = DEFAULT_N_HIDDEN,
         n_cat_list: Iterable[int] | None = None,
         n_cont: int = 0,
         dropout_rate: float = 0.0,
@@ -420,7 +423,9 @@ class SCALEEncoder(nn.Module):
     ):
         super().__init__()
         if len(n_hidden) < 1:
-            raise ValueError("The encoder needs at least one hidden layer: n_hidden=(256, 128).")
+            raise ValueError(
+                f"The encoder needs at least one hidden layer: n_hidden={DEFAULT_N_HIDDEN}."
+            )
         if not 0.0 <= input_dropout < 1.0:
             raise ValueError(f"input_dropout must be in [0, 1), got {input_dropout}.")
         self.input_dropout = float(input_dropout)
