@@ -25,8 +25,11 @@ class EpochMetricsTrainingPlan(TrainingPlan):
     or validation ends (``on_train_epoch_end``, ``on_validation_epoch_end``, before
     Lightning collects the epoch's metrics) each name is logged once, with the same
     arguments, its epoch mean as the value and the summed size as ``batch_size``: the
-    history and the progress bar get the same values under the same names. Calls with
-    ``on_step=True`` (``kl_weight``), with another reduction, or outside those steps reach
+    history and the progress bar get the same values under the same names. A training
+    step's value with ``on_step=True, on_epoch=False`` (``kl_weight``) reaches Lightning
+    only at the steps whose values Lightning writes to the logger (every
+    ``log_every_n_steps``-th): the history gets the same rows, and the other steps save that
+    bookkeeping too. Calls with another reduction, or outside those steps, reach
     Lightning as they come. The loss, the gradients and the order of the minibatches are
     untouched.
     """
@@ -78,6 +81,14 @@ class EpochMetricsTrainingPlan(TrainingPlan):
     def log(self, name: str, value, *args, **kwargs) -> None:
         """Lightning's ``log``; the epoch means of a training or validation step are recorded
         and logged once, when the epoch ends."""
+        if (
+            self._stage == "train"
+            and kwargs.get("on_step") is True
+            and kwargs.get("on_epoch") is False
+            and not kwargs.get("prog_bar", False)
+            and not self._writes_step_logs()
+        ):
+            return  # Lightning would write nothing of it: the next logged step has its value
         if not (
             self._stage is not None
             and not args
@@ -103,6 +114,15 @@ class EpochMetricsTrainingPlan(TrainingPlan):
             pending[name] = {"sum": weighted, "size": size, "kwargs": kwargs}
         else:
             entry["sum"], entry["size"] = entry["sum"] + weighted, entry["size"] + size
+
+    def _writes_step_logs(self) -> bool:
+        """Whether Lightning writes this training step's metrics to the logger (its own
+        decision, read from its logger connector; ``True`` when that cannot be read)."""
+        connector = getattr(self.trainer, "_logger_connector", None)
+        try:
+            return bool(connector.should_update_logs or self.trainer.fast_dev_run)
+        except AttributeError:
+            return True
 
     def _flush(self, stage: str) -> None:
         pending, self._pending[stage] = self._pending[stage], {}
