@@ -87,6 +87,24 @@ def test_merge_joins_the_pieces_of_one_gaussian_and_keeps_separate_ones():
     assert (merged[-30:] == merged[-1]).all() and merged[-1] != merged[0]
 
 
+def test_merge_joins_the_halves_of_a_large_non_gaussian_population():
+    """The integrated completed likelihood: the halves of a uniform box overlap as Gaussians,
+    and are merged at 5,000 cells, where the price of the extra parameters alone (which
+    grows as log n) is below the likelihood gain of two Gaussians over one for a box; two
+    Gaussian populations 6 standard deviations apart (assignments of almost no entropy)
+    stay apart."""
+    rng = np.random.default_rng(0)
+    box = rng.uniform(-1, 1, size=(5000, 10))
+    halves = (box[:, 0] > 0).astype(int)
+    assert len(np.unique(merge_partition(box, halves))) == 1
+    x = rng.normal(size=(10000, 10))
+    x[5000:, 0] += 6.0
+    labels = np.repeat([0, 1], 5000)
+    merged = merge_partition(x, labels)
+    assert len(np.unique(merged)) == 2
+    assert (merged[:5000] == merged[0]).all() and (merged[5000:] == merged[-1]).all()
+
+
 def test_knn_connectivities_are_symmetric_fuzzy_weights():
     latent, _ = _blobs(sizes=(50, 50))
     graph = knn_connectivities(latent, n_neighbors=15)

@@ -538,7 +538,9 @@ class SCALE(
         gmm_init_method
             How that mixture is fitted (:func:`~scale_scvi.train.fit_gmm`): ``"leiden"``
             reads it off a Leiden partition of the posterior means, merged where one Gaussian
-            describes two pieces as well, so that the data choose the number of components;
+            describes two overlapping pieces as well (by the integrated completed likelihood,
+            :func:`~scale_scvi.train.fit_gmm`), so that the data choose the number of
+            components;
             ``"kmeans"`` off a k-means partition into ``n_centroids`` clusters; ``"em"`` runs
             EM on a diagonal Gaussian mixture from there, which moved the partition away from
             the cell types in the measurements of ``benchmarks/NOTES.md``. Default:

@@ -48,9 +48,11 @@ def fit_gmm(
     cluster's fraction of the cells, centroid and per-dimension variance become a
     component's weight, mean and variance. With ``method="leiden"`` it is read the same way
     off a Leiden partition of the means' k-nearest-neighbour graph (scanpy's
-    ``neighbors`` with 15 neighbours and ``leiden`` at ``resolution``), so the data choose
-    the number of components: at most ``n_components`` (cells of the smallest clusters
-    beyond that go to the nearest kept centroid), possibly fewer. With ``method="em"`` it is
+    ``neighbors`` with 15 neighbours and ``leiden`` at ``resolution``) whose overlapping
+    pieces are merged by the integrated completed likelihood (:func:`merge_partition`), so
+    the data choose the number of components: at most ``n_components`` (cells of the
+    smallest clusters beyond that go to the nearest kept centroid), possibly fewer. With
+    ``method="em"`` it is
     a diagonal :class:`~sklearn.mixture.GaussianMixture` fitted by EM (started from
     k-means, as sklearn does); it moves the partition away from the cell types (see
     ``benchmarks/NOTES.md``).
@@ -274,13 +276,20 @@ def merge_partition(
 
     Each cluster is read as a diagonal Gaussian (its centroid and per-dimension variance).
     For each pair of clusters, the cells of both are scored under the two-component mixture
-    of their Gaussians (weighted by their sizes) and under the one Gaussian of their union;
-    the pair is merged when the two-component mixture gains less than the Bayesian
-    information criterion's price of its extra ``2 D + 1`` parameters,
-    ``(2 D + 1) / 2 * log(n_i + n_j)`` nats. Pairs are merged greedily, the best first,
-    until no pair qualifies. Pieces of one Gaussian population (what a graph partition at a
-    fixed resolution makes of a large, even population) are merged; well-separated
-    populations, small ones included, are not.
+    of their Gaussians (weighted by their sizes) and under the one Gaussian of their union,
+    by the integrated completed likelihood (ICL; Biernacki, Celeux and Govaert, 2000): the
+    two-component mixture must gain more than the Bayesian information criterion's price of
+    its extra ``2 D + 1`` parameters, ``(2 D + 1) / 2 * log(n_i + n_j)`` nats, plus the
+    entropy of the cells' assignments between the two, ``-sum_n sum_k t_nk log t_nk`` (``t``:
+    the two components' responsibilities). Pairs are merged greedily, the best first, until
+    no pair qualifies. Pieces of one population (what a graph partition at a fixed
+    resolution makes of a large population) overlap, and their assignments' entropy grows
+    with the number of cells as fast as the likelihood gain of two Gaussians over one for a
+    population that is not exactly Gaussian: they are merged at any size (the BIC price
+    alone, which grows as ``log n``, stopped merging them at thousands of cells; see
+    ``benchmarks/NOTES.md``, "Merging by the integrated completed likelihood").
+    Well-separated populations, small ones included, have assignments of almost no entropy
+    and are not merged.
 
     Parameters
     ----------
@@ -324,13 +333,15 @@ def merge_partition(
                     mask = (labels == i) | (labels == j)
                     x, w = latent[mask], weight[mask]
                     (mi, mu_i, var_i), (mj, mu_j, var_j) = clusters[i], clusters[j]
-                    two = np.logaddexp(
-                        np.log(mi / (mi + mj)) + log_normal(x, mu_i, var_i),
-                        np.log(mj / (mi + mj)) + log_normal(x, mu_j, var_j),
-                    )
+                    log_i = np.log(mi / (mi + mj)) + log_normal(x, mu_i, var_i)
+                    log_j = np.log(mj / (mi + mj)) + log_normal(x, mu_j, var_j)
+                    two = np.logaddexp(log_i, log_j)
+                    # entropy of each cell's assignment between the two components
+                    t_i, t_j = np.exp(log_i - two), np.exp(log_j - two)
+                    entropy = -(t_i * (log_i - two) + t_j * (log_j - two))
                     _, mu, var = moments(mask)
                     one = log_normal(x, mu, var)
-                    cache[i, j] = float(w @ (one - two)) + penalty * np.log(mi + mj)
+                    cache[i, j] = float(w @ (one - two + entropy)) + penalty * np.log(mi + mj)
                 if cache[i, j] > best_gain:
                     best, best_gain = (i, j), cache[i, j]
         if best is None:
