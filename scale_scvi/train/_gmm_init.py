@@ -52,10 +52,9 @@ def fit_gmm(
     pieces are merged by the integrated completed likelihood (:func:`merge_partition`), so
     the data choose the number of components: at most ``n_components`` (cells of the
     smallest clusters beyond that go to the nearest kept centroid), possibly fewer. With
-    ``method="em"`` it is
-    a diagonal :class:`~sklearn.mixture.GaussianMixture` fitted by EM (started from
-    k-means, as sklearn does); it moves the partition away from the cell types (see
-    ``benchmarks/NOTES.md``).
+    ``method="em"`` it is a diagonal :class:`~sklearn.mixture.GaussianMixture` fitted by EM
+    (started from k-means, as sklearn does); it moves the partition away from the cell
+    types (see ``benchmarks/NOTES.md``).
 
     A mixture fitted to the means alone ignores the spread of each ``q(z|x)``; when
     ``posterior_var`` is given, each component's variance is increased by the
