@@ -284,11 +284,11 @@ def merge_partition(
     no pair qualifies. Pieces of one population (what a graph partition at a fixed
     resolution makes of a large population) overlap, and their assignments' entropy grows
     with the number of cells as fast as the likelihood gain of two Gaussians over one for a
-    population that is not exactly Gaussian: they are merged at any size (the BIC price
-    alone, which grows as ``log n``, stopped merging them at thousands of cells; see
-    ``benchmarks/NOTES.md``, "Merging by the integrated completed likelihood").
-    Well-separated populations, small ones included, have assignments of almost no entropy
-    and are not merged.
+    population that is not exactly Gaussian: they are merged at thousands of cells too,
+    where the BIC price alone, which grows as ``log n``, stopped merging them (see
+    ``benchmarks/NOTES.md``, "Merging the Leiden pieces by the integrated completed
+    likelihood"). Well-separated populations, small ones included, have assignments of
+    almost no entropy and are not merged.
 
     Parameters
     ----------
