@@ -97,6 +97,9 @@ def test_merge_joins_the_halves_of_a_large_non_gaussian_population():
     box = rng.uniform(-1, 1, size=(5000, 10))
     halves = (box[:, 0] > 0).astype(int)
     assert len(np.unique(merge_partition(box, halves))) == 1
+    assert len(np.unique(merge_partition(box, halves, criterion="bic"))) == 2
+    with pytest.raises(ValueError, match="criterion must be 'icl' or 'bic'"):
+        merge_partition(box, halves, criterion="aic")
     x = rng.normal(size=(10000, 10))
     x[5000:, 0] += 6.0
     labels = np.repeat([0, 1], 5000)

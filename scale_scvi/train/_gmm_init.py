@@ -270,6 +270,7 @@ def merge_partition(
     labels: np.ndarray,
     sample_weight: np.ndarray | None = None,
     reg_covar: float = 1e-4,
+    criterion: Literal["icl", "bic"] = "icl",
 ) -> np.ndarray:
     """Merge the clusters of a partition that one diagonal Gaussian describes as well as two.
 
@@ -300,11 +301,16 @@ def merge_partition(
         Weight of each point (default: all 1).
     reg_covar
         Added to every variance.
+    criterion
+        ``"icl"`` (above) or ``"bic"``: the price of the extra parameters alone, the
+        criterion before the ICL (kept for ``benchmarks/merge_criterion.py``).
 
     Returns
     -------
     Labels ``0 .. k-1`` of the merged partition, by decreasing size.
     """
+    if criterion not in ("icl", "bic"):
+        raise ValueError(f"criterion must be 'icl' or 'bic', got {criterion!r}.")
     labels = _by_size(np.asarray(labels))
     weight = np.ones(latent.shape[0]) if sample_weight is None else np.asarray(sample_weight)
     n_dim = latent.shape[1]
@@ -335,12 +341,13 @@ def merge_partition(
                     log_i = np.log(mi / (mi + mj)) + log_normal(x, mu_i, var_i)
                     log_j = np.log(mj / (mi + mj)) + log_normal(x, mu_j, var_j)
                     two = np.logaddexp(log_i, log_j)
-                    # entropy of each cell's assignment between the two components
-                    t_i, t_j = np.exp(log_i - two), np.exp(log_j - two)
-                    entropy = -(t_i * (log_i - two) + t_j * (log_j - two))
                     _, mu, var = moments(mask)
-                    one = log_normal(x, mu, var)
-                    cache[i, j] = float(w @ (one - two + entropy)) + penalty * np.log(mi + mj)
+                    gain = log_normal(x, mu, var) - two  # of one Gaussian over the two
+                    if criterion == "icl":
+                        # plus the entropy of each cell's assignment between the two
+                        t_i, t_j = np.exp(log_i - two), np.exp(log_j - two)
+                        gain = gain - (t_i * (log_i - two) + t_j * (log_j - two))
+                    cache[i, j] = float(w @ gain) + penalty * np.log(mi + mj)
                 if cache[i, j] > best_gain:
                     best, best_gain = (i, j), cache[i, j]
         if best is None:
