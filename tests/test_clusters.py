@@ -1,5 +1,6 @@
 """Clusters without K: the mixture's number of components follows the data."""
 
+import anndata as ad
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -135,7 +136,10 @@ def test_select_columns(layout):
 def four_types():
     scvi_seed()
     adata = simulate_scatac(n_cells=240, n_peaks=400, n_types=4, seed=3)
-    SCALE.setup_anndata(adata)
+    # The peaks open in 1 % of the cells, without the floor of the 10,000 most open ones
+    # (which would read every peak of this small set): on fewer peaks the types overlap a
+    # little, so that the clusters' probabilities are not all 0 or 1 (tested below).
+    SCALE.setup_anndata(adata, n_min_peaks=None)
     model = SCALE(adata, **SMALL)
     model.train(max_epochs=40, enable_progress_bar=False)
     return adata, model
@@ -269,6 +273,36 @@ def test_peak_selection_is_recorded_and_applied_again(tmp_path):
     assert loaded.n_clusters_ == model.n_clusters_
 
 
+def test_default_selection_reads_the_most_open_peaks_of_shallow_data():
+    """Where fewer than 10,000 peaks reach 1 % of the cells, the 10,000 most open are read.
+
+    5,000 cells with about 24 open peaks each of 12,000, each peak open in about 10 cells
+    (0.2 %): the 1 % rule alone (50 cells) would read next to none of them.
+    """
+    rng = np.random.default_rng(0)
+    X = sp.random(5_000, 12_000, density=0.002, format="csr", random_state=rng)
+    X.data[:] = 1.0
+    adata = ad.AnnData(X.astype(np.float32))
+    adata.var_names = [f"peak_{i}" for i in range(adata.n_vars)]
+    counts = np.asarray((X > 0).sum(0)).ravel()
+    assert (counts >= 50).sum() < 10
+    SCALE.setup_anndata(adata)
+    model = SCALE(adata, **SMALL)
+    nth = np.sort(counts)[::-1][10_000 - 1]
+    expected = np.flatnonzero(counts >= nth)
+    assert len(expected) >= 10_000
+    assert list(model.selected_peaks_) == list(adata.var_names[expected])
+    # Where enough peaks reach 1 %, the floor changes nothing.
+    dense = ad.AnnData(
+        sp.random(300, 11_000, density=0.05, format="csr", random_state=rng, dtype=np.float32)
+    )
+    dense.var_names = [f"peak_{i}" for i in range(dense.n_vars)]
+    SCALE.setup_anndata(dense)
+    reach = np.flatnonzero(np.asarray((dense.X > 0).sum(0)).ravel() >= 3)
+    assert len(reach) > 10_000
+    assert list(SCALE(dense, **SMALL).selected_peaks_) == list(dense.var_names[reach])
+
+
 def test_every_peak_when_asked():
     adata = simulate_scatac(n_cells=60, n_peaks=80, n_types=2, seed=6)
     SCALE.setup_anndata(adata, min_fraction=None, n_top_peaks=None)
@@ -282,6 +316,7 @@ def test_every_peak_when_asked():
     [
         ({"min_fraction": 1.5}, ValueError, "min_fraction must be between 0 and 1"),
         ({"n_top_peaks": 0}, ValueError, "n_top_peaks must be >= 1"),
+        ({"n_min_peaks": 0}, ValueError, "n_min_peaks must be >= 1"),
         ({"min_cells": 2.5}, TypeError, "min_cells must be an integer"),
         ({"min_cells": 10_000}, ValueError, "No peak is open in at least 10000 cells"),
     ],

@@ -131,6 +131,28 @@ def test_select_peaks_thresholds_and_top(counts):
     assert pp.select_peaks(adata, min_cells=12, n_top=10_000).sum() == (open_per_peak >= 12).sum()
 
 
+def test_select_peaks_floor_of_most_open_peaks(counts):
+    """``n_min`` lowers only the fraction's threshold, and only when too few peaks reach it."""
+    adata = ad.AnnData(sp.csr_matrix(counts))
+    open_per_peak = (counts > 0).sum(0)
+    n_cells = counts.shape[0]
+    reach = open_per_peak >= np.ceil(0.25 * n_cells)
+    assert 0 < reach.sum() < 30
+    # Enough peaks reach the fraction: the floor changes nothing.
+    floor = pp.select_peaks(adata, min_cells=None, min_fraction=0.25, n_min=int(reach.sum()))
+    np.testing.assert_array_equal(floor, reach)
+    # Too few: the n_min most often open (all peaks tied with the n_min-th).
+    floor = pp.select_peaks(adata, min_cells=None, min_fraction=0.25, n_min=30)
+    nth = np.sort(open_per_peak)[::-1][29]
+    np.testing.assert_array_equal(floor, open_per_peak >= max(nth, 1))
+    assert floor.sum() >= 30 and reach[~floor].sum() == 0
+    # min_cells still applies, and a peak open in no cell is never read.
+    strict = pp.select_peaks(adata, min_cells=int(nth) + 1, min_fraction=0.25, n_min=30)
+    np.testing.assert_array_equal(strict, open_per_peak >= int(nth) + 1)
+    every = pp.select_peaks(adata, min_cells=None, min_fraction=0.25, n_min=10**6)
+    np.testing.assert_array_equal(every, open_per_peak >= 1)
+
+
 BAD = [
     (pp.filter_cells, {"min_peaks": -1}, ValueError, "min_peaks must be >= 0"),
     (pp.filter_cells, {"min_peaks": 2.5}, TypeError, "min_peaks must be an integer"),
@@ -141,6 +163,7 @@ BAD = [
     (pp.select_peaks, {"inplace": True, "copy": True}, ValueError, "not both"),
     (pp.select_peaks, {"min_cells": 10_000}, ValueError, "No peak is open in at least 10000"),
     (pp.select_peaks, {"n_top": 0}, ValueError, "n_top must be >= 1"),
+    (pp.select_peaks, {"n_min": 0}, ValueError, "n_min must be >= 1"),
     (pp.select_peaks, {"min_fraction": 1.5}, ValueError, "between 0 and 1"),
     (pp.select_peaks, {"cells": np.ones(3, bool)}, ValueError, "boolean mask of length 60"),
 ]

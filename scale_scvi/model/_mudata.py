@@ -7,10 +7,14 @@ from scvi import REGISTRY_KEYS
 from scvi.data import fields
 
 from scale_scvi.module import ATAC, ATAC_KEY, MODALITIES, MODALITY_FLAG_KEY, RNA, RNA_KEY
-from scale_scvi.pp._filter import check_peak_selection
 
 from ._canonical import CanonicalAnnDataManager, warn_if_not_canonical
-from ._peak_selection import N_TOP_PEAKS, MuDataPeakLayerField
+from ._peak_selection import (
+    N_MIN_PEAKS,
+    N_TOP_PEAKS,
+    MuDataPeakLayerField,
+    check_setup_selection,
+)
 from ._validation import validate_accessibility_matrix, validate_covariate_values
 
 #: Values of the ``modality_key`` column and the modalities ``(atac, rna)`` they mean.
@@ -71,6 +75,7 @@ class MuDataSetupMixin:
         min_cells: int | None = None,
         min_fraction: float | None = None,
         n_top_peaks: int | None = N_TOP_PEAKS,
+        n_min_peaks: int | None = N_MIN_PEAKS,
         **kwargs,
     ) -> None:
         """Register a MuData of paired scATAC-seq and scRNA-seq (or one of them) with SCALE.
@@ -108,11 +113,12 @@ class MuDataSetupMixin:
             ``"rna_layer"`` (or ``"atac_layer"``) to register one modality only. Keys naming
             ``obs`` columns (``batch_key``, ...) map to a modality whose ``obs`` holds them;
             unmapped, they are columns of ``mdata.obs``.
-        min_cells, min_fraction, n_top_peaks
+        min_cells, min_fraction, n_top_peaks, n_min_peaks
             The ATAC peaks the model reads, as in :meth:`setup_anndata`: those open in at
             least ``max(min_cells, ceil(min_fraction * n_cells))`` cells, then at most
-            ``n_top_peaks`` of them, the ones open in the most cells. The choice is recorded
-            and applied again to any data given to the model later
+            ``n_top_peaks`` of them, the ones open in the most cells (and at least the
+            ``n_min_peaks`` most often open when fewer reach ``min_fraction``). The choice is
+            recorded and applied again to any data given to the model later
             (:attr:`~scale_scvi.SCALE.selected_peaks_` names the peaks). By default only the
             cap applies (at most 50,000 peaks, as in :meth:`setup_anndata`), not the 1 %
             fraction: the ATAC of a paired assay is often much shallower than that of an
@@ -129,7 +135,7 @@ class MuDataSetupMixin:
             modalities = {"atac_layer": "atac", "rna_layer": "rna"}
         # Before any other local, so that only the arguments are recorded (and saved).
         setup_method_args = cls._get_setup_method_args(**locals())
-        check_peak_selection(min_cells, min_fraction, n_top_peaks, n_top_name="n_top_peaks")
+        check_setup_selection(min_cells, min_fraction, n_top_peaks, n_min_peaks)
         from mudata import MuData
 
         if not isinstance(mdata, MuData):
@@ -241,6 +247,7 @@ class MuDataSetupMixin:
                     min_cells=min_cells,
                     min_fraction=min_fraction,
                     n_top_peaks=n_top_peaks,
+                    n_min_peaks=n_min_peaks,
                     setup="setup_mudata",
                     mod_key=mods[ATAC],
                     mod_required=True,

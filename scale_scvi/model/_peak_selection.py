@@ -10,12 +10,31 @@ from scale_scvi.pp import cells_per_peak
 from scale_scvi.pp._filter import check_peak_selection, peak_mask
 
 #: Default selection of :meth:`~scale_scvi.SCALE.setup_anndata`: peaks open in at least
-#: 1 % of the cells, at most the 50,000 most often open ones.
+#: 1 % of the cells, at most the 50,000 most often open ones, and at least the 10,000 most
+#: often open ones when fewer reach 1 % (shallow data).
 MIN_FRACTION = 0.01
 N_TOP_PEAKS = 50_000
+N_MIN_PEAKS = 10_000
 
 SELECTED_PEAKS_KEY = "selected_peaks"
 N_SELECTED_KEY = "n_selected_peaks"
+
+
+def check_setup_selection(
+    min_cells: int | None,
+    min_fraction: float | None,
+    n_top_peaks: int | None,
+    n_min_peaks: int | None,
+) -> None:
+    """``check_peak_selection`` with the names of the setup methods' arguments."""
+    check_peak_selection(
+        min_cells,
+        min_fraction,
+        n_top_peaks,
+        n_top_name="n_top_peaks",
+        n_min=n_min_peaks,
+        n_min_name="n_min_peaks",
+    )
 
 
 class PeakLayerField(LayerField):
@@ -33,10 +52,12 @@ class PeakLayerField(LayerField):
     ----------
     registry_key, layer
         As in :class:`~scvi.data.fields.LayerField`.
-    min_cells, min_fraction, n_top_peaks
+    min_cells, min_fraction, n_top_peaks, n_min_peaks
         Keep the peaks open in at least ``max(min_cells, ceil(min_fraction * n_cells))``
         cells, then at most ``n_top_peaks`` of them, those open in the most cells (ties: the
-        first peaks); all ``None``: every peak. The rule of :func:`scale_scvi.pp.select_peaks`.
+        first peaks); when fewer than ``n_min_peaks`` reach ``min_fraction``, the
+        ``n_min_peaks`` most often open; all ``None``: every peak. The rule of
+        :func:`scale_scvi.pp.select_peaks` (``n_top``, ``n_min``).
     setup
         The setup method, named in error messages.
     """
@@ -49,13 +70,15 @@ class PeakLayerField(LayerField):
         min_fraction: float | None = MIN_FRACTION,
         n_top_peaks: int | None = N_TOP_PEAKS,
         setup: str = "setup_anndata",
+        n_min_peaks: int | None = N_MIN_PEAKS,
     ):
         super().__init__(registry_key, layer, is_count_data=False)
         self.setup = setup
-        check_peak_selection(min_cells, min_fraction, n_top_peaks, n_top_name="n_top_peaks")
+        check_setup_selection(min_cells, min_fraction, n_top_peaks, n_min_peaks)
         self.min_cells = min_cells
         self.min_fraction = min_fraction
         self.n_top_peaks = n_top_peaks
+        self.n_min_peaks = n_min_peaks
 
     def register_field(self, adata: AnnData) -> dict:
         state = super().register_field(adata)
@@ -66,6 +89,7 @@ class PeakLayerField(LayerField):
             self.min_fraction,
             self.n_top_peaks,
             where=f" in {self.setup} (None keeps every peak)",
+            n_min=self.n_min_peaks,
         )
         index = np.flatnonzero(mask).astype(np.int64)
         state[SELECTED_PEAKS_KEY] = index

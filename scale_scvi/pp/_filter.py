@@ -23,14 +23,18 @@ def check_peak_selection(
     min_fraction: float | None,
     n_top: int | None,
     n_top_name: str = "n_top",
+    n_min: int | None = None,
+    n_min_name: str = "n_min",
 ) -> None:
     """Raise a ``TypeError``/``ValueError`` for a peak-selection argument out of range.
 
-    The rule of :func:`select_peaks` and of ``SCALE.setup_anndata`` (whose ``n_top`` is
-    called ``n_top_peaks``: ``n_top_name`` names it in the messages).
+    The rule of :func:`select_peaks` and of ``SCALE.setup_anndata`` (whose ``n_top`` and
+    ``n_min`` are called ``n_top_peaks`` and ``n_min_peaks``: ``n_top_name`` and
+    ``n_min_name`` name them in the messages).
     """
     _check_count(min_cells, "min_cells")
     _check_count(n_top, n_top_name, minimum=1)
+    _check_count(n_min, n_min_name, minimum=1)
     if min_fraction is not None and not 0.0 <= float(min_fraction) <= 1.0:
         raise ValueError(f"min_fraction must be between 0 and 1 (or None), got {min_fraction}.")
 
@@ -42,6 +46,7 @@ def peak_mask(
     min_fraction: float | None,
     n_top: int | None,
     where: str = "",
+    n_min: int | None = None,
 ) -> np.ndarray:
     """Boolean mask of the peaks open in enough cells, at most ``n_top`` of them.
 
@@ -57,11 +62,19 @@ def peak_mask(
         Then keep at most this many, those open in the most cells (ties: the first peaks).
     where
         Where the arguments were given, for the error when no peak passes.
+    n_min
+        When fewer than this many peaks reach ``min_fraction``, lower the fraction's
+        threshold to the count of the ``n_min``-th most often open peak (never below one
+        cell; ``min_cells`` still applies), so that shallow data, whose peaks are each open
+        in few cells, keep their most often open peaks.
     """
     counts = np.asarray(counts)
-    threshold = max(
-        min_cells or 0, 0 if min_fraction is None else int(np.ceil(min_fraction * n_cells))
-    )
+    by_fraction = 0 if min_fraction is None else int(np.ceil(min_fraction * n_cells))
+    if n_min is not None and by_fraction > 0 and counts.size:
+        rank = counts.size - min(n_min, counts.size)  # of the n_min-th most open peak
+        nth = int(np.partition(counts, rank)[rank])
+        by_fraction = min(by_fraction, max(nth, 1))
+    threshold = max(min_cells or 0, by_fraction)
     mask = counts >= threshold
     if not mask.any():
         raise ValueError(
@@ -169,6 +182,7 @@ def select_peaks(
     n_top: int | None = None,
     *,
     min_fraction: float | None = None,
+    n_min: int | None = None,
     layer: str | None = None,
     cells: np.ndarray | None = None,
     inplace: bool = False,
@@ -192,6 +206,10 @@ def select_peaks(
     min_fraction
         Keep peaks open in at least this fraction of the (counted) cells, in ``[0, 1]``;
         combined with ``min_cells`` when both are given.
+    n_min
+        When fewer than ``n_min`` peaks reach ``min_fraction``, keep the ``n_min`` peaks
+        open in the most cells instead (with ties, a few more; never peaks open in no cell,
+        and ``min_cells`` still applies). ``None`` (default): the fraction as given.
     %(layer)s
     %(cells)s
     %(inplace_copy)s
@@ -204,8 +222,8 @@ def select_peaks(
     Raises
     ------
     ValueError
-        For negative thresholds, ``n_top < 1``, a fraction outside ``[0, 1]``, or when no
-        peak passes.
+        For negative thresholds, ``n_top < 1`` or ``n_min < 1``, a fraction outside
+        ``[0, 1]``, or when no peak passes.
 
     Examples
     --------
@@ -213,8 +231,8 @@ def select_peaks(
     >>> adata = adata[:, peaks].copy()
     """
     _check_output(adata, inplace, copy)
-    check_peak_selection(min_cells, min_fraction, n_top)
+    check_peak_selection(min_cells, min_fraction, n_top, n_min=n_min)
     counts = cells_per_peak(adata, layer, cells)
     n_cells = adata.n_obs if cells is None else int(np.count_nonzero(cells))
-    mask = peak_mask(counts, n_cells, min_cells, min_fraction, n_top)
+    mask = peak_mask(counts, n_cells, min_cells, min_fraction, n_top, n_min=n_min)
     return _apply(adata, mask, 1, inplace, copy)
