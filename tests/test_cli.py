@@ -208,6 +208,9 @@ def test_cli_h5ad_end_to_end(h5ad_file, sim, tmp_path, capsys, monkeypatch):
     assert code == 0, captured.err
     assert captured.out == ""  # progress bar and messages go to stderr
     assert "Epoch 2/2" in captured.err and "Saved the model" in captured.err
+    n_found = len(set(ad.read_h5ad(out / "adata.h5ad").obs["scale_cluster"]))
+    noun = "SCALE cluster" if n_found == 1 else "SCALE clusters"
+    assert f": {n_found} {noun}, " in captured.err
     assert _md5(h5ad_file) == before  # the input is never modified
     for name in ("adata.h5ad", "umap.png", "training_curves.png", "model/model.pt"):
         assert (out / name).is_file(), name
@@ -613,3 +616,10 @@ def test_long_run_is_announced_before_training_and_after_one_epoch(monkeypatch):
     gpu = SimpleNamespace(device=SimpleNamespace(type="cuda"))
     notice.on_train_start(trainer, gpu)
     assert said == []
+
+
+def test_counts_in_messages_agree_in_number():
+    from scale_scvi.cli._run import _count
+
+    assert _count(1, "SCALE cluster") == "1 SCALE cluster"
+    assert _count(8, "Leiden cluster") == "8 Leiden clusters"

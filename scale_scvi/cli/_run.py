@@ -231,7 +231,13 @@ def run(args: argparse.Namespace, state: Run, log: Log) -> None:
             data.obs[column] = adata.obs[column].to_numpy()
         data.mod["atac"].var["scale_selected"] = adata.var["scale_selected"].to_numpy()
         _write(state, out.MDATA, data.write_h5mu)
+    n_leiden = adata.obs["leiden"].nunique()
     log(
-        f"Done in {time.perf_counter() - t0:.0f} s: {n_clusters} SCALE clusters, "
-        f"{adata.obs['leiden'].nunique()} Leiden clusters. Results in {outdir}/"
+        f"Done in {time.perf_counter() - t0:.0f} s: {_count(n_clusters, 'SCALE cluster')}, "
+        f"{_count(n_leiden, 'Leiden cluster')}. Results in {outdir}/"
     )
+
+
+def _count(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless ``n`` is 1: '1 SCALE cluster', '8 SCALE clusters'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
