@@ -10,7 +10,9 @@ cells keep their types and lose depth. Then, one after the other, one thread eac
 - ``default``: ``setup_anndata(adata)``, ``SCALE(adata)``, ``train()``;
 - ``no_floor``: the same with ``setup_anndata(adata, n_min_peaks=None)`` (the 1 % rule
   alone, the default before the floor);
-- ``lsi``: LSI (``_common.lsi_embedding``) on all peaks of the thinned matrix.
+- ``lsi``: LSI (``_common.lsi_embedding``) on all peaks of the thinned matrix;
+- ``n_min_<N>`` (with ``--floors N ...``): the default path with ``n_min_peaks=N``, to see
+  how the result depends on the floor.
 
 Scored as everywhere (k-means with the true k, Leiden at scanpy's defaults, the model's own
 clusters). One row per variant and seed goes to ``results/shallow_selection.csv``.
@@ -118,9 +120,12 @@ def main() -> None:
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument(
-        "--variants", nargs="+", default=["default", "no_floor", "lsi"],
+        "--variants", nargs="*", default=["default", "no_floor", "lsi"],
         choices=["default", "no_floor", "lsi"],
     )  # fmt: skip
+    parser.add_argument(
+        "--floors", nargs="*", type=int, default=[], help="also n_min_peaks=N, for each N"
+    )
     args = parser.parse_args()
     WORK.mkdir(exist_ok=True)
     adata = thinned(args.dataset, args.keep, args.data_seed)
@@ -139,8 +144,11 @@ def main() -> None:
         "no_floor": lambda seed: run_scale(adata, seed, {"n_min_peaks": None}),
         "lsi": lambda seed: run_lsi(adata, seed),
     }
+    for floor in args.floors:
+        setup = {"n_min_peaks": floor}
+        runners[f"n_min_{floor}"] = lambda seed, setup=setup: run_scale(adata, seed, setup)
     for seed in args.seeds:
-        for variant in args.variants:
+        for variant in [*args.variants, *(f"n_min_{floor}" for floor in args.floors)]:
             row = {**common, "seed": seed, "variant": variant, **runners[variant](seed)}
             row["date"] = time.strftime("%Y-%m-%d %H:%M")
             print(row, flush=True)
