@@ -172,6 +172,17 @@ def leiden_scores(latent: np.ndarray, labels: np.ndarray) -> dict:
     return {**label_scores(pred, labels), "n_clusters": int(len(np.unique(pred))), "knn": knn}
 
 
+def embedding_scores(latent: np.ndarray, labels: np.ndarray, seed: int) -> dict:
+    """k-means with the true k (ARI) and Leiden at scanpy's defaults (ARI, number of
+    clusters) on an embedding, rounded as the result files store them."""
+    leiden = leiden_scores(latent, labels)
+    return {
+        "ari_kmeans": round(cluster_scores(latent, labels, seed)["ari"], 4),
+        "ari_leiden": round(leiden["ari"], 4),
+        "n_leiden": leiden["n_clusters"],
+    }
+
+
 def label_scores(pred: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """ARI and NMI of predicted labels."""
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score

@@ -50,9 +50,8 @@ from _common import (
     SNAPATAC2_PYTHON,
     WORK,
     append_rows,
-    cluster_scores,
+    embedding_scores,
     label_scores,
-    leiden_scores,
     lsi_embedding,
     save_matrix,
     train_default_path,
@@ -118,15 +117,6 @@ def make_set(dataset: str, n_cells: int, parents: int, data_seed: int) -> Path:
     return h5ad
 
 
-def scores(latent: np.ndarray, labels: np.ndarray, seed: int) -> dict:
-    leiden = leiden_scores(latent, labels)
-    return {
-        "ari_kmeans": round(cluster_scores(latent, labels, seed)["ari"], 4),
-        "ari_leiden": round(leiden["ari"], 4),
-        "n_leiden": leiden["n_clusters"],
-    }
-
-
 def run_scale(
     h5ad: Path, seed: int, model_kwargs: dict | None = None, name: str = "scale"
 ) -> dict:
@@ -140,7 +130,7 @@ def run_scale(
     # kept for offline readouts (the partition, the merge) on the same latent
     np.save(WORK / f"{h5ad.stem}_{name}_{seed}_latent.npy", latent)
     return {
-        **scores(latent, labels, seed),
+        **embedding_scores(latent, labels, seed),
         "ari_own": round(label_scores(own, labels)["ari"], 4),
         "n_own": len(np.unique(own)),
         "seconds": round(train_s, 1),
@@ -156,7 +146,7 @@ def run_lsi(h5ad: Path, seed: int) -> dict:
     latent = lsi_embedding(adata.X, seed)
     seconds = time.perf_counter() - start
     labels = adata.obs["cell_type"].astype(str).to_numpy()
-    return {**scores(latent, labels, seed), "seconds": round(seconds, 1)}
+    return {**embedding_scores(latent, labels, seed), "seconds": round(seconds, 1)}
 
 
 def run_snapatac2(h5ad: Path, seed: int) -> dict | None:
@@ -173,7 +163,7 @@ def run_snapatac2(h5ad: Path, seed: int) -> dict | None:
     seconds = time.perf_counter() - start
     labels = ad.read_h5ad(h5ad, backed="r").obs["cell_type"].astype(str).to_numpy()
     latent = np.load(f"{out}_latent.npy")
-    return {**scores(latent, labels, seed), "seconds": round(seconds, 1)}
+    return {**embedding_scores(latent, labels, seed), "seconds": round(seconds, 1)}
 
 
 COLUMNS = [

@@ -39,9 +39,8 @@ from _common import (
     DATASETS,
     WORK,
     append_rows,
-    cluster_scores,
+    embedding_scores,
     label_scores,
-    leiden_scores,
     lsi_embedding,
 )
 
@@ -86,14 +85,11 @@ def run_scale(adata, seed: int, setup_kwargs: dict) -> dict:
     labels = adata.obs["cell_type"].astype(str).to_numpy()
     latent = model.get_latent_representation()
     own = np.asarray(model.get_cluster_assignments())
-    leiden = leiden_scores(latent, labels)
     return {
         "peaks_read": len(model.selected_peaks_),
         "ari_own": round(label_scores(own, labels)["ari"], 4),
         "n_own": len(np.unique(own)),
-        "ari_kmeans": round(cluster_scores(latent, labels, seed)["ari"], 4),
-        "ari_leiden": round(leiden["ari"], 4),
-        "n_leiden": leiden["n_clusters"],
+        **embedding_scores(latent, labels, seed),
         "seconds": round(seconds, 1),
     }
 
@@ -103,12 +99,9 @@ def run_lsi(adata, seed: int) -> dict:
     start = time.perf_counter()
     latent = lsi_embedding(adata.X, seed)
     seconds = time.perf_counter() - start
-    leiden = leiden_scores(latent, labels)
     return {
         "peaks_read": adata.n_vars,
-        "ari_kmeans": round(cluster_scores(latent, labels, seed)["ari"], 4),
-        "ari_leiden": round(leiden["ari"], 4),
-        "n_leiden": leiden["n_clusters"],
+        **embedding_scores(latent, labels, seed),
         "seconds": round(seconds, 1),
     }
 
