@@ -6,8 +6,9 @@ parent) and stored in ``work/``; one subprocess loads it, trains ``--epochs`` ep
 minibatch, so the GMM initialization is not counted), then times
 inference: the latent (posterior means) and the thresholded imputation
 (``get_normalized_accessibility(threshold=0.5)``, CSR). Each phase's peak RSS is read in the
-child (``ru_maxrss`` after the phase, which is the maximum so far), and the whole child's
-from ``os.wait4``. Writes ``results/scaling.csv`` and ``results/scaling.png``.
+child (``VmHWM`` after the phase, which is the maximum so far), and the whole child's as
+the parent polls it (``_common.run_child``). Writes ``results/scaling.csv`` and
+``results/scaling.png``.
 
 With ``--accelerator gpu`` the same runs train and infer on one GPU; their rows carry the
 device's name and are kept beside the CPU rows (a row is replaced only by a run of the same
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -41,6 +43,7 @@ from _common import (
     MAIN_PYTHON,
     RESULTS,
     WORK,
+    _vm_hwm_mb,
     cpu_model,
     load_matrix,
     read_json,
@@ -116,7 +119,13 @@ def dataset_path(n_cells: int, n_peaks: int, density: float = DENSITY) -> Path:
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """This process's peak RSS so far, MB: ``VmHWM``, which starts afresh at ``exec``.
+
+    ``ru_maxrss`` does not: it carries the size of the parent at the fork, so a child of a
+    parent that has just generated a large matrix would report the parent's size.
+    """
+    hwm = _vm_hwm_mb(os.getpid())
+    return hwm if hwm > 0 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def device_name(accelerator: str) -> str:

@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         type=_COUNT,
         help="then keep only the N peaks open in the most cells (default: all); fewer peaks "
-        "train faster",
+        "train faster. The model then selects among these as SCALE.setup_anndata does by "
+        "default (docs/quickstart.md), so an N above its selection does not shorten training",
         **_LIBRARY,
     )
     model = parser.add_argument_group("model and training (default: the library's)")

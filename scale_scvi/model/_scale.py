@@ -378,7 +378,9 @@ class SCALE(
         often open (peaks open in a handful of cells carry little but noise, and cost
         training time and memory in proportion to their number; see ``benchmarks/NOTES.md``,
         "Default path"). On shallow data, where fewer than ``n_min_peaks`` (10,000) peaks
-        reach 1 %, the 10,000 most often open are read instead (on the sci-CAR kidney's
+        reach 1 %, the 10,000 most often open are read instead, with every peak open in as
+        many cells as the 10,000th (on forebrain thinned to a fifth of its reads, 12,070
+        peaks; see ``benchmarks/NOTES.md``, "Shallow data"; on the sci-CAR kidney's
         ATAC, about 15 open peaks per cell, 18 of its 10,000 peaks reach 1 %). The counts
         are made block by block of rows (the matrix is never densified); the selection is
         recorded in the registry and saved with the model, so that ``load``,
