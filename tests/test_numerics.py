@@ -14,8 +14,10 @@ from scale_scvi.data import simulate_scatac
 from scale_scvi.module import SCALEVAE
 from scale_scvi.module._components import SCALEEncoder
 from scale_scvi.module._objectives import (
+    CLOGLOG_ETA_MAX,
     bernoulli_log_likelihood,
     cloglog_log_likelihood,
+    cloglog_rate,
     gmm_kl,
     inverse_link,
     open_probability,
@@ -153,8 +155,40 @@ def test_cloglog_likelihood_dense_and_sparse_match_the_formula() -> None:
         ll, torch.tensor([-50.0 + np.log(1 - np.exp(-1.0))], dtype=torch.float32)
     )
     ll = cloglog_log_likelihood(eta, torch.tensor([[1.0, 1.0, 0.0, 1.0]]).to_sparse_csr())
-    expected = -50.0 + np.log(1 - np.exp(-1.0)) - np.exp(12.0)
+    # beyond CLOGLOG_ETA_MAX the rate is the tangent line: exp(10) (1 + 12 - 10)
+    expected = -50.0 + np.log(1 - np.exp(-1.0)) - np.exp(CLOGLOG_ETA_MAX) * 3.0
     torch.testing.assert_close(ll, torch.tensor([expected], dtype=torch.float32))
+
+
+def test_cloglog_rate_continues_linearly_beyond_its_maximum() -> None:
+    """Above ``CLOGLOG_ETA_MAX`` the rate is ``exp(eta)``'s tangent line: a runaway ``eta``
+    (up to float32's range, where ``exp`` overflows) gives a finite loss and a bounded
+    gradient, the same for dense and CSR minibatches; below it the rate is ``exp(eta)`` bit
+    for bit."""
+    below = torch.linspace(-30.0, CLOGLOG_ETA_MAX, 101)
+    assert torch.equal(cloglog_rate(below), torch.exp(below))
+    eta = torch.tensor([[-2.0, 0.5, 11.0, 100.0, 1e4], [3.0, 50.0, -1.0, 95.0, 0.0]])
+    x = torch.tensor([[1.0, 0.0, 1.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0, 1.0]])
+    results = []
+    for layout in (x, x.to_sparse_csr()):
+        e = eta.clone().requires_grad_()
+        ll = cloglog_log_likelihood(e, layout)
+        (grad,) = torch.autograd.grad(ll.sum(), e)
+        assert torch.isfinite(ll).all() and torch.isfinite(grad).all()
+        results.append((ll, grad))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
+    ll, grad = results[0]
+    top = float(np.exp(CLOGLOG_ETA_MAX))
+    # a closed peak beyond the maximum: -exp(T) (1 + eta - T), gradient -exp(T)
+    assert grad[0, 3].item() == pytest.approx(-top) and grad[1, 3].item() == pytest.approx(-top)
+    # an open peak beyond it costs nothing and is pushed no further
+    assert grad[0, 2].item() == pytest.approx(0.0, abs=1e-6)
+    assert grad[0, 4].item() == pytest.approx(0.0, abs=1e-6)
+    expected0 = (
+        np.log(1 - np.exp(-np.exp(-2.0))) - np.exp(0.5) - top * (1 + 100.0 - CLOGLOG_ETA_MAX)
+    )
+    assert ll[0].item() == pytest.approx(expected0, rel=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore:Number of distinct clusters")
