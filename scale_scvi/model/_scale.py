@@ -41,6 +41,7 @@ from scale_scvi.train._gmm_init import check_gmm_init_method
 from scale_scvi.train._quiet import (
     StderrProgressBar,
     no_download_message,
+    small_last_batch_warning_ignored,
     sparse_minibatch_warnings_handled,
 )
 
@@ -778,7 +779,14 @@ class SCALE(
         callbacks += [guard, interrupt]
         kwargs = _quiet_trainer_kwargs(trainer_kwargs, n_train_batches, callbacks)
         try:
-            with flush_denormal(), sparse_minibatch_warnings_handled():
+            no_batch_norm = not any(
+                isinstance(m, torch.nn.BatchNorm1d) for m in self.module.modules()
+            )
+            with (
+                flush_denormal(),
+                sparse_minibatch_warnings_handled(),
+                small_last_batch_warning_ignored(no_batch_norm),
+            ):
                 result = super().train(**fit_kwargs, callbacks=callbacks, **kwargs)
         except BaseException as error:
             self.module.eval()

@@ -43,6 +43,24 @@ def sparse_minibatch_warnings_handled() -> Iterator[None]:
             yield
 
 
+@contextmanager
+def small_last_batch_warning_ignored(ignore: bool) -> Iterator[None]:
+    """Without scvi-tools' "Last batch will have a small size" warning, when ``ignore``.
+
+    scvi-tools warns whenever the training cells leave one or two over after the full
+    minibatches, "to avoid errors during model training": the errors are those of batch
+    normalization on a minibatch of one cell. A model without batch normalization (SCALE's
+    default encoder has layer norm) trains on such a minibatch like on any other, so the
+    warning asks the user to act on nothing; the model passes ``ignore=True`` then.
+    """
+    with warnings.catch_warnings():
+        if ignore:
+            warnings.filterwarnings(
+                "ignore", message="Last batch will have a small size", category=UserWarning
+            )
+        yield
+
+
 class _DropAlreadyDownloaded(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().endswith("already downloaded")
