@@ -1,0 +1,146 @@
+"""The default path on few cells: random subsets of the shared sets' cells, beside LSI.
+
+Small experiments (a few hundred cells, as plate-based scATAC gives) are a size users have,
+and the shared sets hold 600 and 1,043 cells. This script draws ``--cells`` cells at random
+(without replacement, ``numpy.random.default_rng(seed)``) from a shared set as shipped, and
+runs on that subset, one after the other, one thread each:
+
+- this SCALE's default path (``setup_anndata(adata)``, ``SCALE(adata)``,
+  ``train(**--train-kwargs)``, by default ``train()``): its own clusters, k-means with the
+  true k and Leiden at scanpy's defaults on its latent, and how many cells lie far out in
+  the latent (``n_far``: farther from the median cell than 5 times the median distance);
+- LSI (``_common.lsi_embedding``) on the same subset: k-means and Leiden.
+
+One row per method, subset and seed goes to ``results/small_cells.csv``.
+
+Usage (from the repository root)::
+
+    SCALE_SCVI_DATA=../shared/data .venv/bin/python benchmarks/small_cells.py \\
+        --dataset forebrain --cells 250 500 --seeds 0 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import numpy as np
+from _common import (
+    DATASETS,
+    WORK,
+    append_rows,
+    embedding_scores,
+    label_scores,
+    lsi_embedding,
+    train_default_path,
+)
+
+RESULTS = Path(__file__).resolve().parent / "results" / "small_cells.csv"
+
+FIELDS = (
+    "dataset",
+    "n_cells",
+    "seed",
+    "method",
+    "train_kwargs",
+    "ari_own",
+    "n_own",
+    "ari_kmeans",
+    "ari_leiden",
+    "n_leiden",
+    "n_far",
+    "n_peaks_read",
+    "epochs",
+    "train_s",
+    "date",
+)
+
+
+def subset(dataset: str, n_cells: int, seed: int) -> Path:
+    """``n_cells`` random cells of a shared set (in their shipped order), as an ``.h5ad``."""
+    import anndata as ad
+
+    from scale_scvi.data import shared_data_path
+
+    path = WORK / f"small_{dataset}_{n_cells}_s{seed}.h5ad"
+    if not path.exists():
+        adata = ad.read_h5ad(shared_data_path(DATASETS[dataset]))
+        if n_cells > adata.n_obs:
+            raise SystemExit(f"{dataset} has {adata.n_obs} cells, fewer than {n_cells}.")
+        rows = np.sort(np.random.default_rng(seed).choice(adata.n_obs, n_cells, replace=False))
+        WORK.mkdir(parents=True, exist_ok=True)
+        adata[rows].copy().write_h5ad(path)
+    return path
+
+
+def far_cells(latent: np.ndarray, factor: float = 5.0) -> int:
+    """Cells farther from the median cell than ``factor`` times the median such distance."""
+    dist = np.linalg.norm(latent - np.median(latent, axis=0), axis=1)
+    return int((dist > factor * np.median(dist)).sum())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", choices=sorted(DATASETS), required=True)
+    parser.add_argument("--cells", type=int, nargs="+", required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--methods", nargs="+", default=["scale", "lsi"])
+    parser.add_argument(
+        "--train-kwargs", default="{}", help="JSON: arguments of train() (default: none)"
+    )
+    args = parser.parse_args()
+    train_kwargs = json.loads(args.train_kwargs)
+    import anndata as ad
+    import torch
+
+    for n_cells in args.cells:
+        for seed in args.seeds:
+            path = subset(args.dataset, n_cells, seed)
+            base = {"dataset": args.dataset, "n_cells": n_cells, "seed": seed}
+            if "scale" in args.methods:
+                # again before every run: the scoring of the previous one (scikit-learn's
+                # k-means, scanpy) leaves torch at the machine's thread count
+                torch.set_num_threads(1)
+                adata, model, train_s = train_default_path(path, seed, **train_kwargs)
+                labels = adata.obs["cell_type"].astype(str).to_numpy()
+                latent = model.get_latent_representation()
+                own = model.get_cluster_assignments()
+                row = {
+                    **base,
+                    "method": "scale",
+                    "train_kwargs": json.dumps(train_kwargs, sort_keys=True),
+                    "ari_own": round(label_scores(own, labels)["ari"], 4),
+                    "n_own": model.n_clusters_,
+                    **embedding_scores(latent, labels, seed),
+                    "n_far": far_cells(latent),
+                    "n_peaks_read": len(model.selected_peaks_),
+                    "epochs": len(model.history["elbo_train"]),
+                    "train_s": round(train_s, 1),
+                    "date": time.strftime("%Y-%m-%d %H:%M"),
+                }
+                print(json.dumps(row), flush=True)
+                append_rows(RESULTS, [row], fields=list(FIELDS))
+            if "lsi" in args.methods:
+                adata = ad.read_h5ad(path)
+                labels = adata.obs["cell_type"].astype(str).to_numpy()
+                latent = lsi_embedding(adata.X, seed)
+                row = {
+                    **base,
+                    "method": "lsi",
+                    "train_kwargs": "",
+                    **embedding_scores(latent, labels, seed),
+                    "n_far": far_cells(latent),
+                    "date": time.strftime("%Y-%m-%d %H:%M"),
+                }
+                print(json.dumps(row), flush=True)
+                append_rows(RESULTS, [row], fields=list(FIELDS))
+
+
+if __name__ == "__main__":
+    main()
