@@ -167,6 +167,8 @@ def test_cloglog_rate_continues_linearly_beyond_its_maximum() -> None:
     for bit."""
     below = torch.linspace(-30.0, CLOGLOG_ETA_MAX, 101)
     assert torch.equal(cloglog_rate(below), torch.exp(below))
+    # the form used off the CPU (no check of the maximum) is exact below it too
+    assert torch.equal(cloglog_rate(below, beyond=True), torch.exp(below))
     eta = torch.tensor([[-2.0, 0.5, 11.0, 100.0, 1e4], [3.0, 50.0, -1.0, 95.0, 0.0]])
     x = torch.tensor([[1.0, 0.0, 1.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0, 1.0]])
     results = []
