@@ -217,7 +217,7 @@ def freeze_pre_norm_biases(module) -> int:
     return n
 
 
-def _vm_hwm_mb(pid: int) -> float:
+def vm_hwm_mb(pid: int) -> float:
     """Peak resident set size of a running process (``VmHWM``), MB; 0 where unreadable."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -257,7 +257,7 @@ def run_child(
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
-            hwm_mb = max(hwm_mb, _vm_hwm_mb(proc.pid))
+            hwm_mb = max(hwm_mb, vm_hwm_mb(proc.pid))
             if deadline is not None and time.perf_counter() > deadline:
                 proc.kill()
                 pid, status, usage = os.wait4(proc.pid, 0)

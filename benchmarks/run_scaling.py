@@ -43,12 +43,12 @@ from _common import (
     MAIN_PYTHON,
     RESULTS,
     WORK,
-    _vm_hwm_mb,
     cpu_model,
     load_matrix,
     read_json,
     run_child,
     save_matrix,
+    vm_hwm_mb,
 )
 
 CSV = RESULTS / "scaling.csv"
@@ -124,7 +124,7 @@ def _rss_mb() -> float:
     ``ru_maxrss`` does not: it carries the size of the parent at the fork, so a child of a
     parent that has just generated a large matrix would report the parent's size.
     """
-    hwm = _vm_hwm_mb(os.getpid())
+    hwm = vm_hwm_mb(os.getpid())
     return hwm if hwm > 0 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

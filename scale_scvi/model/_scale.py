@@ -616,7 +616,7 @@ class SCALE(
         if gmm_init_epoch is None:
             gmm_init_epoch = min(n_epochs_kl_warmup, max_epochs - 1)
         check_gmm_init_method(gmm_init_method, "gmm_init_method")
-        has_batch_norm = any(isinstance(m, torch.nn.BatchNorm1d) for m in self.module.modules())
+        has_batch_norm = self._has_batch_norm()
         validate_count(
             batch_size,
             "batch_size",
@@ -779,13 +779,10 @@ class SCALE(
         callbacks += [guard, interrupt]
         kwargs = _quiet_trainer_kwargs(trainer_kwargs, n_train_batches, callbacks)
         try:
-            no_batch_norm = not any(
-                isinstance(m, torch.nn.BatchNorm1d) for m in self.module.modules()
-            )
             with (
                 flush_denormal(),
                 sparse_minibatch_warnings_handled(),
-                small_last_batch_warning_ignored(no_batch_norm),
+                small_last_batch_warning_ignored(not self._has_batch_norm()),
             ):
                 result = super().train(**fit_kwargs, callbacks=callbacks, **kwargs)
         except BaseException as error:
@@ -801,6 +798,11 @@ class SCALE(
         self.n_clusters_ = self.module.prior.n_active
         return result
 
+    def _has_batch_norm(self) -> bool:
+        """Whether the module normalizes by minibatch anywhere (``use_batch_norm``), which
+        needs at least two cells per training minibatch."""
+        return any(isinstance(m, torch.nn.BatchNorm1d) for m in self.module.modules())
+
     def _drop_lone_last_cell(
         self, datasplitter_kwargs: dict | None, n_train: int, batch_size: int
     ) -> dict | None:
@@ -811,9 +813,7 @@ class SCALE(
         (a different one each epoch, as the minibatches are shuffled) sits the epoch out.
         """
         kwargs = dict(datasplitter_kwargs or {})
-        if "drop_last" in kwargs or not any(
-            isinstance(m, torch.nn.BatchNorm1d) for m in self.module.modules()
-        ):
+        if "drop_last" in kwargs or not self._has_batch_norm():
             return datasplitter_kwargs
         if n_train % batch_size == 1:
             kwargs["drop_last"] = True
