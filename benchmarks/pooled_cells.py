@@ -181,7 +181,10 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds")
     parser.add_argument(
         "--methods", nargs="+", default=["scale", "lsi", "snapatac2"],
-        choices=["scale", "scale_logit", "scale_cloglog", "scale_hidden1024", "lsi", "snapatac2"],
+        choices=[
+            "scale", "scale_logit", "scale_cloglog", "scale_hidden1024", "scale_dropout01",
+            "lsi", "snapatac2",
+        ],
     )  # fmt: skip
     args = parser.parse_args()
 
@@ -194,6 +197,10 @@ def main() -> None:
             )
             for link in ("logit", "cloglog")
         },
+        # dropout 0.1 in the encoder (benchmarks/NOTES.md, "Dropout in the encoder")
+        "scale_dropout01": functools.partial(
+            run_scale, model_kwargs={"dropout_rate": 0.1}, name="scale_dropout01"
+        ),
         # the encoder of 1024 -> 128 units, the default before 2026-12-06 (late)
         "scale_hidden1024": functools.partial(
             run_scale, model_kwargs={"n_hidden": ORIGINAL_N_HIDDEN}, name="scale_hidden1024"

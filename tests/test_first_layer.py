@@ -13,11 +13,6 @@ from scale_scvi.module._components import SCALEEncoder
 from scale_scvi.train import FusedAdamW
 
 
-def _encoder(*args, **kwargs) -> SCALEEncoder:
-    """An encoder without dropout: these tests compare computations of one forward pass."""
-    return SCALEEncoder(*args, dropout_rate=0.0, **kwargs)
-
-
 def _covariates(n_cat_list):
     """Categorical (when ``n_cat_list``) and one continuous covariate for 7 cells."""
     cats = [torch.tensor([[0], [1], [2], [0], [1], [2], [0]])] if n_cat_list else []
@@ -38,7 +33,7 @@ def _batch(n_cells=7, n_peaks=40, seed=0, density=0.2):
 @pytest.mark.parametrize("n_cat_list", [[], [3]])
 def test_sparse_first_layer_matches_dense(n_cat_list, density):
     torch.manual_seed(0)
-    enc = _encoder(40, 4, (16, 8), n_cat_list=n_cat_list, n_cont=1)
+    enc = SCALEEncoder(40, 4, (16, 8), n_cat_list=n_cat_list, n_cont=1)
     weight = enc.layers[0].fc_layers[0][0].weight
     assert weight.shape == (16, 40 + sum(n_cat_list) + 1)
     assert weight.t().is_contiguous()  # column-major storage
@@ -63,8 +58,8 @@ def test_sparse_first_layer_matches_dense(n_cat_list, density):
 
 
 def test_column_major_layout_survives_state_dict():
-    enc = _encoder(40, 4, (16, 8))
-    other = _encoder(40, 4, (16, 8))
+    enc = SCALEEncoder(40, 4, (16, 8))
+    other = SCALEEncoder(40, 4, (16, 8))
     other.load_state_dict(enc.state_dict())
     w = other.layers[0].fc_layers[0][0].weight
     assert w.t().is_contiguous()
@@ -77,7 +72,7 @@ def test_fused_adamw_matches_torch_adamw(max_grad_norm, sparse):
     """Same steps as torch's AdamW, after clip_grad_norm_ when clipping (0.5 clips here);
     with sparse input the first layer's gradient norm comes from its backward."""
     torch.manual_seed(0)
-    enc1 = _encoder(40, 4, (16, 8), n_cat_list=[3])
+    enc1 = SCALEEncoder(40, 4, (16, 8), n_cat_list=[3])
     enc2 = copy.deepcopy(enc1)
     opt1 = torch.optim.AdamW(enc1.parameters(), lr=1e-2, eps=1e-8, weight_decay=5e-4)
     opt2 = FusedAdamW(
@@ -105,7 +100,7 @@ def test_fused_adamw_matches_torch_adamw(max_grad_norm, sparse):
     w = enc2.layers[0].fc_layers[0][0].weight
     assert w.t().is_contiguous()
     assert (enc2.first_layer.grad_sq_norm() is not None) == sparse
-    assert not torch.equal(w, _encoder(40, 4, (16, 8)).layers[0].fc_layers[0][0].weight)
+    assert not torch.equal(w, SCALEEncoder(40, 4, (16, 8)).layers[0].fc_layers[0][0].weight)
     # the optimizer state loads into torch's AdamW and back
     opt3 = torch.optim.AdamW(enc2.parameters(), lr=1e-2)
     opt3.load_state_dict(opt2.state_dict())
@@ -118,7 +113,7 @@ def test_inplace_weight_gradient_equals_autograd(n_cat_list, density):
     """The sparse path writes dW into weight.grad itself: same values as autograd's,
     accumulated over backward passes, column-major, and kept (zeroed) by zero_grad."""
     torch.manual_seed(0)
-    enc = _encoder(40, 4, (16, 8), n_cat_list=n_cat_list, n_cont=1)
+    enc = SCALEEncoder(40, 4, (16, 8), n_cat_list=n_cat_list, n_cont=1)
     weight = enc.layers[0].fc_layers[0][0].weight
     dense, sparse = _batch(density=density)
     cats, cont = _covariates(n_cat_list)
@@ -160,7 +155,7 @@ def test_zero_grad_clears_every_written_row(zero_all_fraction, monkeypatch):
 
     monkeypatch.setattr(_components, "ZERO_ALL_ROWS_FRACTION", zero_all_fraction)
     torch.manual_seed(0)
-    enc = _encoder(40, 4, (16, 8), n_cat_list=[3])
+    enc = SCALEEncoder(40, 4, (16, 8), n_cat_list=[3])
     weight = enc.layers[0].fc_layers[0][0].weight
     opt = FusedAdamW(enc.parameters(), in_place_layers=[enc.first_layer])
     cats, _ = _covariates([3])
@@ -196,7 +191,7 @@ def test_fused_adamw_clips_apart_parameters_on_their_own(sparse):
     clip_grad_norm_ applied to each set separately (0.5 clips both here); the first layer of
     the apart encoder gives its norm to the apart set only."""
     torch.manual_seed(0)
-    ref = [_encoder(40, 4, (16, 8)), _encoder(40, 4, (16, 8))]
+    ref = [SCALEEncoder(40, 4, (16, 8)), SCALEEncoder(40, 4, (16, 8))]
     encs = copy.deepcopy(ref)
     params = [p for e in ref for p in e.parameters()]
     opt1 = torch.optim.AdamW(params, lr=1e-2, eps=1e-8, weight_decay=5e-4)
@@ -228,7 +223,7 @@ def test_fused_adamw_clips_apart_parameters_on_their_own(sparse):
 
 def test_fused_adamw_rejects_a_bad_clipping_norm():
     with pytest.raises(ValueError, match="max_grad_norm"):
-        FusedAdamW(_encoder(4, 2, (3,)).parameters(), max_grad_norm=0)
+        FusedAdamW(SCALEEncoder(4, 2, (3,)).parameters(), max_grad_norm=0)
 
 
 @pytest.mark.parametrize("density", [0.05, 0.3])
@@ -237,7 +232,7 @@ def test_sparse_backward_gives_the_gradient_norm(n_cat_list, density):
     """The squared norm the sparse backward leaves for the optimizer's clipping is that of
     the gradient, and stops counting once the gradient changes (a second backward)."""
     torch.manual_seed(0)
-    enc = _encoder(40, 4, (16, 8), n_cat_list=n_cat_list, n_cont=1)
+    enc = SCALEEncoder(40, 4, (16, 8), n_cat_list=n_cat_list, n_cont=1)
     weight = enc.layers[0].fc_layers[0][0].weight
     _, sparse = _batch(density=density)
     cats, cont = _covariates(n_cat_list)
@@ -325,7 +320,7 @@ def test_input_dropout_zeroes_and_rescales_sparse_and_dense_input():
 
 def test_input_dropout_acts_in_training_only():
     torch.manual_seed(0)
-    enc = _encoder(40, 4, (16, 8), input_dropout=0.5)
+    enc = SCALEEncoder(40, 4, (16, 8), input_dropout=0.5)
     _, sparse = _batch()
     enc.eval()
     m1, _ = enc(sparse)
@@ -336,4 +331,4 @@ def test_input_dropout_acts_in_training_only():
     m3, _ = enc(sparse)
     assert not torch.allclose(m1, m3)
     with pytest.raises(ValueError, match="input_dropout"):
-        _encoder(40, 4, (16, 8), input_dropout=1.0)
+        SCALEEncoder(40, 4, (16, 8), input_dropout=1.0)

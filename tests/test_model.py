@@ -87,31 +87,6 @@ def test_same_seed_same_latent(small_adata):
     np.testing.assert_array_equal(z1, z2)
 
 
-def _dropout_rates(module: torch.nn.Module) -> list[float]:
-    return [m.p for m in module.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
-
-
-def test_encoder_dropout_by_default_only_in_training(small_adata):
-    model = _train(small_adata.copy(), epochs=2)
-    # after each of the encoder's two hidden layers; none in the (linear) decoder
-    assert _dropout_rates(model.module.z_encoder) == [0.1, 0.1]
-    assert _dropout_rates(model.module.decoder) == []
-    # the outputs read the encoder in evaluation mode: no dropout, the same latent each call
-    np.testing.assert_array_equal(
-        model.get_latent_representation(), model.get_latent_representation()
-    )
-    rows = small_adata[:8, model.selected_peaks_].X
-    x = torch.as_tensor(rows.toarray() > 0, dtype=torch.float32)
-    model.module.train()
-    first = model.module.z_encoder(x)[0]
-    assert not torch.equal(first, model.module.z_encoder(x)[0])  # dropout in training
-    model.module.eval()
-    assert torch.equal(model.module.z_encoder(x)[0], model.module.z_encoder(x)[0])
-    SCALE.setup_anndata(small_adata)
-    off = SCALE(small_adata, n_centroids=4, n_hidden=(64, 32), dropout_rate=0.0)
-    assert _dropout_rates(off.module) == []
-
-
 def test_counts_are_binarized_without_touching_the_input(small_adata):
     counts = small_adata.copy()
     counts.X = counts.X * 3.0  # counts > 1 carry the same accessibility
@@ -305,15 +280,14 @@ def test_state_saved_before_layer_norm_loads_as_saved(saved_norm):
     from scale_scvi.module import SCALEVAE
 
     torch.manual_seed(0)
-    # no dropout, so that the two encoders' outputs in training mode can be compared
-    saved = SCALEVAE(n_input=40, n_hidden=(16, 8), use_batch_norm=saved_norm, dropout_rate=0.0)
+    saved = SCALEVAE(n_input=40, n_hidden=(16, 8), use_batch_norm=saved_norm)
     for m in saved.modules():
         if isinstance(m, torch.nn.BatchNorm1d):  # statistics other than the initial ones
             m.running_mean.normal_()
             m.running_var.uniform_(0.5, 2.0)
     state = saved.state_dict()
     del state["normalization_v2"]
-    module = SCALEVAE(n_input=40, n_hidden=(16, 8), dropout_rate=0.0)
+    module = SCALEVAE(n_input=40, n_hidden=(16, 8))
     assert any(isinstance(m, torch.nn.LayerNorm) for m in module.modules())
     module.load_state_dict(state)
     assert not any(isinstance(m, torch.nn.LayerNorm) for m in module.modules())

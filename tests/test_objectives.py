@@ -28,15 +28,13 @@ from scale_scvi.module._objectives import (
 def _tiny_module(n_input: int = 12, n_latent: int = 2, n_centroids: int = 3, seed: int = 0):
     """A tiny SCALEVAE with a spread-out prior and a sharp decoder."""
     torch.manual_seed(seed)
-    # without the depth offset, so that the decoder alone gives p(x|z) in the checks below,
-    # and without dropout, so that they can compare computations of one forward pass
+    # without the depth offset, so that the decoder alone gives p(x|z) in the checks below
     module = SCALEVAE(
         n_input=n_input,
         n_centroids=n_centroids,
         n_latent=n_latent,
         n_hidden=(8,),
         depth_offset=False,
-        dropout_rate=0.0,
     )
     with torch.no_grad():
         module.prior.means.mul_(2.0)

@@ -229,14 +229,11 @@ class SCALE(
         default complementary log-log link training stopped on a non-finite loss at 70 % of
         its epochs (``benchmarks/NOTES.md``, "A hidden layer in the decoder").
     dropout_rate
-        Dropout after each of the encoder's hidden layers; ``None`` (default): the module's,
-        0.1 for ATAC alone (scvi-tools' own default) and 0 for the multimodal model, where
-        it was not measured. On a few hundred cells the ATAC encoder otherwise fits its
-        training cells, and a few of them end far out in the latent: on the labeled sets as
-        shipped, dropout 0.1 raised k-means with the true k on 250 cell-line cells from
-        0.28 / 0.03 to 0.52 / 0.53 (seeds 0 / 1), and on all the cells the own clusters
-        from 0.636 to 0.673 on forebrain and 0.659 to 0.665 on the cell lines (means of
-        seeds 0-2; ``benchmarks/NOTES.md``, "Dropout in the encoder"). ``0`` turns it off.
+        Dropout after each of the encoder's hidden layers in training. Measured on random
+        subsets of 250 cell-line cells, 0.1 raised k-means with the true k from 0.28 / 0.03 to
+        0.52 / 0.53 (seeds 0 / 1), but at 10,000 cells it split the own clusters (forebrain
+        pooled cells: 0.69 with 15 clusters against 0.95 with 10); ``benchmarks/NOTES.md``,
+        "Dropout in the encoder".
     objective
         ``"elbo"``, ``"iwae"`` or ``"dreg"``; see :class:`~scale_scvi.module.SCALEVAE`.
     n_particles
@@ -271,7 +268,7 @@ class SCALE(
         n_latent: int = 10,
         n_hidden: Sequence[int] = DEFAULT_N_HIDDEN,
         n_hidden_decoder: Sequence[int] = (),
-        dropout_rate: float | None = None,
+        dropout_rate: float = 0.0,
         objective: Literal["elbo", "iwae", "dreg"] = "elbo",
         n_particles: int | None = None,
         **module_kwargs,
@@ -305,7 +302,7 @@ class SCALE(
             n_hidden_decoder=tuple(n_hidden_decoder),
             n_continuous_cov=self.summary_stats.get("n_extra_continuous_covs", 0),
             n_cats_per_cov=n_cats_per_cov,
-            **({} if dropout_rate is None else {"dropout_rate": dropout_rate}),
+            dropout_rate=dropout_rate,
             objective=objective,
             n_particles=n_particles,
             **module_kwargs,

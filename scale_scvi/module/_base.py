@@ -131,8 +131,7 @@ class SCALEModuleBase(BaseModuleClass):
     n_cats_per_cov
         Number of categories of each extra categorical covariate.
     dropout_rate
-        Dropout after each hidden layer of the encoders (default here and in the multimodal
-        module 0; :class:`SCALEVAE`'s is ``DEFAULT_DROPOUT_RATE``, 0.1).
+        Dropout in the encoders.
     use_batch_norm
         Batch normalization of the hidden layers in ``"encoder"`` (default here and in
         :class:`MultiSCALEVAE`), ``"decoder"``, ``"both"`` or ``"none"``. Without any

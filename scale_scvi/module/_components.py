@@ -11,10 +11,6 @@ from torch import nn
 #: The encoder's hidden-layer widths by default (the original SCALE's were 1024 -> 128;
 #: benchmarks/NOTES.md, "An encoder of 256 -> 128 units").
 DEFAULT_N_HIDDEN: tuple[int, ...] = (256, 128)
-#: Dropout after each of the encoder's hidden layers by default (scvi-tools' own default):
-#: on a few hundred cells the encoder otherwise fits its training cells (benchmarks/NOTES.md,
-#: "Dropout in the encoder").
-DEFAULT_DROPOUT_RATE = 0.1
 #: Above this fraction of stored values, the first layer's product with a sparse minibatch
 #: and its weight gradient are dense products (measured on one CPU thread at 32 cells x
 #: 5,036 peaks into 1,024 units, the default width then, 22 % stored: forward 5.2 ms dense
@@ -419,7 +415,7 @@ class SCALEEncoder(nn.Module):
         n_hidden: Sequence[int] = DEFAULT_N_HIDDEN,
         n_cat_list: Iterable[int] | None = None,
         n_cont: int = 0,
-        dropout_rate: float = DEFAULT_DROPOUT_RATE,
+        dropout_rate: float = 0.0,
         use_batch_norm: bool = False,
         use_layer_norm: bool = False,
         deep_inject_covariates: bool = False,

@@ -11,7 +11,7 @@ from scvi.module.base import LossOutput, auto_move_data
 from torch.distributions import Normal
 
 from ._base import AtacLink, Normalization, SCALEModuleBase
-from ._components import DEFAULT_DROPOUT_RATE, binarize
+from ._components import binarize
 from ._constants import ATAC, MODULE_KEYS
 from ._feature_stats import open_fraction
 from ._objectives import (
@@ -62,11 +62,6 @@ class SCALEVAE(SCALEModuleBase):
         ``"mean"`` or at the ``"sample"`` used for the reconstruction (as the original
         SCALE), or ``"expected"``: the exact optimum ``softmax_c(log pi_c +
         E_q(z|x)[log N(z; mu_c, sigma2_c)])`` of the mean-field ELBO.
-    dropout_rate
-        Dropout after each of the encoder's hidden layers, 0.1 by default (0 in
-        :class:`~scale_scvi.module.SCALEModuleBase` and the multimodal module): on a few
-        hundred cells the encoder otherwise fits its training cells (``benchmarks/NOTES.md``,
-        "Dropout in the encoder").
     **kwargs
         The arguments of :class:`~scale_scvi.module.SCALEModuleBase` (``n_centroids``,
         ``n_latent``, networks, covariates, ``objective``, ...). Here ``objective="elbo"``
@@ -81,7 +76,6 @@ class SCALEVAE(SCALEModuleBase):
         use_batch_norm: Normalization | None = None,
         use_layer_norm: Normalization | None = None,
         atac_link: AtacLink = "cloglog",
-        dropout_rate: float = DEFAULT_DROPOUT_RATE,
         **kwargs,
     ):
         default_norm = use_batch_norm is None and use_layer_norm is None
@@ -91,7 +85,6 @@ class SCALEVAE(SCALEModuleBase):
             use_batch_norm=use_batch_norm or "none",
             use_layer_norm=use_layer_norm or "none",
             atac_link=atac_link,
-            dropout_rate=dropout_rate,
             **kwargs,
         )
         self.default_normalization = default_norm
