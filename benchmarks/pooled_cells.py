@@ -58,6 +58,8 @@ from _common import (
 )
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pooled_cells.csv"
+#: Fixed dropout rates of the ``scale_dropout<tag>`` rows: the row's name and its rate.
+DROPOUT_ROWS = {"01": 0.1, "0033": 0.033, "002": 0.02}
 
 
 def pooled_cells(
@@ -182,7 +184,8 @@ def main() -> None:
     parser.add_argument(
         "--methods", nargs="+", default=["scale", "lsi", "snapatac2"],
         choices=[
-            "scale", "scale_logit", "scale_cloglog", "scale_hidden1024", "scale_dropout01",
+            "scale", "scale_logit", "scale_cloglog", "scale_hidden1024",
+            *(f"scale_dropout{tag}" for tag in DROPOUT_ROWS),
             "lsi", "snapatac2",
         ],
     )  # fmt: skip
@@ -197,10 +200,13 @@ def main() -> None:
             )
             for link in ("logit", "cloglog")
         },
-        # dropout 0.1 in the encoder (benchmarks/NOTES.md, "Dropout in the encoder")
-        "scale_dropout01": functools.partial(
-            run_scale, model_kwargs={"dropout_rate": 0.1}, name="scale_dropout01"
-        ),
+        # dropout in the encoder at a fixed rate (benchmarks/NOTES.md, "Dropout in the encoder")
+        **{
+            f"scale_dropout{tag}": functools.partial(
+                run_scale, model_kwargs={"dropout_rate": rate}, name=f"scale_dropout{tag}"
+            )
+            for tag, rate in DROPOUT_ROWS.items()
+        },
         # the encoder of 1024 -> 128 units, the default before 2026-12-06 (late)
         "scale_hidden1024": functools.partial(
             run_scale, model_kwargs={"n_hidden": ORIGINAL_N_HIDDEN}, name="scale_hidden1024"

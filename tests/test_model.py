@@ -12,6 +12,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from scale_scvi import SCALE
 from scale_scvi.data import FOREBRAIN, simulate_scatac
+from scale_scvi.model._scale import DROPOUT_FULL_CELLS, DROPOUT_RATE, default_dropout_rate
 
 from .conftest import load_shared
 
@@ -225,6 +226,30 @@ def test_save_load_round_trip_is_exact(small_adata, tmp_path):
     ):
         assert k1 == k2
         torch.testing.assert_close(v1, v2, rtol=0, atol=0)
+
+
+def test_default_dropout_fades_with_the_number_of_cells(small_adata, tmp_path):
+    """0.1 on up to 2,000 cells, then 0.1 x 2,000 / n_cells; resolved when the model is made,
+    so a saved model trains on with its own rate."""
+    assert default_dropout_rate(250) == DROPOUT_RATE == 0.1
+    assert default_dropout_rate(DROPOUT_FULL_CELLS) == DROPOUT_RATE
+    assert default_dropout_rate(10_000) == pytest.approx(0.02)
+    assert default_dropout_rate(100_000) == pytest.approx(0.002)
+    SCALE.setup_anndata(small_adata)
+    model = SCALE(small_adata, n_centroids=4, n_hidden=(64, 32))
+    assert model.module.dropout_rate == DROPOUT_RATE
+    assert model.init_params_["non_kwargs"]["dropout_rate"] == DROPOUT_RATE
+    rates = [m.p for m in model.module.modules() if isinstance(m, torch.nn.Dropout)]
+    assert rates and set(rates) == {DROPOUT_RATE}
+    model.train(max_epochs=2, enable_progress_bar=False)
+    model.save(tmp_path / "m")
+    assert SCALE.load(tmp_path / "m", adata=small_adata).module.dropout_rate == DROPOUT_RATE
+    none = SCALE(small_adata, n_centroids=4, n_hidden=(64, 32), dropout_rate=0.0)
+    assert none.module.dropout_rate == 0.0
+    assert not any(m.p > 0 for m in none.module.modules() if isinstance(m, torch.nn.Dropout))
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match="dropout_rate must be in"):
+            SCALE(small_adata, dropout_rate=bad)
 
 
 def test_elbo_and_marginal_ll(small_adata):

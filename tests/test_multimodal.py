@@ -528,6 +528,7 @@ def test_default_posterior_is_mopoe_with_learned_weights(mdata):
     model = SCALE(mdata, n_centroids=3, **SMALL)
     module = model.module
     assert (module.posterior, module.mixture_weights) == ("mopoe", "learned")
+    assert module.dropout_rate == 0.0  # the ATAC model's default dropout is its own
     assert module.component_logits.shape == (3,)  # atac, rna, product
     model.train(max_epochs=3, batch_size=32, enable_progress_bar=False)
     assert not torch.equal(module.component_logits.detach(), torch.zeros(3))

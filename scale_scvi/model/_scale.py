@@ -77,6 +77,10 @@ logger = logging.getLogger(__name__)
 MAX_CENTROIDS = 30
 #: Optimizer steps of the default training length (see :meth:`SCALE.train`).
 N_STEPS = 4_000
+#: Dropout of the ATAC encoder's hidden layers on at most :data:`DROPOUT_FULL_CELLS` cells.
+DROPOUT_RATE = 0.1
+#: Number of cells above which the default dropout falls as ``1 / n_cells``.
+DROPOUT_FULL_CELLS = 2_000
 
 
 def default_max_epochs(
@@ -89,6 +93,18 @@ def default_max_epochs(
     n_train = math.ceil((1.0 if train_size is None else train_size) * n_cells)
     steps_per_epoch = max(1, math.ceil(n_train / batch_size))
     return max(2, math.ceil(n_steps / steps_per_epoch))
+
+
+def default_dropout_rate(n_cells: int) -> float:
+    """The ATAC model's default dropout after the encoder's hidden layers:
+    :data:`DROPOUT_RATE` on up to :data:`DROPOUT_FULL_CELLS` cells, then
+    ``DROPOUT_RATE * DROPOUT_FULL_CELLS / n_cells`` (0.02 at 10,000 cells).
+
+    The default training makes the same number of optimizer steps whatever the number of
+    cells, so each cell is seen about ``N_STEPS * batch_size / n_cells`` times; the fewer the
+    cells, the more closely the encoder fits them and the more it needs holding back.
+    """
+    return DROPOUT_RATE * min(1.0, DROPOUT_FULL_CELLS / n_cells)
 
 
 def _torch_rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
@@ -268,7 +284,7 @@ class SCALE(
         n_latent: int = 10,
         n_hidden: Sequence[int] = DEFAULT_N_HIDDEN,
         n_hidden_decoder: Sequence[int] = (),
-        dropout_rate: float = 0.0,
+        dropout_rate: float | None = None,
         objective: Literal["elbo", "iwae", "dreg"] = "elbo",
         n_particles: int | None = None,
         **module_kwargs,
@@ -291,6 +307,14 @@ class SCALE(
             else []
         )
         self._module_cls = module_class(self._registered_modalities())
+        if dropout_rate is None:  # resolved here, so that a saved model keeps its rate
+            dropout_rate = (
+                default_dropout_rate(self.summary_stats.n_cells)
+                if self._module_cls is SCALEVAE
+                else 0.0
+            )
+        elif not 0.0 <= dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}.")
         inputs = self._module_cls.input_arguments(self._n_features(), self._modality_flags())
         inputs.update(self._peak_selection())
         self.module = self._module_cls(
@@ -318,7 +342,8 @@ class SCALE(
         self._model_summary_string = (
             f"SCALE model with n_centroids: {k}, n_latent: {n_latent}, "
             + (f"peaks read: {peaks}, " if peaks is not None else "")
-            + f"encoder: {tuple(n_hidden)}, decoder: {tuple(n_hidden_decoder) or 'linear'}, "
+            + f"encoder: {tuple(n_hidden)} (dropout {dropout_rate:.3g}), "
+            f"decoder: {tuple(n_hidden_decoder) or 'linear'}, "
             f"objective: {objective} (n_particles: {n_particles}), "
             f"modalities: {self.module.modalities}"
         )
