@@ -59,7 +59,7 @@ from _common import (
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pooled_cells.csv"
 #: Fixed dropout rates of the ``scale_dropout<tag>`` rows: the row's name and its rate.
-DROPOUT_ROWS = {"01": 0.1, "0033": 0.033, "002": 0.02}
+DROPOUT_ROWS = {"0": 0.0, "01": 0.1, "0033": 0.033, "0025": 0.025, "002": 0.02}
 
 
 def pooled_cells(

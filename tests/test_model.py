@@ -229,12 +229,13 @@ def test_save_load_round_trip_is_exact(small_adata, tmp_path):
 
 
 def test_default_dropout_fades_with_the_number_of_cells(small_adata, tmp_path):
-    """0.1 on up to 2,000 cells, then 0.1 x 2,000 / n_cells; resolved when the model is made,
+    """0.1 on up to 1,500 cells, then 0.1 x (1,500 / n_cells)^2; resolved when the model is made,
     so a saved model trains on with its own rate."""
     assert default_dropout_rate(250) == DROPOUT_RATE == 0.1
     assert default_dropout_rate(DROPOUT_FULL_CELLS) == DROPOUT_RATE
-    assert default_dropout_rate(10_000) == pytest.approx(0.02)
-    assert default_dropout_rate(100_000) == pytest.approx(0.002)
+    assert default_dropout_rate(3_000) == pytest.approx(0.025)
+    assert default_dropout_rate(10_000) == pytest.approx(0.00225)
+    assert default_dropout_rate(1_000) > default_dropout_rate(3_000) > default_dropout_rate(9_000)
     SCALE.setup_anndata(small_adata)
     model = SCALE(small_adata, n_centroids=4, n_hidden=(64, 32))
     assert model.module.dropout_rate == DROPOUT_RATE

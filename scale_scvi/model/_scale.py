@@ -79,8 +79,8 @@ MAX_CENTROIDS = 30
 N_STEPS = 4_000
 #: Dropout of the ATAC encoder's hidden layers on at most :data:`DROPOUT_FULL_CELLS` cells.
 DROPOUT_RATE = 0.1
-#: Number of cells above which the default dropout falls as ``1 / n_cells``.
-DROPOUT_FULL_CELLS = 2_000
+#: Number of cells above which the default dropout falls as ``1 / n_cells**2``.
+DROPOUT_FULL_CELLS = 1_500
 
 
 def default_max_epochs(
@@ -98,13 +98,16 @@ def default_max_epochs(
 def default_dropout_rate(n_cells: int) -> float:
     """The ATAC model's default dropout after the encoder's hidden layers:
     :data:`DROPOUT_RATE` on up to :data:`DROPOUT_FULL_CELLS` cells, then
-    ``DROPOUT_RATE * DROPOUT_FULL_CELLS / n_cells`` (0.02 at 10,000 cells).
+    ``DROPOUT_RATE * (DROPOUT_FULL_CELLS / n_cells) ** 2`` (0.025 at 3,000 cells, 0.002 at
+    10,000).
 
     The default training makes the same number of optimizer steps whatever the number of
     cells, so each cell is seen about ``N_STEPS * batch_size / n_cells`` times; the fewer the
-    cells, the more closely the encoder fits them and the more it needs holding back.
+    cells, the more closely the encoder fits them and the more it needs holding back. On
+    thousands of cells dropout splits the clusters instead (``benchmarks/NOTES.md``), hence
+    the steep fall.
     """
-    return DROPOUT_RATE * min(1.0, DROPOUT_FULL_CELLS / n_cells)
+    return DROPOUT_RATE * min(1.0, DROPOUT_FULL_CELLS / n_cells) ** 2
 
 
 def _torch_rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
@@ -246,17 +249,19 @@ class SCALE(
         its epochs (``benchmarks/NOTES.md``, "A hidden layer in the decoder").
     dropout_rate
         Dropout after each of the encoder's hidden layers in training. ``None`` (default):
-        for ATAC alone, 0.1 on up to 2,000 cells and ``0.1 x 2,000 / n_cells`` above (0.02
-        at 10,000 cells; ``default_dropout_rate``), fixed when the model is made; 0 for a
-        MuData with RNA. Measured on the default path (``benchmarks/NOTES.md``, "Dropout
-        that fades with the number of cells"): on the shared sets (seeds 0 / 1 / 2) 0.1
-        raised forebrain's own clusters from 0.626 / 0.630 / 0.651 to 0.661 / 0.656 / 0.701
-        and k-means from 0.684 / 0.648 / 0.612 to 0.687 / 0.664 / 0.674 (the cell lines:
-        own clusters 0.632 / 0.672 / 0.692 against 0.679 / 0.649 / 0.648); on 250
-        cell-line cells k-means went from 0.28 / 0.03 to 0.52 / 0.53 (seeds 0 / 1). A fixed
-        0.1 split the own clusters at 10,000 cells (forebrain pooled cells: 0.69 with 15
-        clusters against 0.95 with 10 without dropout), which the fading rate does not
-        (0.02 there: 1.00 / 0.91 against 0.95 / 1.00). ``0.0`` turns it off.
+        for ATAC alone, 0.1 on up to 1,500 cells and ``0.1 x (1,500 / n_cells)^2`` above
+        (0.025 at 3,000 cells, 0.002 at 10,000; ``default_dropout_rate``), fixed when the
+        model is made; 0 for a MuData with RNA. Measured on the default path
+        (``benchmarks/NOTES.md``, "Dropout that fades with the number of cells"): on the
+        shared sets (seeds 0 / 1 / 2) 0.1 raised forebrain's own clusters from 0.626 / 0.630
+        / 0.651 to 0.661 / 0.656 / 0.701 and k-means from 0.684 / 0.648 / 0.612 to 0.687 /
+        0.664 / 0.674 (the cell lines: own clusters 0.632 / 0.672 / 0.692 against 0.679 /
+        0.649 / 0.648); on 250 cell-line cells k-means went from 0.28 / 0.03 to 0.52 / 0.53
+        (seeds 0 / 1). On thousands of cells it splits the clusters: on 3,000 forebrain
+        pooled cells (8 parents) 0.067 gave own clusters 0.84 / 0.85 against 0.89 / 1.00
+        without dropout (0.025: 0.96 / 0.85), on 10,000 a fixed 0.1 gave 0.69 (15
+        clusters) against 0.95 (10).
+        ``0.0`` turns it off.
     objective
         ``"elbo"``, ``"iwae"`` or ``"dreg"``; see :class:`~scale_scvi.module.SCALEVAE`.
     n_particles
