@@ -200,7 +200,7 @@ def main() -> None:
             )
             for link in ("logit", "cloglog")
         },
-        # dropout in the encoder at a fixed rate (benchmarks/NOTES.md, "Dropout in the encoder")
+        # a fixed dropout rate (benchmarks/NOTES.md, "Dropout that fades with the number of cells")
         **{
             f"scale_dropout{tag}": functools.partial(
                 run_scale, model_kwargs={"dropout_rate": rate}, name=f"scale_dropout{tag}"
