@@ -251,6 +251,9 @@ def test_default_dropout_fades_with_the_number_of_cells(small_adata, tmp_path):
     for bad in (1.0, -0.1):
         with pytest.raises(ValueError, match="dropout_rate must be in"):
             SCALE(small_adata, dropout_rate=bad)
+    for bad in ("0.1", True):
+        with pytest.raises(TypeError, match="dropout_rate must be a number"):
+            SCALE(small_adata, dropout_rate=bad)
 
 
 def test_elbo_and_marginal_ll(small_adata):

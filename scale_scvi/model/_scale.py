@@ -67,6 +67,7 @@ from ._validation import (
     validate_layer_widths,
     validate_n_centroids,
     validate_obs_keys,
+    validate_rate,
     validate_saved_var_names,
     validate_unique_var_names,
 )
@@ -325,8 +326,8 @@ class SCALE(
                 if self._module_cls is SCALEVAE
                 else 0.0
             )
-        elif not 0.0 <= dropout_rate < 1.0:
-            raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}.")
+        else:
+            validate_rate(dropout_rate, "dropout_rate")
         inputs = self._module_cls.input_arguments(self._n_features(), self._modality_flags())
         inputs.update(self._peak_selection())
         self.module = self._module_cls(

@@ -207,6 +207,16 @@ def validate_count(value, name: str, minimum: int = 1, why: str = "") -> None:
         raise ValueError(f"{name}={value} is out of range: it must be at least {minimum}{why}.")
 
 
+def validate_rate(value, name: str) -> None:
+    """Raise a ``TypeError`` unless ``value`` is a real number, a ``ValueError`` unless it is
+    in [0, 1) (a dropout rate)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        kind = type(value).__name__
+        raise TypeError(f"{name} must be a number in [0, 1), got {value!r} ({kind}).")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value}.")
+
+
 def validate_layer_widths(widths, name: str) -> None:
     """Raise unless ``widths`` is a sequence of positive integers (hidden-layer widths)."""
     if isinstance(widths, str) or not isinstance(widths, Iterable):
