@@ -74,11 +74,16 @@ def prepare_dataset(
 
 
 def train_default_path(
-    file: str | Path, seed: int, model_kwargs: dict | None = None, **train_kwargs
+    file: str | Path,
+    seed: int,
+    model_kwargs: dict | None = None,
+    setup_kwargs: dict | None = None,
+    **train_kwargs,
 ):
     """What a user runs on a shared dataset (its file name) or another ``.h5ad`` (a
     :class:`~pathlib.Path`): the matrix as shipped, ``setup_anndata(adata)``,
-    ``SCALE(adata, **model_kwargs)``, ``train(**train_kwargs)`` (no progress bar), at
+    ``setup_anndata(adata, **setup_kwargs)``, ``SCALE(adata, **model_kwargs)``,
+    ``train(**train_kwargs)`` (no progress bar), at
     ``scvi.settings.seed = seed``. Returns ``(adata, model, training seconds)``."""
     import anndata as ad
     import scvi
@@ -88,11 +93,30 @@ def train_default_path(
 
     adata = ad.read_h5ad(file if isinstance(file, Path) else shared_data_path(file))
     scvi.settings.seed = seed
-    SCALE.setup_anndata(adata)
+    SCALE.setup_anndata(adata, **(setup_kwargs or {}))
     model = SCALE(adata, **(model_kwargs or {}))
     start = time.perf_counter()
     model.train(enable_progress_bar=False, **train_kwargs)
     return adata, model, time.perf_counter() - start
+
+
+def save_readout_inputs(name: str, model, labels: np.ndarray, own: np.ndarray) -> Path:
+    """Store what a readout of a trained latent needs, ``work/small_cells/<name>.npz``: the
+    posterior means ``qz_m`` and variances ``qz_v`` of all cells, the training cells
+    ``train_idx``, the ``labels`` and the model's own clusters ``own`` (read by
+    ``merge_penalty.py``; ``name`` ends in ``_<training seed>``)."""
+    qz_m, qz_v = model.get_latent_representation(return_dist=True)
+    path = WORK / "small_cells" / f"{name}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(
+        path,
+        qz_m=qz_m,
+        qz_v=qz_v,
+        train_idx=np.asarray(model.train_indices),
+        labels=np.asarray(labels).astype(str),
+        own=np.asarray(own).astype(str),
+    )
+    return path
 
 
 def save_matrix(path: Path, X: sp.csr_matrix, labels: np.ndarray) -> None:

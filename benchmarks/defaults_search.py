@@ -62,6 +62,8 @@ CONFIGS: dict[str, dict] = {
     # the mixture's first fit (end of the KL warm-up) read off Leiden at resolution 0.5, the
     # fit when training ends at the default resolution 1 (see _init_resolution_patch)
     "init_resolution_05": {"init_resolution": 0.5},
+    # the same at resolution 2: more, smaller pieces before the merge at the first fit
+    "init_resolution_2": {"init_resolution": 2.0},
     # inverted dropout of the encoder's input peaks during training (the multimodal module's
     # input_dropout, set on the ATAC module's encoder)
     "input_dropout_02": {"input_dropout": 0.2},

@@ -54,6 +54,7 @@ from _common import (
     label_scores,
     lsi_embedding,
     save_matrix,
+    save_readout_inputs,
     train_default_path,
 )
 
@@ -120,7 +121,11 @@ def make_set(dataset: str, n_cells: int, parents: int, data_seed: int) -> Path:
 
 
 def run_scale(
-    h5ad: Path, seed: int, model_kwargs: dict | None = None, name: str = "scale"
+    h5ad: Path,
+    seed: int,
+    model_kwargs: dict | None = None,
+    name: str = "scale",
+    save_latents: bool = False,
 ) -> dict:
     import torch
 
@@ -131,6 +136,8 @@ def run_scale(
     latent = model.get_latent_representation()
     # kept for offline readouts (the partition, the merge) on the same latent
     np.save(WORK / f"{h5ad.stem}_{name}_{seed}_latent.npy", latent)
+    if save_latents:
+        save_readout_inputs(f"{h5ad.stem}_{name}_{seed}", model, labels, own)
     return {
         **embedding_scores(latent, labels, seed),
         "ari_own": round(label_scores(own, labels)["ari"], 4),
@@ -189,6 +196,12 @@ def main() -> None:
             "lsi", "snapatac2",
         ],
     )  # fmt: skip
+    parser.add_argument(
+        "--save-latents",
+        action="store_true",
+        help="also store each SCALE run's posterior moments, training cells, labels and own "
+        "clusters in work/small_cells/ (read by merge_penalty.py)",
+    )
     args = parser.parse_args()
 
     h5ad = make_set(args.dataset, args.cells, args.parents, args.data_seed)
@@ -214,6 +227,11 @@ def main() -> None:
         "lsi": run_lsi,
         "snapatac2": run_snapatac2,
     }
+    if args.save_latents:
+        runners = {
+            method: (functools.partial(run, save_latents=True) if method[:5] == "scale" else run)
+            for method, run in runners.items()
+        }
     for seed in args.seeds:
         for method in args.methods:
             result = runners[method](h5ad, seed)

@@ -17,6 +17,10 @@ Usage (from the repository root)::
 
     SCALE_SCVI_DATA=../shared/data .venv/bin/python benchmarks/small_cells.py \\
         --dataset forebrain --cells 250 500 --seeds 0 1
+
+``--setup-kwargs`` and ``--model-kwargs`` pass arguments to ``setup_anndata`` (e.g. a peak
+selection) and to ``SCALE`` (e.g. ``n_centroids``); ``--save-latents`` stores each SCALE
+run's latent for ``merge_penalty.py``.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from _common import (
     embedding_scores,
     label_scores,
     lsi_embedding,
+    save_readout_inputs,
     train_default_path,
 )
 
@@ -49,6 +54,8 @@ FIELDS = (
     "seed",
     "method",
     "train_kwargs",
+    "setup_kwargs",
+    "model_kwargs",
     "dropout_rate",
     "ari_own",
     "n_own",
@@ -95,8 +102,22 @@ def main() -> None:
     parser.add_argument(
         "--train-kwargs", default="{}", help="JSON: arguments of train() (default: none)"
     )
+    parser.add_argument(
+        "--setup-kwargs", default="{}", help="JSON: arguments of setup_anndata (default: none)"
+    )
+    parser.add_argument(
+        "--model-kwargs", default="{}", help="JSON: arguments of SCALE() (default: none)"
+    )
+    parser.add_argument(
+        "--save-latents",
+        action="store_true",
+        help="also store each SCALE run's posterior moments, training cells, labels and own "
+        "clusters in work/small_cells/ (read by merge_penalty.py)",
+    )
     args = parser.parse_args()
     train_kwargs = json.loads(args.train_kwargs)
+    setup_kwargs = json.loads(args.setup_kwargs)
+    model_kwargs = json.loads(args.model_kwargs)
     import anndata as ad
     import torch
 
@@ -108,14 +129,20 @@ def main() -> None:
                 # again before every run: the scoring of the previous one (scikit-learn's
                 # k-means, scanpy) leaves torch at the machine's thread count
                 torch.set_num_threads(1)
-                adata, model, train_s = train_default_path(path, seed, **train_kwargs)
+                adata, model, train_s = train_default_path(
+                    path, seed, model_kwargs, setup_kwargs, **train_kwargs
+                )
                 labels = adata.obs["cell_type"].astype(str).to_numpy()
                 latent = model.get_latent_representation()
                 own = model.get_cluster_assignments()
+                if args.save_latents:
+                    save_readout_inputs(f"{args.dataset}_{n_cells}_{seed}", model, labels, own)
                 row = {
                     **base,
                     "method": "scale",
                     "train_kwargs": json.dumps(train_kwargs, sort_keys=True),
+                    "setup_kwargs": json.dumps(setup_kwargs, sort_keys=True),
+                    "model_kwargs": json.dumps(model_kwargs, sort_keys=True),
                     "dropout_rate": model.module.dropout_rate,
                     "ari_own": round(label_scores(own, labels)["ari"], 4),
                     "n_own": model.n_clusters_,
