@@ -11,6 +11,8 @@ Usage (from the repository root)::
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/defaults_search.py --dataset forebrain \\
         --config defaults --seed 0
+
+``--cells N`` trains on the random subset of ``N`` cells that ``small_cells.py`` draws.
 """
 
 from __future__ import annotations
@@ -64,6 +66,9 @@ CONFIGS: dict[str, dict] = {
     "init_resolution_05": {"init_resolution": 0.5},
     # the same at resolution 2: more, smaller pieces before the merge at the first fit
     "init_resolution_2": {"init_resolution": 2.0},
+    # the first fit's Leiden pieces taken as the components without the merge; the fit when
+    # training ends as in the package (see _first_fit_unmerged_patch)
+    "first_fit_unmerged": {"first_fit_unmerged": True},
     # inverted dropout of the encoder's input peaks during training (the multimodal module's
     # input_dropout, set on the ATAC module's encoder)
     "input_dropout_02": {"input_dropout": 0.2},
@@ -189,6 +194,24 @@ def _init_resolution_patch(resolution: float) -> None:
     GMMInitCallback.on_train_epoch_start = patched
 
 
+def _first_fit_unmerged_patch() -> None:
+    """Make the mixture's first fit (at the end of the KL warm-up) keep every Leiden piece
+    as a component (no merge); the fit when training ends merges as the package does."""
+    from scale_scvi.train import _gmm_init as gmm
+
+    start = gmm.GMMInitCallback.on_train_epoch_start
+
+    def patched(self, trainer, pl_module):
+        merge = gmm.merge_partition
+        gmm.merge_partition = lambda latent, labels, *args, **kwargs: gmm._by_size(labels)
+        try:
+            start(self, trainer, pl_module)
+        finally:
+            gmm.merge_partition = merge
+
+    gmm.GMMInitCallback.on_train_epoch_start = patched
+
+
 def _kmeans_at_leiden_k_patch(which: str) -> None:
     """Make the Leiden-read mixture fits (``which``: "both", or the "first" one only) k-means
     fits with as many components as the Leiden partition has once merged
@@ -272,6 +295,8 @@ def run_scale(adata, seed: int, config: dict) -> dict:
         _kmeans_at_leiden_k_patch(config["kmeans_at_leiden_k"])
     if "init_resolution" in config:
         _init_resolution_patch(config["init_resolution"])
+    if config.get("first_fit_unmerged"):
+        _first_fit_unmerged_patch()
     if "nets_weight_decay" in config:
         _nets_weight_decay_patch(config["nets_weight_decay"])
     SCALE.setup_anndata(adata, **config.get("setup", {}))
@@ -301,6 +326,12 @@ def main() -> None:
     parser.add_argument("--config", default="defaults")
     parser.add_argument("--method", choices=["scale", "lsi"], default="scale")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--cells",
+        type=int,
+        help="train on small_cells.py's random subset of this many cells (drawn with --seed); "
+        "the row's dataset is then <dataset>_<cells>",
+    )
     args = parser.parse_args()
 
     import anndata as ad
@@ -310,6 +341,10 @@ def main() -> None:
     path = shared_data_path(DATASETS[args.dataset])
     if path is None:
         raise SystemExit(f"{DATASETS[args.dataset]} not found: set SCALE_SCVI_DATA.")
+    if args.cells is not None:
+        from small_cells import subset
+
+        path = subset(args.dataset, args.cells, args.seed)
     adata = ad.read_h5ad(path)
     labels = adata.obs["cell_type"].astype(str).to_numpy()
     t0 = time.perf_counter()
@@ -319,7 +354,7 @@ def main() -> None:
         config = CONFIGS.get(args.config, {}) if args.config != "defaults" else {}
         out = run_scale(adata, args.seed, config)
     row = {
-        "dataset": args.dataset,
+        "dataset": args.dataset if args.cells is None else f"{args.dataset}_{args.cells}",
         "method": args.method,
         "config": args.config if args.method == "scale" else "lsi",
         "seed": args.seed,
