@@ -81,9 +81,8 @@ def train_default_path(
     **train_kwargs,
 ):
     """What a user runs on a shared dataset (its file name) or another ``.h5ad`` (a
-    :class:`~pathlib.Path`): the matrix as shipped, ``setup_anndata(adata)``,
-    ``setup_anndata(adata, **setup_kwargs)``, ``SCALE(adata, **model_kwargs)``,
-    ``train(**train_kwargs)`` (no progress bar), at
+    :class:`~pathlib.Path`): the matrix as shipped, ``setup_anndata(adata, **setup_kwargs)``,
+    ``SCALE(adata, **model_kwargs)``, ``train(**train_kwargs)`` (no progress bar), at
     ``scvi.settings.seed = seed``. Returns ``(adata, model, training seconds)``."""
     import anndata as ad
     import scvi

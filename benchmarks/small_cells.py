@@ -112,12 +112,14 @@ def main() -> None:
         "--save-latents",
         action="store_true",
         help="also store each SCALE run's posterior moments, training cells, labels and own "
-        "clusters in work/small_cells/ (read by merge_penalty.py)",
+        "clusters in work/small_cells/ (read by merge_penalty.py; the default path only)",
     )
     args = parser.parse_args()
     train_kwargs = json.loads(args.train_kwargs)
     setup_kwargs = json.loads(args.setup_kwargs)
     model_kwargs = json.loads(args.model_kwargs)
+    if args.save_latents and (setup_kwargs or model_kwargs or train_kwargs):
+        parser.error("--save-latents stores the default path's latents: give no --*-kwargs")
     import anndata as ad
     import torch
 
