@@ -61,32 +61,19 @@ def merge_variant(
     scale: float | None = 1.0,
     linkage: str | None = None,
 ) -> np.ndarray:
-    """``merge_partition``'s greedy ICL merge with its price times ``scale`` (``None``: no
-    merge) and, with ``linkage`` ("complete" or "single"), the condition on the original
-    pieces above. Written out here, since the package's merge has no such knobs."""
+    """``merge_partition``'s greedy merge by ``merge_value`` with its price times ``scale``
+    (``None``: no merge) and, with ``linkage`` ("complete" or "single"), the condition on
+    the original pieces above; the loop is written out here, since the package's has no
+    such knobs."""
     labels = gmm._by_size(np.asarray(labels))
     if scale is None:
         return labels
-    price = scale * 0.5 * (2 * latent.shape[1] + 1)
-
-    def moments(mask):
-        w = weight[mask]
-        mean = w @ latent[mask] / w.sum()
-        return w.sum(), mean, w @ (latent[mask] - mean) ** 2 / w.sum() + 1e-4
-
-    def log_normal(x, mean, var):
-        return -0.5 * (np.log(2 * np.pi * var).sum() + ((x - mean) ** 2 / var).sum(-1))
+    price = 0.5 * (2 * latent.shape[1] + 1)
 
     def value(in_i: np.ndarray, in_j: np.ndarray) -> float:
-        mask = in_i | in_j
-        x, w = latent[mask], weight[mask]
-        (mi, mu_i, var_i), (mj, mu_j, var_j) = moments(in_i), moments(in_j)
-        log_i = np.log(mi / (mi + mj)) + log_normal(x, mu_i, var_i)
-        log_j = np.log(mj / (mi + mj)) + log_normal(x, mu_j, var_j)
-        two = np.logaddexp(log_i, log_j)
-        _, mu, var = moments(mask)
-        entropy = -(np.exp(log_i - two) * (log_i - two) + np.exp(log_j - two) * (log_j - two))
-        return float(w @ (log_normal(x, mu, var) - two + entropy)) + price * np.log(mi + mj)
+        # the package's criterion, its price of the extra parameters times scale
+        rescale = (scale - 1.0) * price * np.log(weight[in_i | in_j].sum())
+        return gmm.merge_value(latent, weight, in_i, in_j) + rescale
 
     pieces = labels.copy()
     n_pieces = int(pieces.max()) + 1

@@ -16,6 +16,7 @@ from scale_scvi.train._gmm_init import (
     knn_connectivities,
     leiden_partition,
     merge_partition,
+    merge_value,
 )
 
 SMALL = {"n_hidden": (64, 32)}
@@ -107,6 +108,17 @@ def test_merge_joins_the_halves_of_a_large_non_gaussian_population():
     merged = merge_partition(x, labels)
     assert len(np.unique(merged)) == 2
     assert (merged[:5000] == merged[0]).all() and (merged[5000:] == merged[-1]).all()
+
+
+def test_merge_value_is_the_pair_criterion_of_the_merge():
+    """Positive exactly when merge_partition joins two clusters: the box's halves under the
+    ICL, not under the BIC."""
+    rng = np.random.default_rng(0)
+    box = rng.uniform(-1, 1, size=(5000, 10))
+    left = box[:, 0] > 0
+    weight = np.ones(len(box))
+    assert merge_value(box, weight, left, ~left) > 0
+    assert merge_value(box, weight, left, ~left, criterion="bic") < 0
 
 
 def test_knn_connectivities_are_symmetric_fuzzy_weights():

@@ -313,8 +313,42 @@ def merge_partition(
         raise ValueError(f"criterion must be 'icl' or 'bic', got {criterion!r}.")
     labels = _by_size(np.asarray(labels))
     weight = np.ones(latent.shape[0]) if sample_weight is None else np.asarray(sample_weight)
-    n_dim = latent.shape[1]
-    penalty = 0.5 * (2 * n_dim + 1)
+    kept = set(range(int(labels.max()) + 1))
+    cache: dict[tuple[int, int], float] = {}
+    while len(kept) > 1:
+        best, best_gain = None, 0.0
+        for i in kept:
+            for j in kept:
+                if j <= i:
+                    continue
+                if (i, j) not in cache:
+                    cache[i, j] = merge_value(
+                        latent, weight, labels == i, labels == j, reg_covar, criterion
+                    )
+                if cache[i, j] > best_gain:
+                    best, best_gain = (i, j), cache[i, j]
+        if best is None:
+            break
+        i, j = best
+        labels = np.where(labels == j, i, labels)
+        kept.discard(j)
+        cache = {pair: v for pair, v in cache.items() if i not in pair and j not in pair}
+    return _by_size(labels)
+
+
+def merge_value(
+    latent: np.ndarray,
+    weight: np.ndarray,
+    in_i: np.ndarray,
+    in_j: np.ndarray,
+    reg_covar: float = 1e-4,
+    criterion: Literal["icl", "bic"] = "icl",
+) -> float:
+    """:func:`merge_partition`'s criterion for one pair of clusters (the rows ``in_i`` and
+    ``in_j``, boolean masks): the log-likelihood of their union's one Gaussian minus that of
+    the two-component mixture of their Gaussians, plus (``"icl"``) the entropy of the
+    assignments between the two, plus the price ``(2 D + 1) / 2 * log(n_i + n_j)`` of the
+    extra component's parameters, in nats. Positive: merge."""
 
     def moments(mask: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
         w = weight[mask]
@@ -326,38 +360,19 @@ def merge_partition(
     def log_normal(x: np.ndarray, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
         return -0.5 * (np.log(2 * np.pi * var).sum() + ((x - mean) ** 2 / var).sum(-1))
 
-    clusters = {c: moments(labels == c) for c in range(int(labels.max()) + 1)}
-    cache: dict[tuple[int, int], float] = {}
-    while len(clusters) > 1:
-        best, best_gain = None, 0.0
-        for i in clusters:
-            for j in clusters:
-                if j <= i:
-                    continue
-                if (i, j) not in cache:
-                    mask = (labels == i) | (labels == j)
-                    x, w = latent[mask], weight[mask]
-                    (mi, mu_i, var_i), (mj, mu_j, var_j) = clusters[i], clusters[j]
-                    log_i = np.log(mi / (mi + mj)) + log_normal(x, mu_i, var_i)
-                    log_j = np.log(mj / (mi + mj)) + log_normal(x, mu_j, var_j)
-                    two = np.logaddexp(log_i, log_j)
-                    _, mu, var = moments(mask)
-                    gain = log_normal(x, mu, var) - two  # of one Gaussian over the two
-                    if criterion == "icl":
-                        # plus the entropy of each cell's assignment between the two
-                        t_i, t_j = np.exp(log_i - two), np.exp(log_j - two)
-                        gain = gain - (t_i * (log_i - two) + t_j * (log_j - two))
-                    cache[i, j] = float(w @ gain) + penalty * np.log(mi + mj)
-                if cache[i, j] > best_gain:
-                    best, best_gain = (i, j), cache[i, j]
-        if best is None:
-            break
-        i, j = best
-        labels = np.where(labels == j, i, labels)
-        clusters[i] = moments(labels == i)
-        del clusters[j]
-        cache = {pair: v for pair, v in cache.items() if i not in pair and j not in pair}
-    return _by_size(labels)
+    mask = in_i | in_j
+    x, w = latent[mask], weight[mask]
+    (mi, mu_i, var_i), (mj, mu_j, var_j) = moments(in_i), moments(in_j)
+    log_i = np.log(mi / (mi + mj)) + log_normal(x, mu_i, var_i)
+    log_j = np.log(mj / (mi + mj)) + log_normal(x, mu_j, var_j)
+    two = np.logaddexp(log_i, log_j)
+    _, mu, var = moments(mask)
+    gain = log_normal(x, mu, var) - two  # of one Gaussian over the two
+    if criterion == "icl":
+        # plus the entropy of each cell's assignment between the two
+        t_i, t_j = np.exp(log_i - two), np.exp(log_j - two)
+        gain = gain - (t_i * (log_i - two) + t_j * (log_j - two))
+    return float(w @ gain) + 0.5 * (2 * latent.shape[1] + 1) * np.log(mi + mj)
 
 
 def _trimmed_moments(
