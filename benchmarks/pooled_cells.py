@@ -61,6 +61,8 @@ from _common import (
 RESULTS = Path(__file__).resolve().parent / "results" / "pooled_cells.csv"
 #: Fixed dropout rates of the ``scale_dropout<tag>`` rows: the row's name and its rate.
 DROPOUT_ROWS = {"0": 0.0, "01": 0.1, "0033": 0.033, "0025": 0.025, "002": 0.02}
+#: Numbers of LSI coordinates of the rows scale_lsi<n> (SCALE(adata, n_lsi=n)).
+LSI_ROWS = (30, 100)
 
 
 def pooled_cells(
@@ -191,7 +193,8 @@ def main() -> None:
     parser.add_argument(
         "--methods", nargs="+", default=["scale", "lsi", "snapatac2"],
         choices=[
-            "scale", "scale_logit", "scale_cloglog", "scale_hidden1024",
+            "scale", "scale_logit", "scale_cloglog", "scale_hidden1024", "scale_peaks",
+            *(f"scale_lsi{n}" for n in LSI_ROWS),
             *(f"scale_dropout{tag}" for tag in DROPOUT_ROWS),
             "lsi", "snapatac2",
         ],
@@ -224,6 +227,16 @@ def main() -> None:
         "scale_hidden1024": functools.partial(
             run_scale, model_kwargs={"n_hidden": ORIGINAL_N_HIDDEN}, name="scale_hidden1024"
         ),
+        # the encoder reads the peaks (n_lsi=None), or n LSI coordinates
+        "scale_peaks": functools.partial(
+            run_scale, model_kwargs={"n_lsi": None}, name="scale_peaks"
+        ),
+        **{
+            f"scale_lsi{n}": functools.partial(
+                run_scale, model_kwargs={"n_lsi": n}, name=f"scale_lsi{n}"
+            )
+            for n in LSI_ROWS
+        },
         "lsi": run_lsi,
         "snapatac2": run_snapatac2,
     }

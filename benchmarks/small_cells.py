@@ -57,6 +57,7 @@ FIELDS = (
     "setup_kwargs",
     "model_kwargs",
     "dropout_rate",
+    "n_lsi",
     "ari_own",
     "n_own",
     "ari_kmeans",
@@ -146,6 +147,8 @@ def main() -> None:
                     "setup_kwargs": json.dumps(setup_kwargs, sort_keys=True),
                     "model_kwargs": json.dumps(model_kwargs, sort_keys=True),
                     "dropout_rate": model.module.dropout_rate,
+                    # what the encoder read: LSI coordinates, or the peaks
+                    "n_lsi": model.module.n_lsi or "peaks",
                     "ari_own": round(label_scores(own, labels)["ari"], 4),
                     "n_own": model.n_clusters_,
                     **embedding_scores(latent, labels, seed),

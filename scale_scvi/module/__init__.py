@@ -4,6 +4,7 @@ from . import _constants
 from ._base import SCALEModuleBase
 from ._components import SCALEDecoder, SCALEEncoder, SparseFirstLayer
 from ._constants import *  # noqa: F403  (modalities and keys: _constants.__all__)
+from ._lsi import LSIProjection
 from ._multivae import MultiSCALEVAE
 from ._prior import GaussianMixturePrior
 from ._scalevae import SCALEVAE
@@ -18,6 +19,7 @@ def module_class(modalities: tuple[str, ...]) -> type[SCALEModuleBase]:
 __all__ = [
     *_constants.__all__,
     "GaussianMixturePrior",
+    "LSIProjection",
     "MultiSCALEVAE",
     "SCALEDecoder",
     "SCALEEncoder",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from numbers import Integral
 from typing import Literal
 
 import torch
@@ -14,6 +15,7 @@ from ._base import AtacLink, Normalization, SCALEModuleBase
 from ._components import binarize
 from ._constants import ATAC, MODULE_KEYS
 from ._feature_stats import open_fraction
+from ._lsi import LSIProjection
 from ._objectives import (
     gmm_kl,
     importance_log_weights,
@@ -76,6 +78,7 @@ class SCALEVAE(SCALEModuleBase):
         use_batch_norm: Normalization | None = None,
         use_layer_norm: Normalization | None = None,
         atac_link: AtacLink = "cloglog",
+        n_lsi: int | None = None,
         **kwargs,
     ):
         default_norm = use_batch_norm is None and use_layer_norm is None
@@ -96,15 +99,38 @@ class SCALEVAE(SCALEModuleBase):
         self.modalities = (ATAC,)
         self.gamma_from = gamma_from
         self.n_peaks = self._register_peak_index(peak_index, n_input)
-        self.z_encoder = self._make_encoder(self.n_peaks)
+        if n_lsi is not None and (
+            isinstance(n_lsi, bool) or not isinstance(n_lsi, Integral) or n_lsi < 1
+        ):
+            raise ValueError(f"n_lsi must be a positive integer or None, got {n_lsi!r}.")
+        self.lsi = LSIProjection(self.n_peaks, int(n_lsi)) if n_lsi is not None else None
+        self.z_encoder = self._make_encoder(self._encoder_inputs())
         self.decoder = self._make_decoder(self.n_peaks)
         self._add_prior()
         # marks the state dicts saved since layer norm became the encoder's default
         self.register_buffer("normalization_v2", torch.ones((), dtype=torch.bool))
 
+    @property
+    def n_lsi(self) -> int | None:
+        """Number of LSI coordinates the encoder reads; ``None`` when it reads the peaks."""
+        return None if self.lsi is None else self.lsi.n_components
+
+    def _encoder_inputs(self) -> int:
+        return self.n_peaks if self.lsi is None else self.lsi.n_components
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        self._restore_saved_encoder_input(state_dict, prefix)
         self._restore_saved_normalization(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _restore_saved_encoder_input(self, state_dict: dict, prefix: str) -> None:
+        """Load a state dict saved before the encoder read LSI coordinates: without the
+        projection's buffers, the module rebuilds its encoder to read the peaks."""
+        if self.lsi is None or prefix + "lsi.basis" in state_dict:
+            return
+        device = self.normalization_v2.device
+        self.lsi = None
+        self.z_encoder = self._make_encoder(self.n_peaks).to(device)
 
     def _restore_saved_normalization(self, state_dict: dict, prefix: str) -> None:
         """Load a state dict saved before layer norm became the encoder's default.
@@ -126,7 +152,7 @@ class SCALEVAE(SCALEModuleBase):
         self.use_batch_norm = "encoder" if with_bn else "none"
         self.use_layer_norm = "none"
         device = self.normalization_v2.device
-        self.z_encoder = self._make_encoder(self.n_peaks).to(device)
+        self.z_encoder = self._make_encoder(self._encoder_inputs()).to(device)
 
     # ------------------------------------------------------------------ inputs
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict:
@@ -161,7 +187,8 @@ class SCALEVAE(SCALEModuleBase):
         x = binarize(x)
         cats, cont = self._encoder_covariates(batch_index, cat_covs, cont_covs)
         library = self.depth_logit_offset(x)
-        qz_m, qz_v = self.z_encoder(x, *cats, cont=cont)
+        h = x if self.lsi is None else self.lsi(x)
+        qz_m, qz_v = self.z_encoder(h, *cats, cont=cont)
         # No argument validation: a diverging run must reach the loss, where training stops
         # with an error that names the epoch (FiniteLossGuard), not fail inside Normal.
         qz = Normal(qz_m, qz_v.sqrt(), validate_args=False)
@@ -209,8 +236,12 @@ class SCALEVAE(SCALEModuleBase):
         return REGISTRY_KEYS.X_KEY
 
     def init_from_data(self, matrices: Mapping[str, object]) -> None:
-        """Decoder bias ``link(open fraction)`` of each peak read, from ``matrices["atac"]``."""
+        """Decoder bias ``link(open fraction)`` of each peak read, from ``matrices["atac"]``,
+        and the encoder's LSI basis (``n_lsi``)."""
         self._init_bernoulli_decoder(self.decoder, open_fraction(matrices[ATAC]))
+        if self.lsi is not None:
+            index = None if self.peak_index is None else self.peak_index.cpu().numpy()
+            self.lsi.fit(matrices[ATAC], peak_index=index)
 
     def _joint_moments(self, inference_outputs: Mapping, joint_mean: str):
         return inference_outputs[MODULE_KEYS.QZM_KEY], inference_outputs[MODULE_KEYS.QZV_KEY]
