@@ -134,3 +134,13 @@ def test_trained_model_maps_new_cells_with_its_own_basis(tmp_path) -> None:
     np.testing.assert_array_equal(
         loaded.get_latent_representation(), model.get_latent_representation(query)
     )
+
+
+def test_summary_says_what_a_loaded_encoder_reads() -> None:
+    adata = simulate_scatac(n_cells=60, n_peaks=50, n_types=2, seed=1)
+    SCALE.setup_anndata(adata)
+    model = SCALE(adata)
+    assert f"reads {N_LSI} LSI coordinates" in model._model_summary_string
+    # the state dict of a model saved before the LSI input: its encoder reads the peaks
+    model.module.load_state_dict(SCALE(adata, n_lsi=None).module.state_dict())
+    assert model.module.lsi is None and "LSI" not in model._model_summary_string

@@ -1,0 +1,93 @@
+"""Reference mapping with an encoder of the peaks or of LSI coordinates (the tutorial's split).
+
+The reference-mapping tutorial's set-up, one split per seed: the cell lines' cells are split
+at random into a "deep" and a "shallow" batch, the shallow one's reads kept with probability
+0.3; a reference model (``batch_key="batch"``) is trained on the deep cells with the
+encoder input ``--n-lsi`` (``null``: the peaks), the shallow cells are mapped onto it with
+``SCALE.load_query_data`` and trained (only their batch weights), and one row goes to
+``results/reference_mapping_encoder.csv``: the reference's own clusters (ARI), the share of
+query cells whose type a 15-nearest-neighbour vote of reference cells gets right, and the ARI
+of the query cells' reference components. One thread, one process per run.
+
+Usage (from the repository root)::
+
+    SCALE_SCVI_DATA=../shared/data .venv/bin/python benchmarks/reference_mapping_encoder.py \\
+        --seed 0 --n-lsi null
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import numpy as np
+from _common import append_rows
+
+RESULTS = Path(__file__).resolve().parent / "results" / "reference_mapping_encoder.csv"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-lsi", default="null", help="JSON: 30, null (the peaks), ...")
+    args = parser.parse_args()
+    n_lsi = json.loads(args.n_lsi)
+    import pandas as pd
+    import scipy.sparse as sp
+    import scvi
+    import torch
+    from sklearn.metrics import adjusted_rand_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    import scale_scvi
+    from scale_scvi import SCALE
+
+    torch.set_num_threads(1)
+    scvi.settings.seed = args.seed
+    adata = scale_scvi.datasets.cell_lines()
+    rng = np.random.default_rng(args.seed)
+    adata.obs["batch"] = pd.Categorical(np.where(rng.random(adata.n_obs) < 0.5, "deep", "shallow"))
+    counts = sp.csr_matrix(adata.X, dtype=np.float32, copy=True)
+    for i in np.flatnonzero(adata.obs["batch"] == "shallow"):
+        row = slice(counts.indptr[i], counts.indptr[i + 1])
+        counts.data[row] = rng.binomial(counts.data[row].astype(np.int64), 0.3)
+    counts.eliminate_zeros()
+    adata.layers["counts"] = counts
+    reference = adata[adata.obs["batch"] == "deep"].copy()
+    query = adata[adata.obs["batch"] == "shallow"].copy()
+    for part in (reference, query):
+        part.obs["batch"] = part.obs["batch"].cat.remove_unused_categories()
+    SCALE.setup_anndata(reference, layer="counts", batch_key="batch")
+    ref = SCALE(reference, n_lsi=n_lsi)
+    ref.train(enable_progress_bar=False)
+    ref_ari = adjusted_rand_score(reference.obs["cell_type"], ref.get_cluster_assignments())
+    query_model = SCALE.load_query_data(query, ref)
+    torch.set_num_threads(1)  # the scoring above (scikit-learn) may have changed it
+    query_model.train(enable_progress_bar=False)
+    knn = KNeighborsClassifier(n_neighbors=15).fit(
+        ref.get_latent_representation(), reference.obs["cell_type"]
+    )
+    predicted = knn.predict(query_model.get_latent_representation())
+    row = {
+        "seed": args.seed,
+        "n_lsi": "peaks" if n_lsi is None else n_lsi,
+        "reference_ari_own": round(ref_ari, 3),
+        "transfer_accuracy": round(float((predicted == query.obs["cell_type"]).mean()), 3),
+        "query_component_ari": round(
+            adjusted_rand_score(query.obs["cell_type"], query_model.get_cluster_assignments()),
+            3,
+        ),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    print(json.dumps(row), flush=True)
+    append_rows(RESULTS, [row])
+
+
+if __name__ == "__main__":
+    main()
