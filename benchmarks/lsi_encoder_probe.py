@@ -8,12 +8,12 @@ far cells and the training time.
 
 The variants (``variant`` column):
 
-- ``lsi<d>``: the model's encoder replaced, before training, by one that reads ``d`` LSI
-  coordinates (this script's :class:`LSIEncoder`: TF-IDF of the binarized peaks read,
-  ``log1p``, the SVD of all cells' TF-IDF with the first component dropped, rows
-  L2-normalized and scaled by ``sqrt(d)``), the encoder of the peaks left out. It was
-  written before the package had ``n_lsi``; the package's
-  :class:`~scale_scvi.module.LSIProjection` computes the same coordinates;
+- ``lsi<d>``: ``SCALE(adata, n_lsi=d)``, the encoder reading ``d`` LSI coordinates
+  (:class:`~scale_scvi.module.LSIProjection`). The rows of 2026-12-07 before 11:30 were made
+  before the package had ``n_lsi``, with a projection this script then computed itself (the
+  same TF-IDF, SVD and row normalization, in float64, the SVD's random state = the seed;
+  the package's is float32 with random state 0): run today they come out a little
+  different;
 - ``package``: ``SCALE(adata)`` as the package makes it, with ``--model-kwargs``;
 - ``control``: ``SCALE(adata, n_lsi=None)``, the encoder of the peaks.
 
@@ -34,47 +34,11 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
-import numpy as np
-import scipy.sparse as sp
 import torch
 from _common import DATASETS, append_rows, embedding_scores, label_scores
 from small_cells import far_cells, subset
-from torch import nn
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lsi_encoder_probe.csv"
-
-
-class LSIEncoder(nn.Module):
-    """``inner`` (an encoder of ``d`` inputs) fed the LSI coordinates of the peaks read."""
-
-    def __init__(self, inner: nn.Module, idf: np.ndarray, basis: np.ndarray):
-        super().__init__()
-        self.inner = inner
-        self.register_buffer("idf", torch.as_tensor(idf, dtype=torch.float32))
-        self.register_buffer("basis", torch.as_tensor(basis, dtype=torch.float32))
-        self.scale = float(np.sqrt(basis.shape[1]))
-
-    def forward(self, x, *cats, cont=None):
-        x = (x.to_dense() if x.layout != torch.strided else x).float()
-        tf = x / x.sum(1, keepdim=True).clamp_min(1.0)
-        u = torch.log1p(1e4 * tf * self.idf) @ self.basis
-        u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-12) * self.scale
-        return self.inner(u, *cats, cont=cont)
-
-
-def lsi_basis(X, d: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """``idf`` and the SVD basis (components 2 .. d + 1) of the binarized ``X``."""
-    from sklearn.decomposition import TruncatedSVD
-
-    X = sp.csr_matrix(X, dtype=np.float64)
-    X.data[:] = 1.0
-    tf = sp.diags(1.0 / np.maximum(np.asarray(X.sum(1)).ravel(), 1.0)) @ X
-    idf = X.shape[0] / np.maximum(np.asarray(X.sum(0)).ravel(), 1.0)
-    tfidf = (tf @ sp.diags(idf)).tocsr()
-    tfidf.data = np.log1p(tfidf.data * 1e4)
-    svd = TruncatedSVD(n_components=d + 1, random_state=seed, algorithm="randomized", n_iter=7)
-    svd.fit(tfidf)
-    return idf, svd.components_.T[:, 1:]
 
 
 def main() -> None:
@@ -106,15 +70,8 @@ def main() -> None:
     if args.control:
         kwargs.setdefault("n_lsi", None)
     elif not args.package:
-        kwargs["n_lsi"] = None  # the script's encoder replaces the encoder of the peaks
+        kwargs["n_lsi"] = args.d
     model = SCALE(adata, **kwargs)
-    module = model.module
-    if not (args.control or args.package):
-        X = sp.csr_matrix(adata.X)
-        if module.peak_index is not None:
-            X = X[:, module.peak_index.numpy()]
-        idf, basis = lsi_basis(X, args.d, args.seed)
-        module.z_encoder = LSIEncoder(module._make_encoder(args.d), idf, basis)
     start = time.perf_counter()
     model.train(enable_progress_bar=False)
     train_s = time.perf_counter() - start

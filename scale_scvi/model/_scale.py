@@ -366,18 +366,17 @@ class SCALE(
             )
         else:
             validate_rate(dropout_rate, "dropout_rate")
+        inputs = self._module_cls.input_arguments(self._n_features(), self._modality_flags())
+        inputs.update(self._peak_selection())
         if self._module_cls is SCALEVAE:  # resolved here too, and kept by a saved model
             if n_lsi == "auto":
                 n_lsi = default_n_lsi(self.summary_stats.n_cells)
+            inputs["n_lsi"] = n_lsi
         elif n_lsi not in ("auto", None):
             raise ValueError(
                 "n_lsi is an argument of the model of ATAC alone; a MuData with RNA encodes "
                 "the peaks. Leave n_lsi out."
             )
-        inputs = self._module_cls.input_arguments(self._n_features(), self._modality_flags())
-        inputs.update(self._peak_selection())
-        if self._module_cls is SCALEVAE:
-            inputs["n_lsi"] = n_lsi
         self.module = self._module_cls(
             **inputs,
             n_batch=self.summary_stats.n_batch,
