@@ -234,6 +234,7 @@ def test_cli_h5ad_end_to_end(h5ad_file, sim, tmp_path, capsys, monkeypatch):
     read = result.var["scale_selected"].to_numpy()
     assert 0 < read.sum() < result.n_vars
     assert f"{read.sum():,} features read of {result.n_vars:,}" in captured.err
+    assert "the encoder reads 30 LSI coordinates of them" in captured.err  # < 800 cells
     assert imputed.shape == (n_cells, result.n_vars) and imputed[:, ~read].nnz == 0
     has_peaks = (out / "cluster_specific_peaks.csv").is_file()
     assert has_peaks == (result.obs["scale_cluster"].nunique() > 1)

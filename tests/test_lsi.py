@@ -136,6 +136,35 @@ def test_trained_model_maps_new_cells_with_its_own_basis(tmp_path) -> None:
     )
 
 
+def test_load_and_query_mapping_fit_nothing_on_the_data(tmp_path, monkeypatch) -> None:
+    adata = simulate_scatac(n_cells=150, n_peaks=100, n_types=3, seed=2)
+    adata.obs["batch"] = "ref"
+    SCALE.setup_anndata(adata, batch_key="batch")
+    model = SCALE(adata)
+    model.train(max_epochs=2, enable_progress_bar=False)
+    model.save(tmp_path / "m")
+    state = {k: v.clone() for k, v in model.module.state_dict().items()}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("fitted on the data of a model whose state is saved")
+
+    monkeypatch.setattr(SCALEVAE, "init_from_data", refuse)
+    loaded = SCALE.load(tmp_path / "m", adata=adata[:40].copy())
+    for key, value in loaded.module.state_dict().items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0)
+    query = adata[:40].copy()
+    query.obs["batch"] = "query"
+    mapped = SCALE.load_query_data(query, tmp_path / "m")
+    torch.testing.assert_close(mapped.module.lsi.basis, state["lsi.basis"], rtol=0, atol=0)
+    torch.testing.assert_close(
+        mapped.module.log_mean_depth, state["log_mean_depth"], rtol=0, atol=0
+    )
+    fresh = adata.copy()
+    SCALE.setup_anndata(fresh, batch_key="batch")
+    with pytest.raises(AssertionError, match="fitted on the data"):
+        SCALE(fresh)  # a new model still fits its basis and decoder bias
+
+
 def test_summary_says_what_a_loaded_encoder_reads() -> None:
     adata = simulate_scatac(n_cells=60, n_peaks=50, n_types=2, seed=1)
     SCALE.setup_anndata(adata)

@@ -92,9 +92,11 @@ def _train(data: AnnData | MuData, args: argparse.Namespace, log: Log):
     n_read = len(model.selected_peaks_) if model.selected_peaks_ is not None else 0
     if multimodal:
         n_read += data.mod["rna"].n_vars
+    n_lsi = getattr(model.module, "n_lsi", None)
+    encoder = f"; the encoder reads {n_lsi} LSI coordinates of them" if n_lsi else ""
     log(
         f"Training SCALE on {what} ({data.n_obs:,} cells x {n_read:,} features read of "
-        f"{data.n_vars:,}) ..."
+        f"{data.n_vars:,}{encoder}) ..."
     )
     try:
         model.train(callbacks=[RunTimeNotice(n_read, log)], **train_kwargs)

@@ -35,6 +35,7 @@ import types
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import numpy as np
 import pandas as pd
@@ -335,14 +336,15 @@ class ModelFolderMixin:
                 f"{' or '.join(os.path.basename(f) for f in data_files)}); pass the data "
                 "with the model's features as adata=."
             )
-        with restricted_model_reads():
+        with restricted_model_reads(), restoring_saved_weights():
             return super().load(dir_path, adata, *args, prefix=prefix, **kwargs)
 
     @classmethod
     def load_query_data(cls, adata=None, reference_model=None, *args, **kwargs):
         """As :meth:`scvi.model.base.ArchesMixin.load_query_data`, reading a saved reference
         model (a folder) safely."""
-        return _with_reference(super().load_query_data, adata, reference_model, args, kwargs)
+        with restoring_saved_weights():
+            return _with_reference(super().load_query_data, adata, reference_model, args, kwargs)
 
     @staticmethod
     def prepare_query_anndata(adata, reference_model, *args, **kwargs):
@@ -382,6 +384,27 @@ class ModelFolderMixin:
             f"{cls.__name__} models are never saved in scvi-tools' legacy (< 0.15) format, "
             "and reading that format would unpickle its files without restriction."
         )
+
+
+_RESTORING: ContextVar[bool] = ContextVar("scale_scvi_restoring", default=False)
+
+
+@contextmanager
+def restoring_saved_weights() -> Iterator[None]:
+    """Mark the models made inside as about to receive saved weights (``load``,
+    ``load_query_data``): what their constructor would fit on the data (the decoder's bias,
+    the encoder's LSI basis) is replaced by the saved state, so it is not computed."""
+    token = _RESTORING.set(True)
+    try:
+        yield
+    finally:
+        _RESTORING.reset(token)
+
+
+def weights_will_be_restored() -> bool:
+    """Whether the model being made will receive saved weights (see
+    :func:`restoring_saved_weights`)."""
+    return _RESTORING.get()
 
 
 def _with_reference(method, data, reference_model, args: tuple, kwargs: dict):

@@ -50,7 +50,7 @@ from ._canonical import CanonicalAnnDataManager, warn_if_not_canonical
 from ._differential import DifferentialMixin
 from ._features import FeatureIdentityMixin
 from ._imputation import ImputationMixin, feature_names
-from ._io import ModelFolderMixin
+from ._io import ModelFolderMixin, weights_will_be_restored
 from ._mudata import MuDataSetupMixin
 from ._peak_selection import (
     MIN_FRACTION,
@@ -391,12 +391,13 @@ class SCALE(
             n_particles=n_particles,
             **module_kwargs,
         )
-        self.module.init_from_data(
-            {
-                m: self.adata_manager.get_from_registry(self.module.registry_key(m))
-                for m in self.module.modalities
-            }
-        )
+        if not weights_will_be_restored():  # load and query mapping bring the fitted state
+            self.module.init_from_data(
+                {
+                    m: self.adata_manager.get_from_registry(self.module.registry_key(m))
+                    for m in self.module.modalities
+                }
+            )
         k = f"at most {n_components} (chosen by the data)" if n_centroids is None else n_centroids
         peaks = self.module.n_peaks if ATAC in self.module.modalities else None
         # what the encoder reads is added from the module when the summary is read
