@@ -438,3 +438,37 @@ def ensure_snapatac2_venv() -> bool:
     """Create ``benchmarks/.venv-snapatac2`` with ``snapatac2==2.9.0`` (several minutes: one
     of its dependencies, macs3, is built from source)."""
     return _ensure_venv(SNAPATAC2_VENV, "snapatac2", [[f"snapatac2=={SNAPATAC2_VERSION}"]])
+
+
+def tutorial_reference_and_query(seed: int, peak_effect: float = 0.0):
+    """The reference-mapping tutorial's split of the cell lines, ``(reference, query)``.
+
+    The cells are split at random into a "deep" and a "shallow" batch (``obs["batch"]``);
+    the shallow cells' reads are kept with probability 0.3, or with ``peak_effect`` S > 0
+    with a probability of each peak's own, ``0.3 x exp(N(0, S))`` capped at 1 (a peak-wise
+    capture difference on top of the depth). The counts are in ``layers["counts"]``.
+    """
+    import pandas as pd
+
+    import scale_scvi
+
+    adata = scale_scvi.datasets.cell_lines()
+    rng = np.random.default_rng(seed)
+    adata.obs["batch"] = pd.Categorical(np.where(rng.random(adata.n_obs) < 0.5, "deep", "shallow"))
+    keep = np.full(adata.n_vars, 0.3)
+    if peak_effect:
+        effect = np.random.default_rng(100 + seed).normal(0, peak_effect, adata.n_vars)
+        keep = np.clip(0.3 * np.exp(effect), 0.0, 1.0)
+    counts = sp.csr_matrix(adata.X, dtype=np.float32, copy=True)
+    for i in np.flatnonzero(adata.obs["batch"] == "shallow"):
+        row = slice(counts.indptr[i], counts.indptr[i + 1])
+        counts.data[row] = rng.binomial(
+            counts.data[row].astype(np.int64), keep[counts.indices[row]]
+        )
+    counts.eliminate_zeros()
+    adata.layers["counts"] = counts
+    reference = adata[adata.obs["batch"] == "deep"].copy()
+    query = adata[adata.obs["batch"] == "shallow"].copy()
+    for part in (reference, query):
+        part.obs["batch"] = part.obs["batch"].cat.remove_unused_categories()
+    return reference, query

@@ -26,8 +26,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
-import numpy as np
-from _common import append_rows
+from _common import append_rows, tutorial_reference_and_query
 
 RESULTS = Path(__file__).resolve().parent / "results" / "reference_mapping_encoder.csv"
 
@@ -36,38 +35,43 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-lsi", default="null", help="JSON: 30, null (the peaks), ...")
+    parser.add_argument("--adapt-encoder", action="store_true")
+    parser.add_argument("--lsi", action="store_true", help="the row of LSI, no model")
     args = parser.parse_args()
     n_lsi = json.loads(args.n_lsi)
-    import pandas as pd
-    import scipy.sparse as sp
     import scvi
     import torch
     from sklearn.metrics import adjusted_rand_score
     from sklearn.neighbors import KNeighborsClassifier
 
-    import scale_scvi
     from scale_scvi import SCALE
 
     torch.set_num_threads(1)
     scvi.settings.seed = args.seed
-    adata = scale_scvi.datasets.cell_lines()
-    rng = np.random.default_rng(args.seed)
-    adata.obs["batch"] = pd.Categorical(np.where(rng.random(adata.n_obs) < 0.5, "deep", "shallow"))
-    counts = sp.csr_matrix(adata.X, dtype=np.float32, copy=True)
-    for i in np.flatnonzero(adata.obs["batch"] == "shallow"):
-        row = slice(counts.indptr[i], counts.indptr[i + 1])
-        counts.data[row] = rng.binomial(counts.data[row].astype(np.int64), 0.3)
-    counts.eliminate_zeros()
-    adata.layers["counts"] = counts
-    reference = adata[adata.obs["batch"] == "deep"].copy()
-    query = adata[adata.obs["batch"] == "shallow"].copy()
-    for part in (reference, query):
-        part.obs["batch"] = part.obs["batch"].cat.remove_unused_categories()
+    reference, query = tutorial_reference_and_query(args.seed)
+    if args.lsi:
+        from scale_scvi.module import LSIProjection
+
+        lsi = LSIProjection(reference.n_vars, 30).fit(reference.layers["counts"])
+
+        def coordinates(part):
+            x = torch.as_tensor(part.layers["counts"].toarray() > 0, dtype=torch.float32)
+            return lsi(x).numpy()
+
+        knn = KNeighborsClassifier(n_neighbors=15).fit(
+            coordinates(reference), reference.obs["cell_type"]
+        )
+        accuracy = (knn.predict(coordinates(query)) == query.obs["cell_type"]).mean()
+        row = {"seed": args.seed, "n_lsi": "LSI alone", "transfer_accuracy": round(accuracy, 3)}
+        row["date"] = time.strftime("%Y-%m-%d %H:%M")
+        print(json.dumps(row), flush=True)
+        append_rows(RESULTS, [row])
+        return
     SCALE.setup_anndata(reference, layer="counts", batch_key="batch")
     ref = SCALE(reference, n_lsi=n_lsi)
     ref.train(enable_progress_bar=False)
     ref_ari = adjusted_rand_score(reference.obs["cell_type"], ref.get_cluster_assignments())
-    query_model = SCALE.load_query_data(query, ref)
+    query_model = SCALE.load_query_data(query, ref, adapt_encoder=args.adapt_encoder)
     torch.set_num_threads(1)  # the scoring above (scikit-learn) may have changed it
     query_model.train(enable_progress_bar=False)
     knn = KNeighborsClassifier(n_neighbors=15).fit(
@@ -77,6 +81,7 @@ def main() -> None:
     row = {
         "seed": args.seed,
         "n_lsi": "peaks" if n_lsi is None else n_lsi,
+        "query_encoder": "adapted" if args.adapt_encoder else "reference",
         "reference_ari_own": round(ref_ari, 3),
         "transfer_accuracy": round(float((predicted == query.obs["cell_type"]).mean()), 3),
         "query_component_ari": round(

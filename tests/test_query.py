@@ -65,3 +65,82 @@ def test_train_refuses_plan_kwargs_it_would_override():
         enable_progress_bar=False,
     )
     assert model.is_trained_
+
+
+def _reference_and_query(n_reference_batches: int):
+    adata = simulate_scatac(n_cells=180, n_peaks=150, n_types=3, density=(0.1, 0.2), seed=1)
+    labels = ["query"] + [f"ref{i}" for i in range(n_reference_batches)]
+    adata.obs["batch"] = np.asarray(labels)[np.arange(adata.n_obs) % len(labels)]
+    reference = adata[adata.obs["batch"] != "query"].copy()
+    query = adata[adata.obs["batch"] == "query"].copy()
+    SCALE.setup_anndata(reference, batch_key="batch")
+    model = SCALE(reference, n_centroids=3, n_hidden=(16,))
+    model.train(max_epochs=3, enable_progress_bar=False)
+    return model, query
+
+
+def _encoder_weight(model) -> torch.Tensor:
+    return model.module.z_encoder.layers[0].fc_layers[0][0].weight.detach().clone()
+
+
+def test_query_is_encoded_by_the_reference_encoder(tmp_path):
+    """By default the query's batch starts as the reference's (one batch: no batch input)
+    and the encoder stays frozen: the query's latent is the reference model's, before and
+    after query training; only the decoder's query column trains."""
+    model, query = _reference_and_query(1)
+    as_reference = query.copy()
+    as_reference.obs["batch"] = "ref0"
+    expected = model.get_latent_representation(as_reference)
+    model.save(tmp_path / "ref")
+    for reference in (model, tmp_path / "ref"):  # a model, or its folder
+        query_model = SCALE.load_query_data(query.copy(), reference)
+        query_model.is_trained_ = True  # mapped, not trained yet
+        np.testing.assert_allclose(query_model.get_latent_representation(), expected, atol=1e-5)
+    encoder = _encoder_weight(query_model)
+    key = "decoder.output.fc_layers.Layer 0.0.weight"
+    decoder = query_model.module.state_dict()[key].clone()
+    query_model.train(max_epochs=3, enable_progress_bar=False)
+    torch.testing.assert_close(_encoder_weight(query_model), encoder, rtol=0, atol=0)
+    assert not torch.equal(query_model.module.state_dict()[key][:, -1], decoder[:, -1])
+    np.testing.assert_allclose(query_model.get_latent_representation(), expected, atol=1e-5)
+
+
+def test_query_batch_starts_at_the_reference_batches_mean():
+    model, query = _reference_and_query(2)
+    reference_columns = _encoder_weight(model)[:, -2:]
+    query_model = SCALE.load_query_data(query, model)
+    weight = _encoder_weight(query_model)
+    torch.testing.assert_close(weight[:, -3:-1], reference_columns, rtol=0, atol=0)
+    torch.testing.assert_close(weight[:, -1], reference_columns.mean(1), rtol=1e-6, atol=1e-7)
+
+
+def test_adapt_encoder_trains_the_query_batch_columns():
+    model, query = _reference_and_query(2)
+    query_model = SCALE.load_query_data(query, model, adapt_encoder=True)
+    before = _encoder_weight(query_model)
+    query_model.train(max_epochs=3, enable_progress_bar=False)
+    after = _encoder_weight(query_model)
+    torch.testing.assert_close(after[:, :-1], before[:, :-1], rtol=0, atol=0)
+    assert not torch.equal(after[:, -1], before[:, -1])
+
+
+def test_multimodal_query_is_encoded_by_the_reference_encoders():
+    from scale_scvi.data import simulate_multiome
+
+    mdata = simulate_multiome(n_cells=160, n_peaks=300, n_genes=100, n_types=3, seed=0)
+    mdata.obs["batch"] = np.where(np.arange(mdata.n_obs) % 2 == 0, "ref", "query")
+    for mod in mdata.mod.values():
+        mod.obs["batch"] = mdata.obs["batch"].to_numpy()
+    reference = mdata[mdata.obs["batch"] == "ref"].copy()
+    query = mdata[mdata.obs["batch"] == "query"].copy()
+    modalities = {"atac_layer": "atac", "rna_layer": "rna", "batch_key": "atac"}
+    SCALE.setup_mudata(reference, modalities=modalities, batch_key="batch")
+    model = SCALE(reference, n_centroids=3, n_hidden=(16,))
+    model.train(max_epochs=2, enable_progress_bar=False)
+    query_model = SCALE.load_query_data(query, model)
+    encoders = query_model.module.encoders
+    before = {k: v.clone() for k, v in encoders.state_dict().items()}
+    query_model.train(max_epochs=2, enable_progress_bar=False)
+    for key, value in encoders.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+    assert query_model.get_latent_representation().shape == (query.n_obs, 10)

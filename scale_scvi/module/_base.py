@@ -395,6 +395,23 @@ class SCALEModuleBase(BaseModuleClass):
         """
         raise NotImplementedError
 
+    def prepare_query_encoders(self, n_reference_batches: int, adapt: bool) -> None:
+        """Set up the encoders of a query model (scArches' query mapping, after the
+        reference's weights are loaded).
+
+        The query's batches start with the weights of the reference's average batch
+        (:meth:`SCALEEncoder.start_new_batches`). Unless ``adapt``, the encoders are then
+        frozen: query training fits only the decoders' columns of the query's batches, and
+        a query cell's latent is the reference encoder's (measured in
+        ``benchmarks/NOTES.md``, "Reference mapping: the query is encoded by the
+        reference's encoder").
+        """
+        for module in self.modules():
+            if isinstance(module, SCALEEncoder):
+                module.start_new_batches(n_reference_batches)
+                if not adapt:
+                    module.requires_grad_(False)
+
     def check_modality(self, modality: str) -> None:
         """Raise a ``ValueError`` unless ``modality`` is ``"joint"`` or one the module has."""
         if modality != JOINT and modality not in self.modalities:

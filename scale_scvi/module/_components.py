@@ -452,6 +452,30 @@ class SCALEEncoder(nn.Module):
         self.mean_encoder = nn.Linear(dims[-1], n_output)
         self.var_encoder = nn.Linear(dims[-1], n_output)
 
+    @torch.no_grad()
+    def start_new_batches(self, n_reference_batches: int) -> None:
+        """Give the batches added for a query (scArches' query mapping) the weights of the
+        reference's average batch, so that a query cell is encoded as a reference cell.
+
+        The batch is the first categorical covariate; its categories after the first
+        ``n_reference_batches`` are the query's. Their weight columns (random when
+        ``load_query_data`` makes them) become the mean of the reference batches' columns, or
+        zero when the reference had a single batch (its encoder then had no batch input, and
+        the reference's own column is new too).
+        """
+        for layer in self.layers:
+            n_cats = list(layer.n_cat_list)
+            if not n_cats or n_cats[0] <= 1:
+                continue
+            weight = layer.fc_layers[0][0].weight
+            start = weight.shape[1] - sum(n_cats)
+            stop = start + n_cats[0]
+            if n_reference_batches >= 2:
+                reference = weight[:, start : start + n_reference_batches]
+                weight[:, start + n_reference_batches : stop] = reference.mean(1, keepdim=True)
+            else:
+                weight[:, start:stop] = 0.0
+
     def forward(
         self, x: torch.Tensor, *cat_list: torch.Tensor, cont: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
