@@ -1,9 +1,12 @@
-"""Reference/query mapping (scArches) keeps the reference's Gaussian-mixture prior."""
+"""Reference/query mapping (scArches): the reference's prior and encoder are kept, and the
+query is read on the reference's peaks."""
 
 from __future__ import annotations
 
+import anndata as ad
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 
 from scale_scvi import SCALE
@@ -144,3 +147,28 @@ def test_multimodal_query_is_encoded_by_the_reference_encoders():
     for key, value in encoders.state_dict().items():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)
     assert query_model.get_latent_representation().shape == (query.n_obs, 10)
+
+
+def test_query_on_other_peaks_is_mapped_by_peak_name():
+    """A query whose peaks come in another order, with peaks the reference lacks, is put on
+    the reference's peaks by ``prepare_query_anndata``; its cells then get the latent the
+    reference model gives the same cells (the encoder reads LSI coordinates here)."""
+    model, _ = _reference_and_query(1)
+    reference = model.adata
+    query = reference.copy()
+    query.obs["batch"] = "query"
+    extra = ad.AnnData(
+        sp.random(query.n_obs, 7, density=0.3, format="csr", random_state=0, dtype=np.float32),
+        obs=query.obs.copy(),
+    )
+    extra.var_names = [f"extra{i}" for i in range(7)]
+    query = ad.concat([query[:, ::-1], extra], axis=1, merge="first")
+    query = SCALE.prepare_query_anndata(query, model, inplace=False)
+    query_model = SCALE.load_query_data(query, model)
+    query_model.is_trained_ = True
+    assert query_model.module.n_lsi == 30
+    np.testing.assert_allclose(
+        query_model.get_latent_representation(),
+        model.get_latent_representation(reference),
+        atol=1e-5,
+    )
