@@ -212,14 +212,6 @@ def _quiet_trainer_kwargs(trainer_kwargs: dict, n_train_batches: int, callbacks:
     return kwargs
 
 
-def _n_batches_of(reference_model: str | os.PathLike | BaseModelClass) -> int:
-    """The number of batches a reference model was trained on (a model or its folder)."""
-    if isinstance(reference_model, BaseModelClass):
-        return int(reference_model.summary_stats.n_batch)
-    registry = SCALE.load_registry(os.fspath(reference_model))
-    return int(registry["field_registries"][REGISTRY_KEYS.BATCH_KEY]["summary_stats"]["n_batch"])
-
-
 class SCALE(
     ModelFolderMixin,
     FeatureIdentityMixin,
@@ -656,8 +648,19 @@ class SCALE(
             or bool(kwargs.get("unfrozen", False))
             or not kwargs.get("freeze_expression", True)
         )
-        model.module.prepare_query_encoders(_n_batches_of(reference_model), adapt)
+        model.module.prepare_query_encoders(cls._reference_n_batches(reference_model), adapt)
         return model
+
+    @classmethod
+    def _reference_n_batches(cls, reference_model: str | os.PathLike | BaseModelClass) -> int:
+        """The number of batches a reference model was trained on (a model or its folder,
+        whose registry is read safely)."""
+        if isinstance(reference_model, BaseModelClass):
+            return int(reference_model.summary_stats.n_batch)
+        batch = cls.load_registry(os.fspath(reference_model))["field_registries"][
+            REGISTRY_KEYS.BATCH_KEY
+        ]
+        return int(batch["summary_stats"]["n_batch"])
 
     # ------------------------------------------------------------------ training
     def train(
