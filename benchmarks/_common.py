@@ -440,8 +440,9 @@ def ensure_snapatac2_venv() -> bool:
     return _ensure_venv(SNAPATAC2_VENV, "snapatac2", [[f"snapatac2=={SNAPATAC2_VERSION}"]])
 
 
-def tutorial_reference_and_query(seed: int, peak_effect: float = 0.0):
-    """The reference-mapping tutorial's split of the cell lines, ``(reference, query)``.
+def tutorial_reference_and_query(seed: int, peak_effect: float = 0.0, dataset: str = "cell_lines"):
+    """The reference-mapping tutorial's split of the cell lines (or of another shared set,
+    ``dataset``), ``(reference, query)``.
 
     The cells are split at random into a "deep" and a "shallow" batch (``obs["batch"]``);
     the shallow cells' reads are kept with probability 0.3, or with ``peak_effect`` S > 0
@@ -452,7 +453,7 @@ def tutorial_reference_and_query(seed: int, peak_effect: float = 0.0):
 
     import scale_scvi
 
-    adata = scale_scvi.datasets.cell_lines()
+    adata = getattr(scale_scvi.datasets, dataset)()
     rng = np.random.default_rng(seed)
     adata.obs["batch"] = pd.Categorical(np.where(rng.random(adata.n_obs) < 0.5, "deep", "shallow"))
     keep = np.full(adata.n_vars, 0.3)

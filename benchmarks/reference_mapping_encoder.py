@@ -1,10 +1,13 @@
 """Reference mapping with an encoder of the peaks or of LSI coordinates (the tutorial's split).
 
-The reference-mapping tutorial's set-up, one split per seed: the cell lines' cells are split
-at random into a "deep" and a "shallow" batch, the shallow one's reads kept with probability
-0.3; a reference model (``batch_key="batch"``) is trained on the deep cells with the
-encoder input ``--n-lsi`` (``null``: the peaks), the shallow cells are mapped onto it with
-``SCALE.load_query_data`` and trained (only their batch weights), and one row goes to
+The reference-mapping tutorial's set-up, one split per seed: the cell lines' cells (or
+forebrain's, ``--dataset forebrain``) are split at random into a "deep" and a "shallow"
+batch, the shallow one's reads kept with probability 0.3 (with ``--peak-effect S``, a
+probability of each peak's own, ``0.3 x exp(N(0, S))`` capped at 1); a reference model
+(``batch_key="batch"``) is trained on the deep cells with the encoder input ``--n-lsi``
+(``null``: the peaks; ``auto``: the default), the shallow cells are mapped onto it with
+``SCALE.load_query_data`` and trained (by default only the decoder's columns of their
+batch; ``--adapt-encoder``: scArches' scheme), and one row goes to
 ``results/reference_mapping_encoder.csv``: the reference's own clusters (ARI), the share of
 query cells whose type a 15-nearest-neighbour vote of reference cells gets right, and the ARI
 of the query cells' reference components. One thread, one process per run.
@@ -34,11 +37,15 @@ RESULTS = Path(__file__).resolve().parent / "results" / "reference_mapping_encod
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n-lsi", default="null", help="JSON: 30, null (the peaks), ...")
+    parser.add_argument("--dataset", choices=("cell_lines", "forebrain"), default="cell_lines")
+    parser.add_argument("--peak-effect", type=float, default=0.0)
+    parser.add_argument(
+        "--n-lsi", default="null", help='JSON: 30, null (the peaks), ..., or "auto"'
+    )
     parser.add_argument("--adapt-encoder", action="store_true")
     parser.add_argument("--lsi", action="store_true", help="the row of LSI, no model")
     args = parser.parse_args()
-    n_lsi = json.loads(args.n_lsi)
+    n_lsi = "auto" if args.n_lsi == "auto" else json.loads(args.n_lsi)
     import scvi
     import torch
     from sklearn.metrics import adjusted_rand_score
@@ -48,7 +55,8 @@ def main() -> None:
 
     torch.set_num_threads(1)
     scvi.settings.seed = args.seed
-    reference, query = tutorial_reference_and_query(args.seed)
+    reference, query = tutorial_reference_and_query(args.seed, args.peak_effect, args.dataset)
+    base = {"dataset": args.dataset, "peak_effect": args.peak_effect, "seed": args.seed}
     if args.lsi:
         from scale_scvi.module import LSIProjection
 
@@ -62,7 +70,7 @@ def main() -> None:
             coordinates(reference), reference.obs["cell_type"]
         )
         accuracy = (knn.predict(coordinates(query)) == query.obs["cell_type"]).mean()
-        row = {"seed": args.seed, "n_lsi": "LSI alone", "transfer_accuracy": round(accuracy, 3)}
+        row = {**base, "n_lsi": "LSI alone", "transfer_accuracy": round(accuracy, 3)}
         row["date"] = time.strftime("%Y-%m-%d %H:%M")
         print(json.dumps(row), flush=True)
         append_rows(RESULTS, [row])
@@ -79,8 +87,8 @@ def main() -> None:
     )
     predicted = knn.predict(query_model.get_latent_representation())
     row = {
-        "seed": args.seed,
-        "n_lsi": "peaks" if n_lsi is None else n_lsi,
+        **base,
+        "n_lsi": "peaks" if ref.module.n_lsi is None else ref.module.n_lsi,
         "query_encoder": "adapted" if args.adapt_encoder else "reference",
         "reference_ari_own": round(ref_ari, 3),
         "transfer_accuracy": round(float((predicted == query.obs["cell_type"]).mean()), 3),
