@@ -323,6 +323,14 @@ def append_rows(path: Path, rows: list[dict], fields: list[str] | None = None) -
         writer.writerows(rows)
 
 
+def record_row(path: Path, row: dict, fields: list[str] | None = None) -> None:
+    """Stamp ``row`` with the date (``"date"``, minutes), print it as JSON and append it to
+    the CSV ``path`` (:func:`append_rows`)."""
+    row = {**row, "date": time.strftime("%Y-%m-%d %H:%M")}
+    print(json.dumps(row), flush=True)
+    append_rows(path, [row], fields=fields)
+
+
 def write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:

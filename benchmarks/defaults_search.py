@@ -257,12 +257,11 @@ def _nets_weight_decay_patch(weight_decay: float, decoder_only: bool = False) ->
 
     def patched(module, params, **kwargs):
         params = list(params)
-        decayed = module.decoder if decoder_only else module
-        kept = {id(p) for p in module.prior.parameters()}
-        kept |= {id(p) for p in params if not any(p is q for q in decayed.parameters())}
+        decayed = {id(p) for p in (module.decoder if decoder_only else module).parameters()}
+        decayed -= {id(p) for p in module.prior.parameters()}
         groups = [
-            {"params": [p for p in params if id(p) in kept]},
-            {"params": [p for p in params if id(p) not in kept], "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) not in decayed]},
+            {"params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
         ]
         return FusedAdamW(
             groups,

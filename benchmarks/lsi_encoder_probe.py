@@ -35,7 +35,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import torch
-from _common import DATASETS, append_rows, embedding_scores, label_scores
+from _common import DATASETS, embedding_scores, label_scores, record_row
 from small_cells import far_cells, subset
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lsi_encoder_probe.csv"
@@ -89,10 +89,8 @@ def main() -> None:
         **embedding_scores(latent, labels, args.seed),
         "n_far": far_cells(latent),
         "train_s": round(train_s, 1),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
     }
-    print(json.dumps(row), flush=True)
-    append_rows(RESULTS, [row])
+    record_row(RESULTS, row)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
-from _common import append_rows, tutorial_reference_and_query
+from _common import record_row, tutorial_reference_and_query
 
 RESULTS = Path(__file__).resolve().parent / "results" / "query_training.csv"
 SCHEMES = ("adapted", "reference", "encoder_only")
@@ -99,10 +99,8 @@ def main() -> None:
             ),
             "heldout_neg_elbo_last": "" if loss is None else round(float(loss.iloc[-1, 0]), 1),
             "train_s": round(seconds, 1),
-            "date": time.strftime("%Y-%m-%d %H:%M"),
         }
-        print(json.dumps(row), flush=True)
-        append_rows(RESULTS, [row])
+        record_row(RESULTS, row)
 
 
 if __name__ == "__main__":

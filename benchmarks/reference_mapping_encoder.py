@@ -23,13 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
-from _common import append_rows, tutorial_reference_and_query
+from _common import record_row, tutorial_reference_and_query
 
 RESULTS = Path(__file__).resolve().parent / "results" / "reference_mapping_encoder.csv"
 
@@ -71,9 +70,7 @@ def main() -> None:
         )
         accuracy = (knn.predict(coordinates(query)) == query.obs["cell_type"]).mean()
         row = {**base, "n_lsi": "LSI alone", "transfer_accuracy": round(accuracy, 3)}
-        row["date"] = time.strftime("%Y-%m-%d %H:%M")
-        print(json.dumps(row), flush=True)
-        append_rows(RESULTS, [row])
+        record_row(RESULTS, row)
         return
     SCALE.setup_anndata(reference, layer="counts", batch_key="batch")
     ref = SCALE(reference, n_lsi=n_lsi)
@@ -96,10 +93,8 @@ def main() -> None:
             adjusted_rand_score(query.obs["cell_type"], query_model.get_cluster_assignments()),
             3,
         ),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
     }
-    print(json.dumps(row), flush=True)
-    append_rows(RESULTS, [row])
+    record_row(RESULTS, row)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -38,10 +37,10 @@ import numpy as np
 from _common import (
     DATASETS,
     WORK,
-    append_rows,
     embedding_scores,
     label_scores,
     lsi_embedding,
+    record_row,
     save_readout_inputs,
     train_default_path,
 )
@@ -156,10 +155,8 @@ def main() -> None:
                     "n_peaks_read": len(model.selected_peaks_),
                     "epochs": len(model.history["elbo_train"]),
                     "train_s": round(train_s, 1),
-                    "date": time.strftime("%Y-%m-%d %H:%M"),
                 }
-                print(json.dumps(row), flush=True)
-                append_rows(RESULTS, [row], fields=list(FIELDS))
+                record_row(RESULTS, row, fields=list(FIELDS))
             if "lsi" in args.methods:
                 adata = ad.read_h5ad(path)
                 labels = adata.obs["cell_type"].astype(str).to_numpy()
@@ -170,10 +167,8 @@ def main() -> None:
                     "train_kwargs": "",
                     **embedding_scores(latent, labels, seed),
                     "n_far": far_cells(latent),
-                    "date": time.strftime("%Y-%m-%d %H:%M"),
                 }
-                print(json.dumps(row), flush=True)
-                append_rows(RESULTS, [row], fields=list(FIELDS))
+                record_row(RESULTS, row, fields=list(FIELDS))
 
 
 if __name__ == "__main__":
