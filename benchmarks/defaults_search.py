@@ -87,6 +87,8 @@ CONFIGS: dict[str, dict] = {
     # what fits the training cells on a few hundred cells); the rest keeps 5e-4
     "decoder_weight_decay_005": {"decoder_weight_decay": 0.05},
     "decoder_weight_decay_02": {"decoder_weight_decay": 0.2},
+    "decoder_weight_decay_01": {"decoder_weight_decay": 0.1},
+    "decoder_weight_decay_006": {"decoder_weight_decay": 0.06},
 }
 
 

@@ -26,6 +26,7 @@ run's latent for ``merge_penalty.py``.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 from pathlib import Path
@@ -56,6 +57,7 @@ FIELDS = (
     "setup_kwargs",
     "model_kwargs",
     "dropout_rate",
+    "decoder_weight_decay",
     "n_lsi",
     "ari_own",
     "n_own",
@@ -70,20 +72,31 @@ FIELDS = (
 )
 
 
-def subset(dataset: str, n_cells: int, seed: int) -> Path:
-    """``n_cells`` random cells of a shared set (in their shipped order), as an ``.h5ad``."""
+def subset(dataset: str, n_cells: int, seed: int, keep: float | None = None) -> Path:
+    """``n_cells`` random cells of a shared set (in their shipped order), as an ``.h5ad``;
+    with ``keep``, each read of theirs (each open entry of a binary set) kept with that
+    probability (``numpy.random.default_rng([seed, 1])``): the same cells, shallower."""
     import anndata as ad
+    import scipy.sparse as sp
 
     from scale_scvi.data import shared_data_path
 
-    path = WORK / f"small_{dataset}_{n_cells}_s{seed}.h5ad"
+    suffix = "" if keep is None else f"_keep{keep}"
+    path = WORK / f"small_{dataset}_{n_cells}_s{seed}{suffix}.h5ad"
     if not path.exists():
         adata = ad.read_h5ad(shared_data_path(DATASETS[dataset]))
         if n_cells > adata.n_obs:
             raise SystemExit(f"{dataset} has {adata.n_obs} cells, fewer than {n_cells}.")
         rows = np.sort(np.random.default_rng(seed).choice(adata.n_obs, n_cells, replace=False))
+        adata = adata[rows].copy()
+        if keep is not None:
+            x = sp.csr_matrix(adata.X, dtype=np.float32)
+            rng = np.random.default_rng([seed, 1])
+            x.data = rng.binomial(np.rint(x.data).astype(np.int64), keep).astype(np.float32)
+            x.eliminate_zeros()
+            adata.X = x
         WORK.mkdir(parents=True, exist_ok=True)
-        adata[rows].copy().write_h5ad(path)
+        adata.write_h5ad(path)
     return path
 
 
@@ -99,6 +112,13 @@ def main() -> None:
     parser.add_argument("--cells", type=int, nargs="+", required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--methods", nargs="+", default=["scale", "lsi"])
+    parser.add_argument(
+        "--keep",
+        type=float,
+        default=None,
+        help="keep each read of the subset with this probability (a shallower set of the "
+        "same cells); the row's dataset is then <dataset>_keep<F>",
+    )
     parser.add_argument(
         "--train-kwargs", default="{}", help="JSON: arguments of train() (default: none)"
     )
@@ -123,10 +143,15 @@ def main() -> None:
     import anndata as ad
     import torch
 
+    from scale_scvi import SCALE
+    from scale_scvi.model._scale import default_decoder_weight_decay
+
+    train_weight_decay = inspect.signature(SCALE.train).parameters["weight_decay"].default
     for n_cells in args.cells:
         for seed in args.seeds:
-            path = subset(args.dataset, n_cells, seed)
-            base = {"dataset": args.dataset, "n_cells": n_cells, "seed": seed}
+            path = subset(args.dataset, n_cells, seed, args.keep)
+            name = args.dataset if args.keep is None else f"{args.dataset}_keep{args.keep}"
+            base = {"dataset": name, "n_cells": n_cells, "seed": seed}
             if "scale" in args.methods:
                 # again before every run: the scoring of the previous one (scikit-learn's
                 # k-means, scanpy) leaves torch at the machine's thread count
@@ -146,6 +171,16 @@ def main() -> None:
                     "setup_kwargs": json.dumps(setup_kwargs, sort_keys=True),
                     "model_kwargs": json.dumps(model_kwargs, sort_keys=True),
                     "dropout_rate": model.module.dropout_rate,
+                    "decoder_weight_decay": round(
+                        train_kwargs.get(
+                            "decoder_weight_decay",
+                            default_decoder_weight_decay(
+                                model._open_cells_per_peak(),
+                                train_kwargs.get("weight_decay", train_weight_decay),
+                            ),
+                        ),
+                        4,
+                    ),
                     # what the encoder read: LSI coordinates, or the peaks
                     "n_lsi": model.module.n_lsi or "peaks",
                     "ari_own": round(label_scores(own, labels)["ari"], 4),

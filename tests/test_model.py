@@ -1,5 +1,7 @@
 """The SCALE model through its public API."""
 
+import anndata as ad
+import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,7 +14,16 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from scale_scvi import SCALE
 from scale_scvi.data import FOREBRAIN, simulate_scatac
-from scale_scvi.model._scale import DROPOUT_FULL_CELLS, DROPOUT_RATE, default_dropout_rate
+from scale_scvi.model._peak_selection import OPEN_CELLS_KEY
+from scale_scvi.model._scale import (
+    DECODER_DECAY_FULL_OPEN,
+    DECODER_DECAY_NONE_OPEN,
+    DECODER_WEIGHT_DECAY,
+    DROPOUT_FULL_CELLS,
+    DROPOUT_RATE,
+    default_decoder_weight_decay,
+    default_dropout_rate,
+)
 
 from .conftest import load_shared
 
@@ -496,3 +507,71 @@ def test_external_split_with_no_validation_cells_trains() -> None:
     )
     assert "elbo_validation" not in model.history
     assert len(model.train_indices) == 54
+
+
+class _OptimizerGroups(pl.Callback):
+    """Records the weight decay of each of the decoder's and the other parameters when
+    training starts."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        decoder = {id(p) for p in pl_module.module.decoder.parameters()}
+        optimizer = trainer.optimizers[0]
+        self.n_groups = len(optimizer.param_groups)
+        self.decays = {"decoder": set(), "other": set()}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                key = "decoder" if id(p) in decoder else "other"
+                self.decays[key].add(optimizer.weight_decay_of(p, group))
+
+
+def _decays(adata, **train_kwargs) -> tuple[dict, int, SCALE]:
+    SCALE.setup_anndata(adata)
+    model = SCALE(adata, n_centroids=4, n_hidden=(64, 32))
+    groups = _OptimizerGroups()
+    model.train(max_epochs=1, enable_progress_bar=False, callbacks=[groups], **train_kwargs)
+    return groups.decays, groups.n_groups, model
+
+
+def test_decoder_weight_decay_follows_how_often_peaks_are_open(small_adata):
+    """The decoder's own decay: 0.2 where the peaks read are open in at most 6 cells each on
+    average, falling linearly to the other parameters' at 15; the rest keeps weight_decay.
+    The optimizer keeps one parameter group either way (one learning rate in the history)."""
+    assert (DECODER_WEIGHT_DECAY, DECODER_DECAY_FULL_OPEN, DECODER_DECAY_NONE_OPEN) == (0.2, 6, 15)
+    assert default_decoder_weight_decay(2.0, 5e-4) == 0.2
+    assert default_decoder_weight_decay(6.0, 5e-4) == 0.2
+    assert default_decoder_weight_decay(10.5, 5e-4) == pytest.approx(0.1)
+    assert default_decoder_weight_decay(15.0, 5e-4) == 5e-4
+    assert default_decoder_weight_decay(135.0, 5e-4) == 5e-4
+    assert default_decoder_weight_decay(135.0, 0.3) == 0.3  # never below weight_decay
+
+    # 200 sparse cells: peaks open in a few cells each
+    sparse = small_adata
+    decays, n_groups, model = _decays(sparse.copy())
+    expected = default_decoder_weight_decay(model._open_cells_per_peak(), 5e-4)
+    x = sparse.X[:, sparse.var_names.get_indexer(model.selected_peaks_)]
+    assert model._open_cells_per_peak() == pytest.approx((x > 0).sum() / x.shape[1])
+    # counted by setup_anndata and kept in the registry; counted from the data for a
+    # registry saved before it was kept
+    registry = model.adata_manager.registry["field_registries"][REGISTRY_KEYS.X_KEY]
+    stored = registry["state_registry"].pop(OPEN_CELLS_KEY)
+    assert stored == pytest.approx((x > 0).sum() / x.shape[1])
+    assert model._open_cells_per_peak() == pytest.approx(stored)  # counted from the data
+    assert expected > 0.1
+    assert decays == {"decoder": {expected}, "other": {5e-4}} and n_groups == 1
+    # the same profiles in four times the cells: no decay of its own
+    dense = ad.concat([sparse] * 4, index_unique="-")
+    decays, n_groups, _ = _decays(dense)
+    assert decays == {"decoder": {5e-4}, "other": {5e-4}} and n_groups == 1
+    # given: used as given, with any weight_decay
+    decays, _, _ = _decays(sparse.copy(), decoder_weight_decay=0.05, weight_decay=1e-3)
+    assert decays == {"decoder": {0.05}, "other": {1e-3}}
+
+
+@pytest.mark.parametrize(
+    ("value", "error"), [(-0.1, ValueError), (1.0, ValueError), ("0.1", TypeError)]
+)
+def test_decoder_weight_decay_rejects_bad_values(small_adata, value, error):
+    SCALE.setup_anndata(small_adata)
+    model = SCALE(small_adata, n_centroids=4, n_hidden=(64, 32))
+    with pytest.raises(error, match="decoder_weight_decay"):
+        model.train(max_epochs=1, decoder_weight_decay=value, enable_progress_bar=False)

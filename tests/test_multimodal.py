@@ -1039,3 +1039,10 @@ def test_train_keeps_both_experts_where_each_modality_knows_part_of_the_types(
         )
     else:  # 0.91 on this machine; with the ATAC expert left out, about 0.2
         assert joint > 0.8, (joint, experts)
+
+
+def test_decoder_weight_decay_is_refused_with_rna(mdata):
+    SCALE.setup_mudata(mdata, modality_key="modality")
+    model = SCALE(mdata, n_centroids=3, **SMALL)
+    with pytest.raises(ValueError, match="decoder_weight_decay is an argument of the model of"):
+        model.train(max_epochs=1, decoder_weight_decay=0.1, enable_progress_bar=False)

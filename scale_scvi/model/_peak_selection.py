@@ -18,6 +18,9 @@ N_MIN_PEAKS = 10_000
 
 SELECTED_PEAKS_KEY = "selected_peaks"
 N_SELECTED_KEY = "n_selected_peaks"
+#: Mean number of cells in which the selected peaks are open, in the data the model was set up
+#: on (read by the default decoder weight decay of ``SCALE.train``).
+OPEN_CELLS_KEY = "mean_open_cells_per_selected_peak"
 
 
 def check_setup_selection(
@@ -82,8 +85,9 @@ class PeakLayerField(LayerField):
 
     def register_field(self, adata: AnnData) -> dict:
         state = super().register_field(adata)
+        open_cells = cells_per_peak(adata, self.attr_key)
         mask = peak_mask(
-            cells_per_peak(adata, self.attr_key),
+            open_cells,
             adata.n_obs,
             self.min_cells,
             self.min_fraction,
@@ -93,6 +97,7 @@ class PeakLayerField(LayerField):
         )
         index = np.flatnonzero(mask).astype(np.int64)
         state[SELECTED_PEAKS_KEY] = index
+        state[OPEN_CELLS_KEY] = float(open_cells[index].mean()) if len(index) else 0.0
         return state
 
     def transfer_field(self, state_registry: dict, adata_target: AnnData, **kwargs) -> dict:
@@ -101,6 +106,8 @@ class PeakLayerField(LayerField):
         state[SELECTED_PEAKS_KEY] = np.asarray(
             state_registry.get(SELECTED_PEAKS_KEY, np.arange(n_vars)), dtype=np.int64
         )
+        # the statistic of the data the model was set up on, as the selection is
+        state[OPEN_CELLS_KEY] = state_registry.get(OPEN_CELLS_KEY)
         return state
 
     def get_summary_stats(self, state_registry: dict) -> dict:

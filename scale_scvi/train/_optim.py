@@ -75,6 +75,12 @@ class FusedAdamW(torch.optim.AdamW):
         networks of a modality whose expert is switched off, see
         :meth:`~scale_scvi.module.MultiSCALEVAE.separately_clipped_parameters`). Empty
         (the default): one total norm over every parameter.
+    weight_decay_apart
+        ``(parameter, weight decay)`` pairs: these parameters take their own decay instead
+        of their group's (the ATAC decoder's on sparse few cells, see
+        :meth:`~scale_scvi.SCALE.train`). They stay in their group, so that the groups, the
+        order in which the gradient norm is summed and what Lightning logs (one learning
+        rate per group) are as without them.
     """
 
     def __init__(
@@ -87,6 +93,7 @@ class FusedAdamW(torch.optim.AdamW):
         max_grad_norm: float | None = None,
         in_place_layers: Iterable[InPlaceGradient] = (),
         clip_apart: Iterable[torch.Tensor] = (),
+        weight_decay_apart: Iterable[tuple[torch.Tensor, float]] = (),
     ):
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}.")
@@ -96,6 +103,11 @@ class FusedAdamW(torch.optim.AdamW):
         self.max_grad_norm = max_grad_norm
         self.in_place_layers = list(in_place_layers)
         self.clip_apart = {id(p) for p in clip_apart}
+        self.weight_decay_apart = {id(p): float(decay) for p, decay in weight_decay_apart}
+
+    def weight_decay_of(self, param: torch.Tensor, group: dict) -> float:
+        """The weight decay that ``param`` of ``group`` takes."""
+        return self.weight_decay_apart.get(id(param), group["weight_decay"])
 
     def _grad_scale(self, apart: bool = False) -> torch.Tensor | None:
         """``1 / min(1, max_norm / (total_norm + 1e-6))``, as ``clip_grad_norm_`` computes it,
@@ -150,9 +162,20 @@ class FusedAdamW(torch.optim.AdamW):
 
     def _update(self, group: dict, grad_scale: torch.Tensor | None, apart: bool) -> None:
         """The fused update of the parameters of ``group`` in ``clip_apart`` (``apart``) or
-        not in it, their gradients divided by ``grad_scale``."""
+        not in it, their gradients divided by ``grad_scale``: one fused call per weight
+        decay among them (:meth:`weight_decay_of`)."""
+        decays = {self.weight_decay_of(p, group) for p in group["params"]}
+        for decay in sorted(decays):
+            self._update_decay(group, grad_scale, apart, decay)
+
+    def _update_decay(
+        self, group: dict, grad_scale: torch.Tensor | None, apart: bool, decay: float
+    ) -> None:
+        """:meth:`_update` of the parameters whose weight decay is ``decay``."""
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
         for p in group["params"]:
+            if self.weight_decay_of(p, group) != decay:
+                continue
             if p.grad is None or (id(p) in self.clip_apart) != apart:
                 continue
             if p.grad.is_sparse:
@@ -185,7 +208,7 @@ class FusedAdamW(torch.optim.AdamW):
             beta1=beta1,
             beta2=beta2,
             lr=group["lr"],
-            weight_decay=group["weight_decay"],
+            weight_decay=decay,
             eps=group["eps"],
             maximize=False,
             grad_scale=grad_scale,
