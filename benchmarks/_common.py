@@ -323,6 +323,15 @@ def append_rows(path: Path, rows: list[dict], fields: list[str] | None = None) -
         writer.writerows(rows)
 
 
+def thin_reads(x: sp.csr_matrix, keep, rng: np.random.Generator) -> sp.csr_matrix:
+    """Keep each read of the CSR count matrix ``x`` with probability ``keep`` (a number, or
+    one per stored entry): binomial thinning of each entry, in place; entries left at zero are
+    dropped."""
+    x.data = rng.binomial(np.rint(x.data).astype(np.int64), keep).astype(np.float32)
+    x.eliminate_zeros()
+    return x
+
+
 def record_row(path: Path, row: dict, fields: list[str] | None = None) -> None:
     """Stamp ``row`` with the date (``"date"``, minutes), print it as JSON and append it to
     the CSV ``path`` (:func:`append_rows`)."""

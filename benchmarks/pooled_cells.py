@@ -55,6 +55,7 @@ from _common import (
     lsi_embedding,
     save_matrix,
     save_readout_inputs,
+    thin_reads,
     train_default_path,
 )
 
@@ -84,10 +85,7 @@ def pooled_cells(
         pooled = pooled + X[chosen[:, k]]
     pooled = sp.csr_matrix(pooled)
     keep = rng.uniform(0.4, 1.2, size=n_cells) / parents
-    counts = np.rint(pooled.data).astype(np.int64)
-    pooled.data = rng.binomial(counts, np.repeat(keep, np.diff(pooled.indptr))).astype(np.float32)
-    pooled.eliminate_zeros()
-    return pooled, types
+    return thin_reads(pooled, np.repeat(keep, np.diff(pooled.indptr)), rng), types
 
 
 def make_set(dataset: str, n_cells: int, parents: int, data_seed: int) -> Path:

@@ -43,6 +43,7 @@ from _common import (
     lsi_embedding,
     record_row,
     save_readout_inputs,
+    thin_reads,
     train_default_path,
 )
 
@@ -91,10 +92,7 @@ def subset(dataset: str, n_cells: int, seed: int, keep: float | None = None) -> 
         adata = adata[rows].copy()
         if keep is not None:
             x = sp.csr_matrix(adata.X, dtype=np.float32)
-            rng = np.random.default_rng([seed, 1])
-            x.data = rng.binomial(np.rint(x.data).astype(np.int64), keep).astype(np.float32)
-            x.eliminate_zeros()
-            adata.X = x
+            adata.X = thin_reads(x, keep, np.random.default_rng([seed, 1]))
         WORK.mkdir(parents=True, exist_ok=True)
         adata.write_h5ad(path)
     return path

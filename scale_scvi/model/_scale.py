@@ -181,12 +181,12 @@ def _make_optimizer(
     experts) are clipped apart from the rest.
 
     ``decoder_weight_decay`` (if given) is the weight decay of the ATAC model's decoder
-    (``weight_decay_apart``); the other parameters take ``kwargs["weight_decay"]``. A
-    parameter whose gradient passes
-    through a hook is not decayed: scArches' query mapping (``load_query_data``) trains only
-    the covariate columns of the reference's weights and keeps the rest fixed by zeroing their
-    gradients in such a hook, and AdamW's decoupled weight decay, which does not read the
-    gradient, would still shrink them.
+    (``weight_decay_apart``); the other parameters take ``kwargs["weight_decay"]``.
+
+    A parameter whose gradient passes through a hook is not decayed: scArches' query mapping
+    (``load_query_data``) trains only the covariate columns of the reference's weights and
+    keeps the rest fixed by zeroing their gradients in such a hook, and AdamW's decoupled
+    weight decay, which does not read the gradient, would still shrink them.
     """
     params = list(params)
     masked = [p for p in params if p._backward_hooks]
@@ -880,13 +880,13 @@ class SCALE(
                 "gradient_clip_algorithm (and set gradient_clip_val=None for no clipping)."
             )
         if decoder_weight_decay is not None:
-            if self.module.__class__ is not SCALEVAE:
+            if self._module_cls is not SCALEVAE:
                 raise ValueError(
                     "decoder_weight_decay is an argument of the model of ATAC alone; with RNA "
                     "every network takes weight_decay. Leave decoder_weight_decay out."
                 )
             validate_rate(decoder_weight_decay, "decoder_weight_decay")
-        elif self.module.__class__ is SCALEVAE:
+        elif self._module_cls is SCALEVAE:
             decoder_weight_decay = default_decoder_weight_decay(
                 self._open_cells_per_peak(), weight_decay
             )

@@ -164,8 +164,10 @@ class FusedAdamW(torch.optim.AdamW):
         """The fused update of the parameters of ``group`` in ``clip_apart`` (``apart``) or
         not in it, their gradients divided by ``grad_scale``: one fused call per weight
         decay among them (:meth:`weight_decay_of`)."""
-        decays = {self.weight_decay_of(p, group) for p in group["params"]}
-        for decay in sorted(decays):
+        if not self.weight_decay_apart:
+            self._update_decay(group, grad_scale, apart, group["weight_decay"])
+            return
+        for decay in sorted({self.weight_decay_of(p, group) for p in group["params"]}):
             self._update_decay(group, grad_scale, apart, decay)
 
     def _update_decay(
