@@ -14,7 +14,10 @@ few-cell subsets without costing the larger sets:
   only if every pair (``complete``) or at least one pair (``single``) of Leiden's original
   pieces across them would be merged on its own, so that a union grown by earlier merges
   does not take in a piece that none (or not all) of its pieces would take;
-- the package's merge on Leiden partitions at resolution 1.5, 2 and 3 (``r1.5`` ...).
+- the package's merge on Leiden partitions at resolution 1.5, 2 and 3 (``r1.5`` ...);
+- ``graph<t>``: the package's merge, but only between clusters that the symmetric
+  15-nearest-neighbour graph of the points joins at least ``t`` times as often as a random
+  graph of the same degrees would (``graph_ratio``).
 
 Its inputs are the files that ``small_cells.py --save-latents`` and ``pooled_cells.py
 --save-latents`` store (``work/small_cells/``: each run's posterior means and variances of
@@ -29,7 +32,10 @@ clusters (``ari_own_stored``). Rows go to ``results/merge_penalty.csv``::
         --save-latents
     SCALE_SCVI_DATA=../shared/data .venv/bin/python benchmarks/pooled_cells.py \\
         --dataset forebrain --cells 3000 --parents 8 --seeds 0 1 --methods scale --save-latents
-    .venv/bin/python benchmarks/merge_penalty.py
+    .venv/bin/python benchmarks/merge_penalty.py [SET_SEED ...]
+
+(with names, e.g. ``forebrain_750_0``, only those stored sets are read again, and the other
+rows of the CSV stay).
 """
 
 from __future__ import annotations
@@ -51,7 +57,35 @@ VARIANTS = {
     "complete": {"linkage": "complete"},
     "single": {"linkage": "single"},
     **{f"r{r:g}": {"resolution": r} for r in (1.5, 2.0, 3.0)},
+    **{f"graph{t:g}": {"graph": t} for t in (0.3, 0.5, 0.6, 0.7, 0.8)},
 }
+
+
+def piece_edges(latent: np.ndarray, labels: np.ndarray, k: int = 15) -> np.ndarray:
+    """Edges of the symmetric ``k``-nearest-neighbour graph of ``latent`` between (and within)
+    the pieces ``labels`` (0 .. n_pieces - 1): a pieces x pieces matrix of counts."""
+    from scipy import sparse
+    from sklearn.neighbors import NearestNeighbors
+
+    n = len(latent)
+    neighbours = (
+        NearestNeighbors(n_neighbors=k + 1).fit(latent).kneighbors(return_distance=False)[:, 1:]
+    )
+    adjacency = sparse.csr_matrix(
+        (np.ones(n * k), (np.repeat(np.arange(n), k), neighbours.ravel())), shape=(n, n)
+    )
+    adjacency = ((adjacency + adjacency.T) > 0).astype(np.float64)
+    member = sparse.csr_matrix((np.ones(n), (np.arange(n), labels)))
+    return np.asarray((member.T @ adjacency @ member).todense())
+
+
+def graph_ratio(edges: np.ndarray, members_i: list[int], members_j: list[int]) -> float:
+    """Edges between two unions of pieces over the number a random graph of the same degrees
+    would put there (``d_i d_j / 2m``; PAGA's connectivity, up to its normalization)."""
+    degree = edges.sum(1)
+    between = edges[np.ix_(members_i, members_j)].sum()
+    expected = degree[members_i].sum() * degree[members_j].sum() / degree.sum()
+    return float(between / expected) if expected > 0 else 0.0
 
 
 def merge_variant(
@@ -60,11 +94,14 @@ def merge_variant(
     weight: np.ndarray,
     scale: float | None = 1.0,
     linkage: str | None = None,
+    graph: float | None = None,
 ) -> np.ndarray:
     """``merge_partition``'s greedy merge by ``merge_value`` with its price times ``scale``
     (``None``: no merge) and, with ``linkage`` ("complete" or "single"), the condition on
-    the original pieces above; the loop is written out here, since the package's has no
-    such knobs."""
+    the original pieces above; with ``graph``, two clusters are merged only if the
+    neighbour graph of the points joins them at least ``graph`` times as often as a random
+    graph of the same degrees would (``graph_ratio``); the loop is written out here, since
+    the package's has no such knobs."""
     labels = gmm._by_size(np.asarray(labels))
     if scale is None:
         return labels
@@ -83,6 +120,7 @@ def merge_variant(
             for b in range(a + 1, n_pieces):
                 alone[a, b] = alone[b, a] = value(pieces == a, pieces == b)
     members = {c: [c] for c in range(n_pieces)}
+    edges = piece_edges(latent, pieces) if graph is not None else None
     link = {"complete": np.min, "single": np.max}.get(linkage)
     while True:
         best, best_value = None, 0.0
@@ -91,6 +129,8 @@ def merge_variant(
                 if j <= i:
                     continue
                 if link is not None and link(alone[np.ix_(members[i], members[j])]) <= 0:
+                    continue
+                if edges is not None and graph_ratio(edges, members[i], members[j]) < graph:
                     continue
                 v = value(labels == i, labels == j)
                 if v > best_value:
@@ -130,8 +170,13 @@ def readout(stored: dict, seed: int, resolution: float = 1.0, **merge) -> np.nda
 
 
 def main() -> None:
+    import sys
+
     rows = []
+    only = sys.argv[1:]  # optional: the stored sets to read (their file names' stems)
     for path in sorted((WORK / "small_cells").glob("*.npz")):
+        if only and path.stem not in only:
+            continue
         dataset_cells, seed = path.stem.rsplit("_", 1)
         stored = dict(np.load(path, allow_pickle=False))
         labels = stored["labels"]
@@ -146,7 +191,12 @@ def main() -> None:
             row[f"n_{tag}"] = len(np.unique(clusters[stored["train_idx"]]))
         print(row, flush=True)
         rows.append(row)
-    pd.DataFrame(rows).to_csv(CSV, index=False)
+    table = pd.DataFrame(rows)
+    if only and CSV.exists():  # the other sets' rows stay
+        earlier = pd.read_csv(CSV)
+        keep = ~(earlier["set"] + "_" + earlier["seed"].astype(str)).isin(only)
+        table = pd.concat([earlier[keep], table], ignore_index=True)
+    table.to_csv(CSV, index=False)
 
 
 if __name__ == "__main__":

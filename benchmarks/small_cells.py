@@ -130,14 +130,20 @@ def main() -> None:
         "--save-latents",
         action="store_true",
         help="also store each SCALE run's posterior moments, training cells, labels and own "
-        "clusters in work/small_cells/ (read by merge_penalty.py; the default path only)",
+        "clusters in work/small_cells/ (read by merge_penalty.py); with --*-kwargs, --tag "
+        "names the files",
+    )
+    parser.add_argument(
+        "--tag",
+        default="",
+        help="with --save-latents: a word for the stored files' names, <set>_<cells>_<tag>_<seed>",
     )
     args = parser.parse_args()
     train_kwargs = json.loads(args.train_kwargs)
     setup_kwargs = json.loads(args.setup_kwargs)
     model_kwargs = json.loads(args.model_kwargs)
-    if args.save_latents and (setup_kwargs or model_kwargs or train_kwargs):
-        parser.error("--save-latents stores the default path's latents: give no --*-kwargs")
+    if args.save_latents and (setup_kwargs or model_kwargs or train_kwargs) and not args.tag:
+        parser.error("--save-latents with --*-kwargs needs a --tag to name the stored files")
     import anndata as ad
     import torch
 
@@ -161,7 +167,8 @@ def main() -> None:
                 latent = model.get_latent_representation()
                 own = model.get_cluster_assignments()
                 if args.save_latents:
-                    save_readout_inputs(f"{args.dataset}_{n_cells}_{seed}", model, labels, own)
+                    tag = f"_{args.tag}" if args.tag else ""
+                    save_readout_inputs(f"{name}_{n_cells}{tag}_{seed}", model, labels, own)
                 row = {
                     **base,
                     "method": "scale",
