@@ -89,6 +89,12 @@ CONFIGS: dict[str, dict] = {
     "decoder_weight_decay_02": {"decoder_weight_decay": 0.2},
     "decoder_weight_decay_01": {"decoder_weight_decay": 0.1},
     "decoder_weight_decay_006": {"decoder_weight_decay": 0.06},
+    # both mixture fits merge only the clusters that the neighbour graph joins at least 0.7
+    # times as often as a random graph of the same degrees (merge_penalty.py's graph0.7; see
+    # _merge_graph_patch); alone, and with the peaks that hold 70 % of the open entries of
+    # forebrain at half its reads (--cells 1043 --keep 0.5)
+    "merge_graph_07": {"merge_graph": 0.7},
+    "peaks70_merge_graph_07": {"setup": {"n_min_peaks": 43_200}, "merge_graph": 0.7},
 }
 
 
@@ -200,6 +206,20 @@ def _init_resolution_patch(resolution: float) -> None:
     GMMInitCallback.on_train_epoch_start = patched
 
 
+def _merge_graph_patch(threshold: float) -> None:
+    """Make both mixture fits merge as ``merge_penalty.merge_variant(graph=threshold)``: the
+    package's merge, only between clusters that the neighbour graph joins often enough."""
+    from merge_penalty import merge_variant
+
+    from scale_scvi.train import _gmm_init as gmm
+
+    def patched(latent, labels, sample_weight=None, reg_covar=1e-4, criterion="icl"):
+        weight = np.ones(len(latent)) if sample_weight is None else np.asarray(sample_weight)
+        return merge_variant(latent, labels, weight, graph=threshold)
+
+    gmm.merge_partition = patched
+
+
 def _first_fit_unmerged_patch() -> None:
     """Make the mixture's first fit (at the end of the KL warm-up) keep every Leiden piece
     as a component (no merge); the fit when training ends merges as the package does."""
@@ -305,6 +325,8 @@ def run_scale(adata, seed: int, config: dict) -> dict:
         _init_resolution_patch(config["init_resolution"])
     if config.get("first_fit_unmerged"):
         _first_fit_unmerged_patch()
+    if "merge_graph" in config:
+        _merge_graph_patch(config["merge_graph"])
     if "nets_weight_decay" in config:
         _nets_weight_decay_patch(config["nets_weight_decay"])
     if "decoder_weight_decay" in config:
@@ -342,6 +364,12 @@ def main() -> None:
         help="train on small_cells.py's random subset of this many cells (drawn with --seed); "
         "the row's dataset is then <dataset>_<cells>",
     )
+    parser.add_argument(
+        "--keep",
+        type=float,
+        help="with --cells: small_cells.py's shallower copy of that subset (each read kept "
+        "with this probability); the row's dataset is then <dataset>_keep<F>_<cells>",
+    )
     args = parser.parse_args()
 
     import anndata as ad
@@ -354,7 +382,9 @@ def main() -> None:
     if args.cells is not None:
         from small_cells import subset
 
-        path = subset(args.dataset, args.cells, args.seed)
+        path = subset(args.dataset, args.cells, args.seed, args.keep)
+    elif args.keep is not None:
+        parser.error("--keep needs --cells")
     adata = ad.read_h5ad(path)
     labels = adata.obs["cell_type"].astype(str).to_numpy()
     t0 = time.perf_counter()
@@ -364,7 +394,9 @@ def main() -> None:
         config = CONFIGS.get(args.config, {}) if args.config != "defaults" else {}
         out = run_scale(adata, args.seed, config)
     row = {
-        "dataset": args.dataset if args.cells is None else f"{args.dataset}_{args.cells}",
+        "dataset": args.dataset
+        if args.cells is None
+        else f"{args.dataset}{'' if args.keep is None else f'_keep{args.keep}'}_{args.cells}",
         "method": args.method,
         "config": args.config if args.method == "scale" else "lsi",
         "seed": args.seed,
