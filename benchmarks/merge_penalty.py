@@ -15,9 +15,9 @@ few-cell subsets without costing the larger sets:
   pieces across them would be merged on its own, so that a union grown by earlier merges
   does not take in a piece that none (or not all) of its pieces would take;
 - the package's merge on Leiden partitions at resolution 1.5, 2 and 3 (``r1.5`` ...);
-- ``graph<t>``: the package's merge, but only between clusters that the symmetric
-  15-nearest-neighbour graph of the points joins at least ``t`` times as often as a random
-  graph of the same degrees would (``graph_ratio``).
+- ``graph<t>``: the package's merge, but only between clusters that the neighbour graph of
+  the points (the one the package's Leiden reads) joins at least ``t`` times as often as a
+  random graph of the same degrees would (``graph_ratio``).
 
 Its inputs are the files that ``small_cells.py --save-latents`` and ``pooled_cells.py
 --save-latents`` store (``work/small_cells/``: each run's posterior means and variances of
@@ -61,21 +61,15 @@ VARIANTS = {
 }
 
 
-def piece_edges(latent: np.ndarray, labels: np.ndarray, k: int = 15) -> np.ndarray:
-    """Edges of the symmetric ``k``-nearest-neighbour graph of ``latent`` between (and within)
-    the pieces ``labels`` (0 .. n_pieces - 1): a pieces x pieces matrix of counts."""
+def piece_edges(latent: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Edges between (and within) the pieces ``labels`` (0 .. n_pieces - 1) of the neighbour
+    graph that the package's Leiden reads (``knn_connectivities``: 15 neighbours, the cell
+    itself included, symmetrized), each edge counted once whatever its weight: a pieces x
+    pieces matrix of counts."""
     from scipy import sparse
-    from sklearn.neighbors import NearestNeighbors
 
-    n = len(latent)
-    neighbours = (
-        NearestNeighbors(n_neighbors=k + 1).fit(latent).kneighbors(return_distance=False)[:, 1:]
-    )
-    adjacency = sparse.csr_matrix(
-        (np.ones(n * k), (np.repeat(np.arange(n), k), neighbours.ravel())), shape=(n, n)
-    )
-    adjacency = ((adjacency + adjacency.T) > 0).astype(np.float64)
-    member = sparse.csr_matrix((np.ones(n), (np.arange(n), labels)))
+    adjacency = (gmm.knn_connectivities(latent) > 0).astype(np.float64)
+    member = sparse.csr_matrix((np.ones(len(latent)), (np.arange(len(latent)), labels)))
     return np.asarray((member.T @ adjacency @ member).todense())
 
 
