@@ -9,12 +9,14 @@ cells the merge leaves fewer clusters than Leiden's pieces, and fewer than there
 This script re-reads stored latents with other merges, to see whether one helps the
 few-cell subsets without costing the larger sets:
 
-- ``s`` from 1 down to 0 (0: the entropy alone), and no merge at all;
+- ``s`` from 1 down to 0 (0: the entropy alone), up to 2 (a dearer component), and no merge
+  at all;
 - ``complete`` / ``single``: the package's merge (``s = 1``), but two clusters are merged
   only if every pair (``complete``) or at least one pair (``single``) of Leiden's original
   pieces across them would be merged on its own, so that a union grown by earlier merges
   does not take in a piece that none (or not all) of its pieces would take;
-- the package's merge on Leiden partitions at resolution 1.5, 2 and 3 (``r1.5`` ...);
+- the package's merge on Leiden partitions at resolution 0.5, 0.75, 1.5, 2 and 3
+  (``r0.5`` ...);
 - ``graph<t>``: the package's merge, but only between clusters that the neighbour graph of
   the points (the one the package's Leiden reads) joins at least ``t`` times as often as a
   random graph of the same degrees would (``graph_ratio``).
@@ -24,8 +26,11 @@ Its inputs are the files that ``small_cells.py --save-latents`` and ``pooled_cel
 all cells, its training cells, the labels and its own clusters). The readout is the
 package's final fit (``fit_gmm(method="leiden", trim=REFIT_TRIM)`` on the training cells
 with their posterior variances, Leiden's random state the training seed), its merge
-replaced, then the argmax of the mixture on every cell; ``s = 1`` reproduces the run's own
-clusters (``ari_own_stored``). Rows go to ``results/merge_penalty.csv``::
+replaced, then the argmax of the mixture on every cell. Every variant reads Leiden at
+resolution 1, the package's until 2026-12-07 (night), except the ``r<r>`` ones: for runs
+made before that, ``s = 1`` reproduces the run's own clusters (``ari_own_stored``); the
+package's final fit now reads resolution 0.75 (``REFIT_RESOLUTION``), the ``r0.75`` column.
+Rows go to ``results/merge_penalty.csv``::
 
     SCALE_SCVI_DATA=../shared/data .venv/bin/python benchmarks/small_cells.py \\
         --dataset forebrain --cells 250 500 750 1043 --seeds 0 1 --methods scale \\
@@ -52,11 +57,11 @@ from scale_scvi.train import _gmm_init as gmm
 
 CSV = RESULTS / "merge_penalty.csv"
 VARIANTS = {
-    **{f"{s:g}": {"scale": s} for s in (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.0)},
+    **{f"{s:g}": {"scale": s} for s in (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.0, 1.25, 1.5, 2.0)},
     "none": {"scale": None},
     "complete": {"linkage": "complete"},
     "single": {"linkage": "single"},
-    **{f"r{r:g}": {"resolution": r} for r in (1.5, 2.0, 3.0)},
+    **{f"r{r:g}": {"resolution": r} for r in (1.5, 2.0, 3.0, 0.5, 0.75)},
     **{f"graph{t:g}": {"graph": t} for t in (0.3, 0.5, 0.6, 0.7, 0.8)},
 }
 

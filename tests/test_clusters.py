@@ -12,6 +12,7 @@ from scale_scvi.data import simulate_scatac
 from scale_scvi.module._components import select_columns
 from scale_scvi.train import fit_gmm
 from scale_scvi.train._gmm_init import (
+    REFIT_RESOLUTION,
     REFIT_TRIM,
     knn_connectivities,
     leiden_partition,
@@ -202,10 +203,16 @@ def test_confidence_and_sampled_probabilities(four_types):
 def test_mixture_is_fitted_again_on_the_trained_latent(four_types):
     adata, model = four_types
     # the final fit is made on the training cells (a tenth is held out by default), with
-    # the components' moments trimmed
+    # the components' moments trimmed and Leiden at the final fit's resolution
     means, variances, _ = model._posterior_moments(adata, model.train_indices, 128)
     weights, centers, _ = fit_gmm(
-        means, 30, seed=0, posterior_var=variances, method="leiden", trim=REFIT_TRIM
+        means,
+        30,
+        seed=0,
+        posterior_var=variances,
+        method="leiden",
+        trim=REFIT_TRIM,
+        resolution=REFIT_RESOLUTION,
     )
     prior = model.module.prior
     active = prior.active.cpu().numpy()
@@ -221,8 +228,11 @@ def test_mixture_is_fitted_again_on_the_trained_latent(four_types):
 @pytest.mark.parametrize(
     ("gmm_refit", "expected"),
     [
-        (True, [("start of epoch 1", None), ("end of training", REFIT_TRIM)]),
-        (False, [("start of epoch 1", None)]),
+        (
+            True,
+            [("start of epoch 1", None, None), ("end of training", REFIT_TRIM, REFIT_RESOLUTION)],
+        ),
+        (False, [("start of epoch 1", None, None)]),
     ],
 )
 def test_gmm_refit_fits_the_mixture_again_when_training_ends(monkeypatch, gmm_refit, expected):
@@ -231,9 +241,9 @@ def test_gmm_refit_fits_the_mixture_again_when_training_ends(monkeypatch, gmm_re
     calls = []
     fit = GMMInitCallback._fit
 
-    def recording(self, trainer, module, when, trim=None):
-        calls.append((when, trim))
-        return fit(self, trainer, module, when, trim)
+    def recording(self, trainer, module, when, trim=None, resolution=None):
+        calls.append((when, trim, resolution))
+        return fit(self, trainer, module, when, trim, resolution)
 
     monkeypatch.setattr(GMMInitCallback, "_fit", recording)
     scvi_seed()

@@ -290,8 +290,10 @@ class SCALE(
         k-means), of which those no cell takes are switched off at the end. Either way the
         mixture is fitted once more, the same way, on the posterior means of the trained
         encoder when training ends, each component from the central 80 % of its cluster
-        (:func:`~scale_scvi.train.fit_gmm`'s ``trim``). :attr:`n_clusters_` is the number
-        left.
+        (:func:`~scale_scvi.train.fit_gmm`'s ``trim``); without ``n_centroids`` that fit
+        reads Leiden at resolution 0.75 (:data:`~scale_scvi.train.REFIT_RESOLUTION`), so
+        that the merge starts from larger pieces and a large population is less often cut
+        in two. :attr:`n_clusters_` is the number left.
     n_latent
         Latent dimensionality.
     n_hidden
@@ -797,8 +799,10 @@ class SCALE(
             encoder when training ends, so that the clusters are read off the final latent
             space (measured in ``benchmarks/NOTES.md``, "Clusters read off the trained
             latent"); each component takes the moments of the central 80 % of its cluster
-            (:data:`scale_scvi.train.REFIT_TRIM`; "Trimmed moments in the final fit").
-            ``False`` keeps the mixture as trained.
+            (:data:`scale_scvi.train.REFIT_TRIM`; "Trimmed moments in the final fit"), and
+            ``"leiden"`` reads its partition at resolution 0.75
+            (:data:`scale_scvi.train.REFIT_RESOLUTION`; "The final fit at Leiden resolution
+            0.75"). ``False`` keeps the mixture as trained.
         train_size, validation_size
             Fractions of cells for training and validation. Default: a random tenth of the
             cells is held out for validation (as in scvi-tools), which cost no cluster quality

@@ -23,6 +23,15 @@ GMM_INIT_METHODS = ("kmeans", "em", "leiden")
 #: Mahalanobis distance, see :func:`fit_gmm`'s ``trim`` and ``benchmarks/NOTES.md``.
 REFIT_TRIM = 0.8
 
+#: Resolution of the Leiden partition of that last fit (``method="leiden"``): below scanpy's
+#: default, so that its pieces are larger before the merge. The merge joins overlapping
+#: pieces but not every piece of one population (a large population is not one Gaussian),
+#: and at resolution 1 the clusters were more than the types on most sets measured; 0.5
+#: joined some small types as well. The fit at the end of the KL warm-up, which shapes the
+#: latent, keeps resolution 1 (``benchmarks/NOTES.md``, "The final fit at Leiden resolution
+#: 0.75").
+REFIT_RESOLUTION = 0.75
+
 
 def check_gmm_init_method(method: str, name: str = "method") -> None:
     """Raise a ``ValueError`` unless ``method`` is one of :data:`GMM_INIT_METHODS`."""
@@ -447,7 +456,9 @@ class GMMInitCallback(Callback):
     from the cell types (``benchmarks/NOTES.md``, "Clusters read off the trained latent").
     That fit takes each component's moments from the central :data:`REFIT_TRIM` of its
     cluster (``refit_trim``; :func:`fit_gmm`'s ``trim``), so that a few outlying cells do not
-    widen a component until its neighbours take its cells.
+    widen a component until its neighbours take its cells, and with ``method="leiden"`` it
+    reads Leiden at :data:`REFIT_RESOLUTION` (``refit_resolution``), which leaves the merge
+    larger pieces to join.
     Last, every component that is the most probable one of no training cell is switched
     off, so that the components left are the clusters (see
     :meth:`~scale_scvi.module.GaussianMixturePrior.prune`). Under a distributed strategy
@@ -472,7 +483,7 @@ class GMMInitCallback(Callback):
         How the mixture is fitted (see :func:`fit_gmm`): ``"kmeans"``, ``"leiden"`` or
         ``"em"``.
     resolution
-        Resolution of the Leiden partition.
+        Resolution of the Leiden partition (the fit at ``init_epoch``).
     prune
         Switch off the components the data do not support (as above).
     refit
@@ -480,6 +491,8 @@ class GMMInitCallback(Callback):
         encoder when training ends (as above).
     refit_trim
         ``trim`` of that last fit (``None``: the moments of all the cluster's cells).
+    refit_resolution
+        Resolution of that last fit's Leiden partition (``method="leiden"``).
     """
 
     def __init__(
@@ -493,6 +506,7 @@ class GMMInitCallback(Callback):
         prune: bool = True,
         refit: bool = True,
         refit_trim: float | None = REFIT_TRIM,
+        refit_resolution: float = REFIT_RESOLUTION,
     ):
         super().__init__()
         check_gmm_init_method(method)
@@ -505,6 +519,7 @@ class GMMInitCallback(Callback):
         self.prune = prune
         self.refit = refit
         self.refit_trim = refit_trim
+        self.refit_resolution = refit_resolution
         self.n_train = None
 
     def _rows(self, trainer, module) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
@@ -521,9 +536,17 @@ class GMMInitCallback(Callback):
         if trainer.current_epoch == self.init_epoch and not trainer.should_stop:
             self._fit(trainer, pl_module.module, f"start of epoch {trainer.current_epoch}")
 
-    def _fit(self, trainer, module, when: str, trim: float | None = None) -> np.ndarray | None:
+    def _fit(
+        self,
+        trainer,
+        module,
+        when: str,
+        trim: float | None = None,
+        resolution: float | None = None,
+    ) -> np.ndarray | None:
         """Fit the mixture on rank 0 and copy it into every rank's prior; return the
-        posterior means it was fitted on (on rank 0; ``None`` on the others)."""
+        posterior means it was fitted on (on rank 0; ``None`` on the others). ``resolution``
+        ``None``: the callback's ``resolution``."""
         payload = latent = None
         if trainer.is_global_zero:
             latent, posterior_var, sample_weight = self._rows(trainer, module)
@@ -538,7 +561,7 @@ class GMMInitCallback(Callback):
                     posterior_var=posterior_var,
                     method=self.method,
                     sample_weight=sample_weight,
-                    resolution=self.resolution,
+                    resolution=self.resolution if resolution is None else resolution,
                     trim=trim,
                 )
                 # The number of cells goes with the parameters: every rank needs it to take
@@ -574,7 +597,13 @@ class GMMInitCallback(Callback):
         module = pl_module.module
         # The posterior means of the final fit are the ones the pruning reads: one pass.
         latent = (
-            self._fit(trainer, module, "end of training", trim=self.refit_trim)
+            self._fit(
+                trainer,
+                module,
+                "end of training",
+                trim=self.refit_trim,
+                resolution=self.refit_resolution,
+            )
             if self.refit
             else None
         )
