@@ -254,6 +254,28 @@ def test_gmm_refit_fits_the_mixture_again_when_training_ends(monkeypatch, gmm_re
     assert calls == expected
 
 
+def test_final_fit_reads_leiden_at_its_own_resolution(monkeypatch):
+    # the warm-up's fit reads Leiden at the callback's resolution (1), the final fit at
+    # REFIT_RESOLUTION: both reach fit_gmm
+    from scale_scvi.train import _gmm_init
+
+    resolutions = []
+    fit = _gmm_init.fit_gmm
+
+    def recording(*args, **kwargs):
+        resolutions.append((kwargs["method"], kwargs["resolution"]))
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(_gmm_init, "fit_gmm", recording)
+    scvi_seed()
+    adata = simulate_scatac(n_cells=120, n_peaks=200, n_types=3, seed=4)
+    SCALE.setup_anndata(adata)
+    model = SCALE(adata, **SMALL)
+    model.train(max_epochs=3, gmm_init_epoch=1, enable_progress_bar=False)
+    assert REFIT_RESOLUTION < 1.0
+    assert resolutions == [("leiden", 1.0), ("leiden", REFIT_RESOLUTION)]
+
+
 def test_explicit_k_is_kept_and_unused_components_are_pruned():
     scvi_seed()
     adata = simulate_scatac(n_cells=120, n_peaks=200, n_types=3, seed=4)
