@@ -46,6 +46,7 @@ rows of the CSV stay).
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -169,8 +170,6 @@ def readout(stored: dict, seed: int, resolution: float = 1.0, **merge) -> np.nda
 
 
 def main() -> None:
-    import sys
-
     rows = []
     only = sys.argv[1:]  # optional: the stored sets to read (their file names' stems)
     for path in sorted((WORK / "small_cells").glob("*.npz")):
