@@ -52,6 +52,15 @@ CONFIGS: dict[str, dict] = {
     "batch64_steps2000": {"train": {"batch_size": 64, "n_steps": 2000}},
     "batch128_steps1000": {"train": {"batch_size": 128, "n_steps": 1000}},
     "lr_cosine": {"lr_schedule": "cosine"},  # see _cosine_lr_decay
+    # the networks' weights read at the end as an exponential moving average of their
+    # trajectory (decay per optimizer step; the prior's parameters as trained; see
+    # _weight_average)
+    "ema_0998": {"ema": 0.998},
+    "ema_0995": {"ema": 0.995},
+    "ema_09995": {"ema": 0.9995},
+    # the KL term's weight rising to 0.5 (or 0.75) instead of 1 over the warm-up, and kept there
+    "max_kl_05": {"train": {"plan_kwargs": {"max_kl_weight": 0.5}}},
+    "max_kl_075": {"train": {"plan_kwargs": {"max_kl_weight": 0.75}}},
     # the encoders' linear biases that batch norm follows kept at their initial values (see
     # _common.freeze_pre_norm_biases)
     "frozen_pre_norm_biases": {"freeze_pre_norm_biases": True},
@@ -166,6 +175,37 @@ def _cosine_lr_decay():
     return CosineLrDecay()
 
 
+def _weight_average(decay: float):
+    """Callback: an exponential moving average of the networks' parameters (every module
+    parameter but the prior's), updated after each optimizer step and copied into the
+    networks when training ends, before the mixture's final fit reads the latent."""
+    import torch
+    from lightning.pytorch.callbacks import Callback
+
+    class WeightAverage(Callback):
+        def _params(self, pl_module):
+            return [
+                p
+                for name, p in pl_module.module.named_parameters()
+                if not name.startswith("prior.") and p.requires_grad
+            ]
+
+        def on_train_start(self, trainer, pl_module):
+            self.shadow = [p.detach().clone() for p in self._params(pl_module)]
+
+        @torch.no_grad()
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            for s, p in zip(self.shadow, self._params(pl_module)):
+                s.lerp_(p.detach(), 1.0 - decay)
+
+        @torch.no_grad()
+        def on_train_end(self, trainer, pl_module):
+            for s, p in zip(self.shadow, self._params(pl_module)):
+                p.copy_(s)
+
+    return WeightAverage()
+
+
 def _idf_patch(adata, module) -> None:
     """Weight each peak's term of the ATAC module's Bernoulli log-likelihood by its inverse
     document frequency, ``log(1 + n_cells / cells open)``, normalized to a mean of 1."""
@@ -213,7 +253,7 @@ def _merge_graph_patch(threshold: float) -> None:
 
     from scale_scvi.train import _gmm_init as gmm
 
-    def patched(latent, labels, sample_weight=None, reg_covar=1e-4, criterion="icl"):
+    def patched(latent, labels, sample_weight=None, reg_covar=1e-4, criterion="icl", **_):
         weight = np.ones(len(latent)) if sample_weight is None else np.asarray(sample_weight)
         return merge_variant(latent, labels, weight, graph=threshold)
 
@@ -319,6 +359,8 @@ def run_scale(adata, seed: int, config: dict) -> dict:
         )
     if config.get("lr_schedule") == "cosine":
         train_kwargs["callbacks"] = [_cosine_lr_decay()]
+    if "ema" in config:
+        train_kwargs["callbacks"] = [_weight_average(float(config["ema"]))]
     if config.get("kmeans_at_leiden_k"):
         _kmeans_at_leiden_k_patch(config["kmeans_at_leiden_k"])
     if "init_resolution" in config:

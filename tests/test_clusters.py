@@ -347,6 +347,40 @@ def test_default_selection_reads_the_most_open_peaks_of_shallow_data():
     assert list(SCALE(dense, **SMALL).selected_peaks_) == list(dense.var_names[reach])
 
 
+def test_default_selection_reads_the_peaks_that_hold_60_percent_of_the_open_entries():
+    """Where the peaks open in 1 % of the cells hold less than ``MIN_OPEN_SHARE`` (60 %) of
+    the matrix's open entries (shallow data), the most open peaks that hold it are read;
+    ``min_open_share=None`` reads the 1 % ones.
+
+    400 cells: 10,500 peaks open in about 16 cells each, 150,000 in about 1.6; the 1 % rule
+    (4 cells) keeps the first and a thirteenth of the others, about 54 % of the entries.
+    """
+    from scale_scvi.model._peak_selection import MIN_OPEN_SHARE
+
+    assert MIN_OPEN_SHARE == 0.6
+    rng = np.random.default_rng(2)
+    common = sp.random(400, 10_500, density=0.04, format="csc", random_state=rng)
+    rare = sp.random(400, 150_000, density=0.004, format="csc", random_state=rng)
+    X = sp.hstack([common, rare]).tocsr().astype(np.float32)
+    X.data[:] = 1.0
+    adata = ad.AnnData(X)
+    adata.var_names = [f"peak_{i}" for i in range(adata.n_vars)]
+    counts = np.asarray((X > 0).sum(0)).ravel()
+    total = counts.sum()
+    reach = counts >= 4
+    assert reach.sum() > 10_000 and counts[reach].sum() < 0.6 * total
+    held = np.sort(counts)[::-1]
+    last = held[np.searchsorted(np.cumsum(held), 0.6 * total)]
+    expected = np.flatnonzero(counts >= last)
+    assert reach.sum() < len(expected) <= 50_000
+    assert counts[expected].sum() >= 0.6 * total
+    SCALE.setup_anndata(adata)
+    assert list(SCALE(adata, **SMALL).selected_peaks_) == list(adata.var_names[expected])
+    SCALE.setup_anndata(adata, min_open_share=None)
+    selected = SCALE(adata, **SMALL).selected_peaks_
+    assert list(selected) == list(adata.var_names[reach])
+
+
 def test_every_peak_when_asked():
     adata = simulate_scatac(n_cells=60, n_peaks=80, n_types=2, seed=6)
     SCALE.setup_anndata(adata, min_fraction=None, n_top_peaks=None)
@@ -361,6 +395,8 @@ def test_every_peak_when_asked():
         ({"min_fraction": 1.5}, ValueError, "min_fraction must be between 0 and 1"),
         ({"n_top_peaks": 0}, ValueError, "n_top_peaks must be >= 1"),
         ({"n_min_peaks": 0}, ValueError, "n_min_peaks must be >= 1"),
+        ({"min_open_share": 1.5}, ValueError, "min_open_share must be between 0 and 1"),
+        ({"min_open_share": True}, TypeError, "min_open_share must be a number"),
         ({"min_cells": 2.5}, TypeError, "min_cells must be an integer"),
         ({"min_cells": 10_000}, ValueError, "No peak is open in at least 10000 cells"),
     ],

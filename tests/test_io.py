@@ -139,6 +139,7 @@ def test_setup_records_only_its_arguments(model, tmp_path) -> None:
         "min_fraction",
         "n_top_peaks",
         "n_min_peaks",
+        "min_open_share",
     }
 
 

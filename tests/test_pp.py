@@ -153,6 +153,42 @@ def test_select_peaks_floor_of_most_open_peaks(counts):
     np.testing.assert_array_equal(every, open_per_peak >= 1)
 
 
+def test_select_peaks_share_of_open_entries():
+    """``min_share`` lowers only the fraction's threshold, and only when the peaks that reach
+    it hold less than that share of the open entries: to the count of the last of the most
+    open peaks that together hold it."""
+    rng = np.random.default_rng(1)
+    n_cells = 200
+    # 30 peaks open in many cells, 300 open in 1-3 cells each: 2 % of the cells (4) keeps
+    # the 30, which hold well under half of the open entries.
+    common = rng.binomial(1, 0.08, size=(n_cells, 30))
+    rare = np.zeros((n_cells, 300))
+    for j in range(300):
+        rare[rng.choice(n_cells, 1 + j % 3, replace=False), j] = 1
+    adata = ad.AnnData(sp.csr_matrix(np.hstack([common, rare]).astype(np.float32)))
+    open_per_peak = np.asarray((adata.X > 0).sum(0)).ravel()
+    reach = open_per_peak >= 4
+    total = open_per_peak.sum()
+    assert open_per_peak[reach].sum() < 0.5 * total
+    plain = pp.select_peaks(adata, min_cells=None, min_fraction=0.02)
+    np.testing.assert_array_equal(plain, reach)
+    held = np.sort(open_per_peak)[::-1]
+    for share in (0.5, 0.7, 0.9):
+        last = held[np.searchsorted(np.cumsum(held), share * total)]
+        mask = pp.select_peaks(adata, min_cells=None, min_fraction=0.02, min_share=share)
+        np.testing.assert_array_equal(mask, open_per_peak >= last)
+        assert open_per_peak[mask].sum() >= share * total
+        assert reach[~mask].sum() == 0
+    # Where the peaks that reach the fraction hold the share, nothing changes.
+    small = pp.select_peaks(adata, min_cells=None, min_fraction=0.02, min_share=0.3)
+    np.testing.assert_array_equal(small, reach)
+    # min_cells and n_top still apply.
+    strict = pp.select_peaks(adata, min_cells=3, min_fraction=0.02, min_share=0.9)
+    np.testing.assert_array_equal(strict, open_per_peak >= 3)
+    capped = pp.select_peaks(adata, min_cells=None, min_fraction=0.02, min_share=0.9, n_top=50)
+    assert capped.sum() == 50 and reach[~capped].sum() == 0
+
+
 BAD = [
     (pp.filter_cells, {"min_peaks": -1}, ValueError, "min_peaks must be >= 0"),
     (pp.filter_cells, {"min_peaks": 2.5}, TypeError, "min_peaks must be an integer"),
@@ -165,6 +201,8 @@ BAD = [
     (pp.select_peaks, {"n_top": 0}, ValueError, "n_top must be >= 1"),
     (pp.select_peaks, {"n_min": 0}, ValueError, "n_min must be >= 1"),
     (pp.select_peaks, {"min_fraction": 1.5}, ValueError, "between 0 and 1"),
+    (pp.select_peaks, {"min_share": -0.1}, ValueError, "min_share must be between 0 and 1"),
+    (pp.select_peaks, {"min_share": "0.7"}, TypeError, "min_share must be a number"),
     (pp.select_peaks, {"cells": np.ones(3, bool)}, ValueError, "boolean mask of length 60"),
 ]
 

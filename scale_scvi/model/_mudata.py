@@ -10,6 +10,7 @@ from scale_scvi.module import ATAC, ATAC_KEY, MODALITIES, MODALITY_FLAG_KEY, RNA
 
 from ._canonical import CanonicalAnnDataManager, warn_if_not_canonical
 from ._peak_selection import (
+    MIN_OPEN_SHARE,
     N_MIN_PEAKS,
     N_TOP_PEAKS,
     MuDataPeakLayerField,
@@ -76,6 +77,7 @@ class MuDataSetupMixin:
         min_fraction: float | None = None,
         n_top_peaks: int | None = N_TOP_PEAKS,
         n_min_peaks: int | None = N_MIN_PEAKS,
+        min_open_share: float | None = MIN_OPEN_SHARE,
         **kwargs,
     ) -> None:
         """Register a MuData of paired scATAC-seq and scRNA-seq (or one of them) with SCALE.
@@ -113,11 +115,13 @@ class MuDataSetupMixin:
             ``"rna_layer"`` (or ``"atac_layer"``) to register one modality only. Keys naming
             ``obs`` columns (``batch_key``, ...) map to a modality whose ``obs`` holds them;
             unmapped, they are columns of ``mdata.obs``.
-        min_cells, min_fraction, n_top_peaks, n_min_peaks
+        min_cells, min_fraction, n_top_peaks, n_min_peaks, min_open_share
             The ATAC peaks the model reads, as in :meth:`setup_anndata`: those open in at
             least ``max(min_cells, ceil(min_fraction * n_cells))`` cells, then at most
             ``n_top_peaks`` of them, the ones open in the most cells (and at least the
-            ``n_min_peaks`` most often open when fewer reach ``min_fraction``). The choice is
+            ``n_min_peaks`` most often open when fewer reach ``min_fraction``, and the most
+            often open ones that hold ``min_open_share`` of the open entries when those that
+            reach it hold less). The choice is
             recorded and applied again to any data given to the model later
             (:attr:`~scale_scvi.SCALE.selected_peaks_` names the peaks). By default only the
             cap applies (at most 50,000 peaks, as in :meth:`setup_anndata`), not the 1 %
@@ -135,7 +139,7 @@ class MuDataSetupMixin:
             modalities = {"atac_layer": "atac", "rna_layer": "rna"}
         # Before any other local, so that only the arguments are recorded (and saved).
         setup_method_args = cls._get_setup_method_args(**locals())
-        check_setup_selection(min_cells, min_fraction, n_top_peaks, n_min_peaks)
+        check_setup_selection(min_cells, min_fraction, n_top_peaks, n_min_peaks, min_open_share)
         from mudata import MuData
 
         if not isinstance(mdata, MuData):
@@ -248,6 +252,7 @@ class MuDataSetupMixin:
                     min_fraction=min_fraction,
                     n_top_peaks=n_top_peaks,
                     n_min_peaks=n_min_peaks,
+                    min_open_share=min_open_share,
                     setup="setup_mudata",
                     mod_key=mods[ATAC],
                     mod_required=True,

@@ -10,11 +10,13 @@ from scale_scvi.pp import cells_per_peak
 from scale_scvi.pp._filter import check_peak_selection, peak_mask
 
 #: Default selection of :meth:`~scale_scvi.SCALE.setup_anndata`: peaks open in at least
-#: 1 % of the cells, at most the 50,000 most often open ones, and at least the 10,000 most
-#: often open ones when fewer reach 1 % (shallow data).
+#: 1 % of the cells, at most the 50,000 most often open ones, and on shallow data, where the
+#: peaks that reach 1 % are fewer than 10,000 or hold less than 60 % of the matrix's open
+#: entries, the most often open ones down to whichever of the two asks for more.
 MIN_FRACTION = 0.01
 N_TOP_PEAKS = 50_000
 N_MIN_PEAKS = 10_000
+MIN_OPEN_SHARE = 0.6
 
 SELECTED_PEAKS_KEY = "selected_peaks"
 N_SELECTED_KEY = "n_selected_peaks"
@@ -28,6 +30,7 @@ def check_setup_selection(
     min_fraction: float | None,
     n_top_peaks: int | None,
     n_min_peaks: int | None,
+    min_open_share: float | None = None,
 ) -> None:
     """``check_peak_selection`` with the names of the setup methods' arguments."""
     check_peak_selection(
@@ -37,6 +40,8 @@ def check_setup_selection(
         n_top_name="n_top_peaks",
         n_min=n_min_peaks,
         n_min_name="n_min_peaks",
+        min_share=min_open_share,
+        min_share_name="min_open_share",
     )
 
 
@@ -55,12 +60,14 @@ class PeakLayerField(LayerField):
     ----------
     registry_key, layer
         As in :class:`~scvi.data.fields.LayerField`.
-    min_cells, min_fraction, n_top_peaks, n_min_peaks
+    min_cells, min_fraction, n_top_peaks, n_min_peaks, min_open_share
         Keep the peaks open in at least ``max(min_cells, ceil(min_fraction * n_cells))``
         cells, then at most ``n_top_peaks`` of them, those open in the most cells (ties: the
         first peaks); when fewer than ``n_min_peaks`` reach ``min_fraction``, the
-        ``n_min_peaks`` most often open; all ``None``: every peak. The rule of
-        :func:`scale_scvi.pp.select_peaks` (``n_top``, ``n_min``).
+        ``n_min_peaks`` most often open, and when those that reach it hold less than
+        ``min_open_share`` of the open entries, the most often open ones that hold it; all
+        ``None``: every peak. The rule of :func:`scale_scvi.pp.select_peaks` (``n_top``,
+        ``n_min``, ``min_share``).
     setup
         The setup method, named in error messages.
     """
@@ -74,14 +81,16 @@ class PeakLayerField(LayerField):
         n_top_peaks: int | None = N_TOP_PEAKS,
         setup: str = "setup_anndata",
         n_min_peaks: int | None = N_MIN_PEAKS,
+        min_open_share: float | None = MIN_OPEN_SHARE,
     ):
         super().__init__(registry_key, layer, is_count_data=False)
         self.setup = setup
-        check_setup_selection(min_cells, min_fraction, n_top_peaks, n_min_peaks)
+        check_setup_selection(min_cells, min_fraction, n_top_peaks, n_min_peaks, min_open_share)
         self.min_cells = min_cells
         self.min_fraction = min_fraction
         self.n_top_peaks = n_top_peaks
         self.n_min_peaks = n_min_peaks
+        self.min_open_share = min_open_share
 
     def register_field(self, adata: AnnData) -> dict:
         state = super().register_field(adata)
@@ -94,6 +103,7 @@ class PeakLayerField(LayerField):
             self.n_top_peaks,
             where=f" in {self.setup} (None keeps every peak)",
             n_min=self.n_min_peaks,
+            min_share=self.min_open_share,
         )
         index = np.flatnonzero(mask).astype(np.int64)
         state[SELECTED_PEAKS_KEY] = index

@@ -56,6 +56,7 @@ from ._io import ModelFolderMixin, weights_will_be_restored
 from ._mudata import MuDataSetupMixin
 from ._peak_selection import (
     MIN_FRACTION,
+    MIN_OPEN_SHARE,
     N_MIN_PEAKS,
     N_TOP_PEAKS,
     OPEN_CELLS_KEY,
@@ -525,6 +526,7 @@ class SCALE(
         min_fraction: float | None = MIN_FRACTION,
         n_top_peaks: int | None = N_TOP_PEAKS,
         n_min_peaks: int | None = N_MIN_PEAKS,
+        min_open_share: float | None = MIN_OPEN_SHARE,
         **kwargs,
     ) -> None:
         """Register an AnnData of cells x peaks with SCALE.
@@ -536,14 +538,19 @@ class SCALE(
         them: by default those open in at least 1 % of the cells, at most the 50,000 most
         often open (peaks open in a handful of cells carry little but noise, and cost
         training time and memory in proportion to their number; see ``benchmarks/NOTES.md``,
-        "Default path"). On shallow data, where fewer than ``n_min_peaks`` (10,000) peaks
-        reach 1 %, the 10,000 most often open are read instead, with every peak open in as
-        many cells as the 10,000th (on forebrain thinned to a fifth of its reads, 12,070
-        peaks; see ``benchmarks/NOTES.md``, "Shallow data"; on the sci-CAR kidney's
-        ATAC, about 15 open peaks per cell, 18 of its 10,000 peaks reach 1 %). The counts
-        are made block by block of rows (the matrix is never densified); the selection is
-        recorded in the registry and saved with the model, so that ``load``,
-        ``load_query_data`` and every ``get_*`` on new data read the same peaks.
+        "Default path"). On shallow data a fixed fraction of the cells drops most of the
+        signal, so the threshold is lowered: to the count of the 10,000th most often open
+        peak when fewer than ``n_min_peaks`` (10,000) reach 1 %, and to the count of the
+        last of the most often open peaks that together hold ``min_open_share`` (60 %) of
+        the matrix's open entries (cell-peak pairs with a value > 0) when those that reach
+        1 % hold less; whichever reads more peaks, the cap still applying. On forebrain at
+        half its reads the 1 % rule alone reads about 17,500 peaks holding 43 % of the open
+        entries, the share rule about 37,500; forebrain at full depth (72 %), the cell lines
+        and the sci-CAR kidney's ATAC (all of it) are read as before (``benchmarks/NOTES.md``,
+        "Shallow data: the peaks that hold 60 % of the open entries"). The counts are made
+        block by block of rows (the matrix is never densified); the selection is recorded in
+        the registry and saved with the model, so that ``load``, ``load_query_data`` and
+        every ``get_*`` on new data read the same peaks.
         :attr:`SCALE.selected_peaks_` names them. To read every peak, pass
         ``min_fraction=None, n_top_peaks=None``.
 
@@ -568,10 +575,14 @@ class SCALE(
             When fewer than this many peaks reach ``min_fraction``, read this many, the ones
             open in the most cells (never a peak open in no cell; ``min_cells`` still
             applies); ``None``: the fraction as given.
+        min_open_share
+            When the peaks that reach ``min_fraction`` hold less than this share of the open
+            entries, read the most often open peaks that together hold it (``min_cells`` and
+            ``n_top_peaks`` still apply); ``None``: the fraction as given.
         """
         # Before any other local, so that only the arguments are recorded (and saved).
         setup_method_args = cls._get_setup_method_args(**locals())
-        check_setup_selection(min_cells, min_fraction, n_top_peaks, n_min_peaks)
+        check_setup_selection(min_cells, min_fraction, n_top_peaks, n_min_peaks, min_open_share)
         if not isinstance(adata, AnnData):
             raise TypeError(
                 f"setup_anndata takes an AnnData, got {type(adata).__name__}; for a MuData use "
@@ -595,6 +606,7 @@ class SCALE(
                 min_fraction,
                 n_top_peaks,
                 n_min_peaks=n_min_peaks,
+                min_open_share=min_open_share,
             ),
             CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
             CategoricalJointObsField(REGISTRY_KEYS.CAT_COVS_KEY, categorical_covariate_keys),

@@ -25,18 +25,30 @@ def check_peak_selection(
     n_top_name: str = "n_top",
     n_min: int | None = None,
     n_min_name: str = "n_min",
+    min_share: float | None = None,
+    min_share_name: str = "min_share",
 ) -> None:
     """Raise a ``TypeError``/``ValueError`` for a peak-selection argument out of range.
 
     The rule of :func:`select_peaks` and of ``SCALE.setup_anndata`` (whose ``n_top`` and
-    ``n_min`` are called ``n_top_peaks`` and ``n_min_peaks``: ``n_top_name`` and
-    ``n_min_name`` name them in the messages).
+    ``n_min`` are called ``n_top_peaks`` and ``n_min_peaks``, ``min_share``
+    ``min_open_share``: ``n_top_name``, ``n_min_name`` and ``min_share_name`` name them in
+    the messages).
     """
     _check_count(min_cells, "min_cells")
     _check_count(n_top, n_top_name, minimum=1)
     _check_count(n_min, n_min_name, minimum=1)
     if min_fraction is not None and not 0.0 <= float(min_fraction) <= 1.0:
         raise ValueError(f"min_fraction must be between 0 and 1 (or None), got {min_fraction}.")
+    if min_share is not None:
+        if isinstance(min_share, bool) or not isinstance(min_share, int | float | np.number):
+            raise TypeError(
+                f"{min_share_name} must be a number or None, got {type(min_share).__name__}."
+            )
+        if not 0.0 <= float(min_share) <= 1.0:
+            raise ValueError(
+                f"{min_share_name} must be between 0 and 1 (or None), got {min_share}."
+            )
 
 
 def peak_mask(
@@ -47,6 +59,7 @@ def peak_mask(
     n_top: int | None,
     where: str = "",
     n_min: int | None = None,
+    min_share: float | None = None,
 ) -> np.ndarray:
     """Boolean mask of the peaks open in enough cells, at most ``n_top`` of them.
 
@@ -67,6 +80,12 @@ def peak_mask(
         threshold to the count of the ``n_min``-th most often open peak (never below one
         cell; ``min_cells`` still applies), so that shallow data, whose peaks are each open
         in few cells, keep their most often open peaks.
+    min_share
+        When the peaks that reach ``min_fraction`` hold less than this share of the
+        matrix's open entries (the sum of ``counts``), lower the fraction's threshold to the
+        count of the last of the most often open peaks that together hold it (never below
+        one cell; ``min_cells`` and ``n_top`` still apply): on shallow data a fixed fraction
+        of the cells drops most of the signal.
     """
     counts = np.asarray(counts)
     by_fraction = 0 if min_fraction is None else int(np.ceil(min_fraction * n_cells))
@@ -74,6 +93,13 @@ def peak_mask(
         rank = counts.size - min(n_min, counts.size)  # of the n_min-th most open peak
         nth = int(np.partition(counts, rank)[rank])
         by_fraction = min(by_fraction, max(nth, 1))
+    if min_share is not None and by_fraction > 0 and counts.size:
+        held = np.sort(counts)[::-1].astype(np.float64)
+        cumulative = np.cumsum(held)
+        total = cumulative[-1]
+        if total > 0 and counts[counts >= by_fraction].sum() < min_share * total:
+            last = min(int(np.searchsorted(cumulative, min_share * total)), held.size - 1)
+            by_fraction = min(by_fraction, max(int(held[last]), 1))
     threshold = max(min_cells or 0, by_fraction)
     mask = counts >= threshold
     if not mask.any():
@@ -183,6 +209,7 @@ def select_peaks(
     *,
     min_fraction: float | None = None,
     n_min: int | None = None,
+    min_share: float | None = None,
     layer: str | None = None,
     cells: np.ndarray | None = None,
     inplace: bool = False,
@@ -210,6 +237,11 @@ def select_peaks(
         When fewer than ``n_min`` peaks reach ``min_fraction``, keep the ``n_min`` peaks
         open in the most cells instead (with ties, a few more; never peaks open in no cell,
         and ``min_cells`` still applies). ``None`` (default): the fraction as given.
+    min_share
+        When the peaks that reach ``min_fraction`` hold less than this share (in ``[0, 1]``)
+        of the open entries (cell-peak pairs with a value > 0), keep instead the most often
+        open peaks that together hold it (with ties, a few more; ``min_cells`` and ``n_top``
+        still apply). ``None`` (default): the fraction as given.
     %(layer)s
     %(cells)s
     %(inplace_copy)s
@@ -222,8 +254,8 @@ def select_peaks(
     Raises
     ------
     ValueError
-        For negative thresholds, ``n_top < 1`` or ``n_min < 1``, a fraction outside
-        ``[0, 1]``, or when no peak passes.
+        For negative thresholds, ``n_top < 1`` or ``n_min < 1``, a fraction or share
+        outside ``[0, 1]``, or when no peak passes.
 
     Examples
     --------
@@ -231,8 +263,10 @@ def select_peaks(
     >>> adata = adata[:, peaks].copy()
     """
     _check_output(adata, inplace, copy)
-    check_peak_selection(min_cells, min_fraction, n_top, n_min=n_min)
+    check_peak_selection(min_cells, min_fraction, n_top, n_min=n_min, min_share=min_share)
     counts = cells_per_peak(adata, layer, cells)
     n_cells = adata.n_obs if cells is None else int(np.count_nonzero(cells))
-    mask = peak_mask(counts, n_cells, min_cells, min_fraction, n_top, n_min=n_min)
+    mask = peak_mask(
+        counts, n_cells, min_cells, min_fraction, n_top, n_min=n_min, min_share=min_share
+    )
     return _apply(adata, mask, 1, inplace, copy)
