@@ -8,7 +8,8 @@ proportions) and keeps each read with probability ``u / parents``, ``u ~ U(0.4, 
 cells' depths do (0.4-1.2 times a parent's, on average). A parent is shared by about
 ``parents x cells / shipped cells`` new cells: with two parents, cells that share one are
 alike, and the set has structure finer than its types (pairs of cells); with eight, each
-parent contributes an eighth and that structure is weak.
+parent contributes an eighth and that structure is weak. With ``--keep F`` each read of that
+set is kept again with probability ``F``: the same cells, shallower (rows ``<dataset>_keepF``).
 
 Then, one after the other, one thread each, on the same matrix:
 
@@ -17,6 +18,9 @@ Then, one after the other, one thread each, on the same matrix:
 - ``scale_logit`` / ``scale_cloglog``: the same with ``SCALE(adata, atac_link=...)`` (the
   ``logit`` rows of ``scale`` were the default path until the complementary log-log became
   the default; they are stored as ``scale_logit``);
+- ``scale_share07`` / ``scale_share_none``: the same with ``setup_anndata(adata,
+  min_open_share=0.7)`` / ``min_open_share=None`` (the peaks that hold 70 % of the open
+  entries, or the 1 % rule whatever share it holds);
 - LSI (``_common.lsi_embedding``): k-means and Leiden;
 - SnapATAC2's spectral embedding (``snapatac2_spectral.py``, in
   ``benchmarks/.venv-snapatac2``) when that venv exists: k-means and Leiden.
@@ -120,6 +124,28 @@ def make_set(dataset: str, n_cells: int, parents: int, data_seed: int) -> Path:
     return h5ad
 
 
+def thinned_set(h5ad: Path, keep: float, data_seed: int) -> Path:
+    """The pooled set ``h5ad`` with each of its reads kept with probability ``keep``
+    (``numpy.random.default_rng([data_seed, 1])``): the same cells, shallower; written as
+    ``.h5ad`` and ``.npz`` beside it (under temporary names, then renamed), and returned."""
+    import anndata as ad
+
+    name = f"{h5ad.stem}_keep{keep:g}"
+    out = h5ad.with_name(name + ".h5ad")
+    if out.exists():
+        return out
+    adata = ad.read_h5ad(h5ad)
+    adata.X = thin_reads(
+        sp.csr_matrix(adata.X, dtype=np.float32), keep, np.random.default_rng([data_seed, 1])
+    )
+    labels = adata.obs["cell_type"].astype(str).to_numpy()
+    save_matrix(h5ad.with_name(name + ".partial.npz"), adata.X, labels)
+    os.replace(h5ad.with_name(name + ".partial.npz"), h5ad.with_name(name + ".npz"))
+    adata.write_h5ad(h5ad.with_name(name + ".partial.h5ad"))
+    os.replace(h5ad.with_name(name + ".partial.h5ad"), out)
+    return out
+
+
 def run_scale(
     h5ad: Path,
     seed: int,
@@ -192,10 +218,16 @@ def main() -> None:
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the pooled set")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds")
     parser.add_argument(
+        "--keep",
+        type=float,
+        help="keep each read of the pooled set with this probability (a shallower set of the "
+        "same cells); the rows' dataset is then <dataset>_keep<F>",
+    )
+    parser.add_argument(
         "--methods", nargs="+", default=["scale", "lsi", "snapatac2"],
         choices=[
             "scale", "scale_logit", "scale_cloglog", "scale_hidden1024", "scale_peaks",
-            "scale_share07",
+            "scale_share07", "scale_share_none",
             *(f"scale_lsi{n}" for n in LSI_ROWS),
             *(f"scale_dropout{tag}" for tag in DROPOUT_ROWS),
             "lsi", "snapatac2",
@@ -210,6 +242,8 @@ def main() -> None:
     args = parser.parse_args()
 
     h5ad = make_set(args.dataset, args.cells, args.parents, args.data_seed)
+    if args.keep is not None:
+        h5ad = thinned_set(h5ad, args.keep, args.data_seed)
     runners = {
         "scale": run_scale,
         **{
@@ -245,6 +279,10 @@ def main() -> None:
         "scale_share07": functools.partial(
             run_scale, setup_kwargs={"min_open_share": 0.7}, name="scale_share07"
         ),
+        # the rule before it: the peaks open in 1 % of the cells, whatever share they hold
+        "scale_share_none": functools.partial(
+            run_scale, setup_kwargs={"min_open_share": None}, name="scale_share_none"
+        ),
         "lsi": run_lsi,
         "snapatac2": run_snapatac2,
     }
@@ -260,7 +298,9 @@ def main() -> None:
                 print(f"{method}: skipped ({SNAPATAC2_PYTHON} not found)")
                 continue
             row = {
-                "dataset": args.dataset,
+                "dataset": args.dataset
+                if args.keep is None
+                else f"{args.dataset}_keep{args.keep:g}",
                 "cells": args.cells,
                 "parents": args.parents,
                 "data_seed": args.data_seed,
